@@ -1,0 +1,137 @@
+"""Backends and their declared capabilities (data, not code paths), and the ``auto`` selection.
+
+Each backend states which devices and dtypes it handles and returns *sentences* explaining why it refuses a call.
+``auto`` takes the first that fits in the order ``cuda → triton → torch``; ``LORAKERN_BACKEND`` overrides ``auto``.
+When nothing fits, the error lists every backend with its reasons (the xformers rule).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+
+__all__ = ["Backend", "BACKENDS", "BACKEND_NAMES", "select_backend", "triton_interpret", "cuda_extension"]
+
+BACKEND_NAMES = ("auto", "cuda", "triton", "torch")
+
+
+def triton_interpret() -> bool:
+    """True when Triton runs kernels in its interpreter (``TRITON_INTERPRET=1``), i.e. on CPU tensors."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_import_error() -> Optional[str]:
+    try:
+        import triton  # noqa: F401
+        import triton.language  # noqa: F401
+    except Exception as e:  # pragma: no cover - depends on the install
+        return f"triton cannot be imported ({type(e).__name__}: {e})"
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def cuda_extension():
+    """The compiled extension module ``lorakern._C``, or the reason it is not there (a string)."""
+    try:
+        from lorakern import _C  # type: ignore[attr-defined]
+    except ImportError as e:
+        return (
+            "the compiled CUDA extension lorakern._C is not built or cannot be loaded "
+            f"({e}); reinstall with nvcc available and LORAKERN_SKIP_CUDA unset"
+        )
+    return _C
+
+
+@dataclass(frozen=True)
+class Backend:
+    name: str
+    dtypes: tuple
+    #: devices it runs on; "cpu" for triton only under the interpreter
+    reasons_fn: Callable[["Backend", torch.device, torch.dtype], list] = field(repr=False, compare=False)
+    max_rank: Optional[int] = None
+
+    def not_supported_reasons(self, device: torch.device, dtype: torch.dtype, max_rank: int = 0) -> list:
+        """Sentences saying why this backend cannot run a call on ``device`` with ``dtype``; empty if it can."""
+        reasons = list(self.reasons_fn(self, device, dtype))
+        if dtype not in self.dtypes:
+            names = ", ".join(str(d).replace("torch.", "") for d in self.dtypes)
+            reasons.append(f"dtype {str(dtype).replace('torch.', '')} is not supported (supports {names})")
+        if self.max_rank is not None and max_rank > self.max_rank:
+            reasons.append(f"max_rank {max_rank} exceeds this backend's limit {self.max_rank}")
+        return reasons
+
+
+def _torch_reasons(b, device, dtype):
+    return []
+
+
+def _triton_reasons(b, device, dtype):
+    err = _triton_import_error()
+    if err:
+        return [err]
+    if triton_interpret():
+        if device.type != "cpu":
+            return [f"TRITON_INTERPRET=1 runs kernels on the CPU, but the tensors are on {device}"]
+        return []
+    if device.type != "cuda":
+        return [f"the tensors are on {device}; Triton kernels run on CUDA devices (or on the CPU under TRITON_INTERPRET=1)"]
+    return []
+
+
+def _cuda_reasons(b, device, dtype):
+    ext = cuda_extension()
+    if isinstance(ext, str):
+        return [ext]
+    if device.type != "cuda":
+        return [f"the tensors are on {device}, not on a CUDA device"]
+    reasons = []
+    cc = torch.cuda.get_device_capability(device)
+    if cc < (8, 0):
+        reasons.append(f"compute capability {cc[0]}.{cc[1]} is below the minimum 8.0")
+    supported = getattr(ext, "supports_dense_ops", lambda: False)()
+    if not supported:
+        reasons.append("the built extension does not provide the dense LoRA kernels yet")
+    return reasons
+
+
+_FLOATS = (torch.float16, torch.bfloat16, torch.float32)
+
+BACKENDS = {
+    "cuda": Backend("cuda", _FLOATS, _cuda_reasons, max_rank=128),
+    "triton": Backend("triton", _FLOATS, _triton_reasons),
+    "torch": Backend("torch", _FLOATS + (torch.float64,), _torch_reasons),
+}
+_AUTO_ORDER = ("cuda", "triton", "torch")
+
+
+def select_backend(requested: str, device: torch.device, dtype: torch.dtype, max_rank: int = 0, op: str = "op") -> str:
+    """Resolve ``requested`` (``auto|cuda|triton|torch``) to a backend name that can run, or raise.
+
+    ``LORAKERN_BACKEND`` replaces ``auto``. A named backend that cannot run raises ``RuntimeError`` with its
+    reasons; ``auto`` raises listing every backend and why it refused.
+    """
+    if not isinstance(requested, str) or requested not in BACKEND_NAMES:
+        raise ValueError(f"backend: expected one of {BACKEND_NAMES}, got {requested!r}")
+    if requested == "auto":
+        env = os.environ.get("LORAKERN_BACKEND", "").strip()
+        if env and env != "auto":
+            if env not in BACKENDS:
+                raise ValueError(f"LORAKERN_BACKEND: expected one of {BACKEND_NAMES}, got {env!r}")
+            requested = env
+    if requested != "auto":
+        reasons = BACKENDS[requested].not_supported_reasons(device, dtype, max_rank)
+        if reasons:
+            raise RuntimeError(f"{op}: backend {requested!r} cannot run here: " + "; ".join(reasons))
+        return requested
+    refusals = []
+    for name in _AUTO_ORDER:
+        reasons = BACKENDS[name].not_supported_reasons(device, dtype, max_rank)
+        if not reasons:
+            return name
+        refusals.append(f"  {name}: " + "; ".join(reasons))
+    raise RuntimeError(f"{op}: no backend can run this call:\n" + "\n".join(refusals))

@@ -1,0 +1,189 @@
+"""Argument normalisation and checks shared by the ops (DESIGN.md §3, "Errors").
+
+Two stages:
+
+* :func:`check_meta` and friends look only at shapes, dtypes and devices. They run in the Python wrapper, before
+  anything else, and trace cleanly under ``torch.compile``.
+* :func:`check_values` reads tensor *values* (slot range, row ids within each slot's rank, ranks within
+  ``max_rank``). It runs inside the op's real implementation, before any kernel, and is skipped while a CUDA graph
+  is being captured (a capture cannot read device memory back). The page-table check is cached per
+  ``(page_table, ranks)`` storage and version, so a batch's layers pay for it once.
+
+Wrong dtype → ``TypeError``; wrong shape, mismatched sizes, slot or row id out of range, rank above ``max_rank``
+→ ``ValueError``. Every message names the argument.
+"""
+
+from __future__ import annotations
+
+import weakref
+from typing import Optional, Sequence
+
+import torch
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_INT_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
+
+
+def _dt(d) -> str:
+    return str(d).replace("torch.", "")
+
+
+def as_slices(name: str, value) -> list:
+    """One tensor → one slice; a non-empty sequence of tensors → those slices."""
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, (list, tuple)) and value and all(isinstance(v, torch.Tensor) for v in value):
+        return list(value)
+    raise TypeError(f"{name}: expected a tensor or a non-empty sequence of tensors, got {type(value).__name__}")
+
+
+def check_float(name: str, t: torch.Tensor, dtype: Optional[torch.dtype] = None) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    if dtype is not None and t.dtype != dtype:
+        raise TypeError(f"{name}: expected dtype {_dt(dtype)}, got {_dt(t.dtype)}")
+    if t.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name}: expected a floating dtype (float16, bfloat16, float32, float64), got {_dt(t.dtype)}")
+
+
+def check_dim(name: str, t: torch.Tensor, dim: int, what: str) -> None:
+    if t.dim() != dim:
+        raise ValueError(f"{name}: expected a {dim}-D tensor {what}, got shape {tuple(t.shape)}")
+
+
+def check_device(device: torch.device, **tensors) -> None:
+    for name, t in tensors.items():
+        if t is not None and t.device != device:
+            raise ValueError(f"{name}: on {t.device}, but x is on {device}; all arguments must share one device")
+
+
+def check_pages(page_table: torch.Tensor, ranks: torch.Tensor, scales: Optional[torch.Tensor]) -> tuple:
+    """Metadata of ``page_table [num_slots, max_rank]`` (int32), ``ranks [num_slots]`` (int32) and ``scales``."""
+    if not isinstance(page_table, torch.Tensor) or page_table.dtype != torch.int32:
+        got = _dt(page_table.dtype) if isinstance(page_table, torch.Tensor) else type(page_table).__name__
+        raise TypeError(f"page_table: expected an int32 tensor, got {got}")
+    check_dim("page_table", page_table, 2, "[num_slots, max_rank]")
+    if not isinstance(ranks, torch.Tensor) or ranks.dtype != torch.int32:
+        got = _dt(ranks.dtype) if isinstance(ranks, torch.Tensor) else type(ranks).__name__
+        raise TypeError(f"ranks: expected an int32 tensor, got {got}")
+    num_slots, max_rank = page_table.shape
+    if tuple(ranks.shape) != (num_slots,):
+        raise ValueError(f"ranks: expected shape ({num_slots},) to match page_table, got {tuple(ranks.shape)}")
+    if scales is not None:
+        if not isinstance(scales, torch.Tensor) or scales.dtype != torch.float32:
+            got = _dt(scales.dtype) if isinstance(scales, torch.Tensor) else type(scales).__name__
+            raise TypeError(f"scales: expected a float32 tensor or None, got {got}")
+        if tuple(scales.shape) != (num_slots,):
+            raise ValueError(f"scales: expected shape ({num_slots},) to match page_table, got {tuple(scales.shape)}")
+    return num_slots, max_rank
+
+
+def check_slots_meta(slots, T: int) -> None:
+    from lorakern.plan import LoRAPlan
+
+    if isinstance(slots, LoRAPlan):
+        if slots.num_tokens != T:
+            raise ValueError(f"slots: the LoRAPlan covers {slots.num_tokens} tokens, but x has {T}")
+        return
+    if not isinstance(slots, torch.Tensor):
+        raise TypeError(f"slots: expected an integer torch.Tensor or a LoRAPlan, got {type(slots).__name__}")
+    if slots.dtype not in _INT_DTYPES:
+        raise TypeError(f"slots: expected an integer tensor (int32 or int64), got {_dt(slots.dtype)}")
+    if tuple(slots.shape) != (T,):
+        raise ValueError(f"slots: expected shape ({T},) (one slot per token of x), got {tuple(slots.shape)}")
+
+
+def check_rows(name: str, rows: Sequence[torch.Tensor], dtype: torch.dtype, width: Optional[int], wname: str) -> int:
+    """Per-slice rank-row tensors ``[num_rows, width_i]``; all share ``num_rows``. Returns ``num_rows``."""
+    num_rows = None
+    for i, r in enumerate(rows):
+        n = f"{name}[{i}]" if len(rows) > 1 else name
+        check_float(n, r, dtype)
+        check_dim(n, r, 2, f"[num_rows, {wname}]")
+        if width is not None and r.shape[1] != width:
+            raise ValueError(f"{n}: expected {wname}={width} columns, got shape {tuple(r.shape)}")
+        if num_rows is None:
+            num_rows = r.shape[0]
+        elif r.shape[0] != num_rows:
+            raise ValueError(f"{n}: has {r.shape[0]} rows, but slice 0 has {num_rows}; slices share one row space")
+    return num_rows
+
+
+def resolve_offsets(slice_offsets, widths: Sequence[int], out_cols: int) -> list:
+    """``slice_offsets`` (default: running sum of the widths), checked to fit in ``out`` and not to overlap."""
+    if slice_offsets is None:
+        offs, acc = [], 0
+        for w in widths:
+            offs.append(acc)
+            acc += w
+    else:
+        if isinstance(slice_offsets, torch.Tensor):
+            slice_offsets = slice_offsets.tolist()
+        try:
+            offs = [int(o) for o in slice_offsets]
+        except TypeError:
+            raise TypeError(f"slice_offsets: expected a sequence of ints, got {type(slice_offsets).__name__}") from None
+        if len(offs) != len(widths):
+            raise ValueError(f"slice_offsets: {len(offs)} offsets for {len(widths)} slices")
+    spans = sorted(zip(offs, widths))
+    for (o, w) in spans:
+        if o < 0 or o + w > out_cols:
+            raise ValueError(f"slice_offsets: slice at offset {o} with width {w} does not fit in out's {out_cols} columns")
+    for (o1, w1), (o2, _) in zip(spans, spans[1:]):
+        if o1 + w1 > o2:
+            raise ValueError(f"slice_offsets: slices at offsets {o1} (width {w1}) and {o2} overlap")
+    return offs
+
+
+# ---------------------------------------------------------------------------------------------------- values
+_PAGE_CHECK_CACHE: dict = {}
+
+
+def _capturing(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+def _same(entry, page_table, ranks, num_rows) -> bool:
+    """A cached check still holds: the very same tensor objects (weak references), unmodified since."""
+    pt_ref, pt_ver, rk_ref, rk_ver, rows = entry
+    return (pt_ref() is page_table and rk_ref() is ranks and pt_ver == page_table._version
+            and rk_ver == ranks._version and rows == num_rows)
+
+
+def check_values(page_table, ranks, num_rows: int, slots: torch.Tensor, max_slot: int) -> None:
+    """Value checks, before any launch. ``max_slot`` is the plan's known maximum (``-2`` = unknown: read it)."""
+    device = page_table.device
+    if _capturing(device):
+        return
+    num_slots, max_rank = page_table.shape
+    if slots.numel():
+        if max_slot == -2:
+            lo, hi = torch.aminmax(slots)
+            lo, max_slot = int(lo), int(hi)
+            if lo < -1:
+                raise ValueError(f"slots: values must be >= -1 (-1 = no LoRA), found {lo}")
+        if max_slot >= num_slots:
+            raise ValueError(f"slots: slot {max_slot} out of range for page_table with {num_slots} slots")
+    entry = _PAGE_CHECK_CACHE.get(id(page_table))
+    if entry is not None and _same(entry, page_table, ranks, num_rows):
+        return
+    if num_slots:
+        lo, hi = torch.aminmax(ranks)
+        if int(lo) < 0:
+            s = int((ranks < 0).nonzero()[0])
+            raise ValueError(f"ranks: slot {s} has negative rank {int(ranks[s])}")
+        if int(hi) > max_rank:
+            s = int((ranks > max_rank).nonzero()[0])
+            raise ValueError(f"ranks: slot {s} has rank {int(ranks[s])} above max_rank={max_rank} (page_table width)")
+        live = torch.arange(max_rank, device=device)[None, :] < ranks[:, None]
+        bad = live & ((page_table < 0) | (page_table >= num_rows))
+        if bool(bad.any()):
+            s, j = (int(v) for v in bad.nonzero()[0])
+            raise ValueError(
+                f"page_table: slot {s} rank row {j} points at row {int(page_table[s, j])}, "
+                f"out of range for lora_a/lora_b with {num_rows} rows"
+            )
+    if len(_PAGE_CHECK_CACHE) > 64:
+        _PAGE_CHECK_CACHE.clear()
+    _PAGE_CHECK_CACHE[id(page_table)] = (
+        weakref.ref(page_table), page_table._version, weakref.ref(ranks), ranks._version, num_rows)

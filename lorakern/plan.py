@@ -1,0 +1,226 @@
+"""LoRAPlan: the per-batch grouping of tokens by adapter slot, built once and reused by every layer.
+
+A plan holds, on the tokens' device (all int32):
+
+==================  =================  ====================================================================
+``slots``           ``[T]``            the batch's slot per token (``-1`` = no LoRA)
+``token_ids``       ``[T]``            token indices stably sorted by slot; ``-1`` tokens come last
+``seg_starts``      ``[T + 1]``        start (in ``token_ids`` order) of each segment; unused entries = ``T``
+``seg_slots``       ``[T]``            slot of each segment; ``-1`` for the no-LoRA segment and unused entries
+``counts``          ``[T]``            tokens per segment (0 for unused entries)
+``num_segments``    ``[1]``            number of segments (the no-LoRA segment included)
+``tiles(bm)``       ``[T, 3]``         work list for kernels: ``(start, length, slot)`` of every block of at
+                                       most ``bm`` consecutive sorted tokens of one LoRA segment; unused
+                                       rows have length 0 so that a fixed grid exits early
+==================  =================  ====================================================================
+
+Everything is computed with torch ops on the device, with buffers of a size fixed by the token count, so the same
+code serves the two forms:
+
+* ``LoRAPlan.from_slots(slots)`` (contract) — dynamic: sized to ``T``. It also reads a handful of statistics back
+  to the host once (segment count, tokens per segment, tile counts), used to size grids exactly and to choose the
+  kernel path. One host synchronisation per batch, none per layer.
+* ``LoRAPlan.static(max_tokens, device)`` then ``plan.update(slots)`` — for CUDA graphs: buffers allocated once,
+  refilled in place with no host synchronisation; kernels launch a grid sized for the worst case and exit early.
+  A graph captured with one adapter mix replays correctly with any other (more adapters, other ranks).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence, Union
+
+import torch
+
+__all__ = ["LoRAPlan", "PlanStats", "GATHER_BLOCK_M", "SEGMENT_BLOCK_M"]
+
+#: token block of the fused gather (decode) path and of the segment path; the plan keeps a work list for each.
+GATHER_BLOCK_M = 16
+SEGMENT_BLOCK_M = 64
+_BLOCKS = (GATHER_BLOCK_M, SEGMENT_BLOCK_M)
+_SENTINEL = torch.iinfo(torch.int32).max
+
+
+@dataclass(frozen=True)
+class PlanStats:
+    """Host-side facts about a dynamic plan, read back once when it is built."""
+
+    num_segments: int  # LoRA segments (the no-LoRA segment excluded)
+    lora_tokens: int  # tokens with a slot >= 0
+    max_count: int  # longest LoRA segment
+    max_slot: int  # largest slot used, -1 if none
+    tiles: dict  # block_m -> number of work tiles
+
+    @property
+    def mean_count(self) -> float:
+        return self.lora_tokens / self.num_segments if self.num_segments else 0.0
+
+
+def _as_slots(slots) -> torch.Tensor:
+    if isinstance(slots, LoRAPlan):
+        return slots.slots
+    if not isinstance(slots, torch.Tensor):
+        raise TypeError(f"slots: expected an integer torch.Tensor or a LoRAPlan, got {type(slots).__name__}")
+    if slots.dtype not in (torch.int32, torch.int64, torch.int16, torch.int8, torch.uint8):
+        raise TypeError(f"slots: expected an integer tensor (int32 or int64), got {slots.dtype}")
+    if slots.dim() != 1:
+        raise ValueError(f"slots: expected a 1-D tensor [T], got shape {tuple(slots.shape)}")
+    return slots
+
+
+class LoRAPlan:
+    """Tokens grouped by adapter slot for one batch. Build with :meth:`from_slots` or :meth:`static`."""
+
+    def __init__(self, num_tokens: int, device, static: bool):
+        T = int(num_tokens)
+        dev = torch.device(device)
+        i32 = dict(dtype=torch.int32, device=dev)
+        self.num_tokens = T
+        self.device = dev
+        self.is_static = static
+        self.slots = torch.full((T,), -1, **i32)
+        self.token_ids = torch.zeros(T, **i32)
+        self.seg_starts = torch.full((T + 1,), T, **i32)
+        self.seg_slots = torch.full((T,), -1, **i32)
+        self.counts = torch.zeros(T, **i32)
+        self.num_segments = torch.zeros(1, **i32)
+        self._tiles = {bm: torch.zeros(T, 3, **i32) for bm in _BLOCKS}
+        self._positions = torch.arange(T, **i32)
+        self.stats: Optional[PlanStats] = None
+        # What the static form may hold: set by static(); a dynamic plan is exact.
+        self.max_slot_bound: Optional[int] = None
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_slots(cls, slots: torch.Tensor) -> "LoRAPlan":
+        """Plan for one batch (contract). ``slots``: integer tensor ``[T]``, ``-1`` = no LoRA.
+
+        Raises ``TypeError`` for a non-integer tensor, ``ValueError`` for a wrong shape or a slot below ``-1``.
+        """
+        slots = _as_slots(slots)
+        plan = cls(slots.shape[0], slots.device, static=False)
+        plan._fill(slots)
+        plan._read_stats()
+        return plan
+
+    @classmethod
+    def static(cls, max_tokens: int, device="cpu") -> "LoRAPlan":
+        """Static plan for CUDA graphs: buffers sized once for ``max_tokens``; refill with :meth:`update`."""
+        if int(max_tokens) < 0:
+            raise ValueError(f"max_tokens: must be >= 0, got {max_tokens}")
+        return cls(max_tokens, device, static=True)
+
+    def update(self, slots: torch.Tensor) -> "LoRAPlan":
+        """Refill a static plan in place from ``slots [T']`` (``T' <= max_tokens``; missing tokens get ``-1``).
+
+        No host synchronisation and no allocation of persistent buffers: safe to call between graph replays (or
+        inside a captured region). Slot values are not range-checked here (that would need a host read); the
+        ops check them against the page table when not capturing.
+        """
+        if not self.is_static:
+            raise RuntimeError("update: only a static plan (LoRAPlan.static) can be refilled in place")
+        slots = _as_slots(slots)
+        if slots.shape[0] > self.num_tokens:
+            raise ValueError(f"slots: {slots.shape[0]} tokens exceed the static plan's max_tokens={self.num_tokens}")
+        if slots.device != self.device:
+            raise ValueError(f"slots: on {slots.device}, the plan lives on {self.device}")
+        self._fill(slots)
+        return self
+
+    def _fill(self, slots: torch.Tensor) -> None:
+        T = self.num_tokens
+        n = slots.shape[0]
+        self.slots.fill_(-1)
+        self.slots[:n].copy_(slots)
+        if T == 0:
+            self.num_segments.zero_()
+            return
+        s = self.slots
+        # -1 tokens sort last (key INT32_MAX); a stable sort keeps token order within a slot.
+        key = torch.where(s < 0, torch.full_like(s, _SENTINEL), s)
+        sorted_key, order = torch.sort(key, stable=True)
+        self.token_ids.copy_(order)
+        is_start = torch.ones(T, dtype=torch.bool, device=self.device)
+        is_start[1:] = sorted_key[1:] != sorted_key[:-1]
+        seg_id = torch.cumsum(is_start.to(torch.int32), 0, dtype=torch.int32) - 1
+        self.seg_starts.fill_(T)
+        self.seg_starts[:T].scatter_reduce_(0, seg_id.long(), self._positions, reduce="amin", include_self=True)
+        seg_key = torch.full((T,), _SENTINEL, dtype=torch.int32, device=self.device)
+        seg_key.scatter_(0, seg_id.long(), sorted_key)
+        self.seg_slots.copy_(torch.where(seg_key == _SENTINEL, torch.full_like(seg_key, -1), seg_key))
+        self.counts.copy_(self.seg_starts[1:] - self.seg_starts[:-1])
+        self.num_segments.copy_(seg_id[-1:] + 1)
+        lora_counts = torch.where(self.seg_slots >= 0, self.counts, torch.zeros_like(self.counts))
+        for bm, tiles in self._tiles.items():
+            self._fill_tiles(bm, tiles, lora_counts)
+
+    def _fill_tiles(self, bm: int, tiles: torch.Tensor, lora_counts: torch.Tensor) -> None:
+        ntiles = (lora_counts + (bm - 1)) // bm  # per segment
+        incl = torch.cumsum(ntiles, 0, dtype=torch.int32)
+        excl = incl - ntiles
+        idx = self._positions
+        seg = torch.searchsorted(incl, idx, right=True).clamp_(max=self.num_tokens - 1)
+        local = idx - excl[seg]
+        start = self.seg_starts[seg] + local * bm
+        length = torch.clamp(lora_counts[seg] - local * bm, min=0, max=bm)
+        valid = idx < incl[-1]
+        tiles[:, 0] = torch.where(valid, start, torch.zeros_like(start))
+        tiles[:, 1] = torch.where(valid, length, torch.zeros_like(length))
+        tiles[:, 2] = torch.where(valid, self.seg_slots[seg], torch.full_like(start, -1))
+
+    def _read_stats(self) -> None:
+        """The dynamic form's one host read: segment and tile counts for exact grids and the path heuristic."""
+        T = self.num_tokens
+        if T == 0:
+            self.stats = PlanStats(0, 0, 0, -1, {bm: 0 for bm in _BLOCKS})
+            return
+        lora = self.seg_slots >= 0
+        counts = torch.where(lora, self.counts, torch.zeros_like(self.counts))
+        vals = torch.stack(
+            [
+                lora.sum(dtype=torch.int32),
+                counts.sum(dtype=torch.int32),
+                counts.max(),
+                self.seg_slots.max(),
+                self.slots.min(),
+            ]
+            + [(t[:, 1] > 0).sum(dtype=torch.int32) for t in self._tiles.values()]
+        ).tolist()
+        nseg, ntok, mx, mslot, mn = vals[:5]
+        if mn < -1:
+            raise ValueError(f"slots: values must be >= -1 (-1 = no LoRA), found {mn}")
+        self.stats = PlanStats(nseg, ntok, mx, mslot, dict(zip(self._tiles.keys(), vals[5:])))
+
+    # ------------------------------------------------------------------ use
+    def tiles(self, block_m: int) -> torch.Tensor:
+        """Work list ``[T, 3]`` of ``(start, length, slot)`` for a block of ``block_m`` tokens."""
+        return self._tiles[block_m]
+
+    def grid_tiles(self, block_m: int, num_slots: int) -> int:
+        """How many programs a kernel over ``tiles(block_m)`` launches: exact for a dynamic plan, the worst case
+        (every slot present) for a static one."""
+        if self.stats is not None:
+            return self.stats.tiles[block_m]
+        T = self.num_tokens
+        return min(T, -(-T // block_m) + max(int(num_slots), 0))
+
+    def __len__(self) -> int:
+        return self.num_tokens
+
+    def __repr__(self) -> str:
+        kind = "static" if self.is_static else "dynamic"
+        extra = ""
+        if self.stats is not None:
+            st = self.stats
+            extra = f", lora_tokens={st.lora_tokens}, adapters={st.num_segments}, max_per_adapter={st.max_count}"
+        return f"LoRAPlan({kind}, tokens={self.num_tokens}{extra}, device={self.device})"
+
+
+SlotsLike = Union[torch.Tensor, LoRAPlan]
+
+
+def as_plan(slots: SlotsLike) -> LoRAPlan:
+    """A plan from ``slots`` (returned unchanged when it already is one)."""
+    if isinstance(slots, LoRAPlan):
+        return slots
+    return LoRAPlan.from_slots(slots)
