@@ -120,7 +120,6 @@ def make_lora(
     for s, r in enumerate(rk):
         pt[s, :r] = perm[off : off + r].to(torch.int32)
         off += r
-    used = perm[:total]
     spare = perm[total:]
 
     def rows(n):
@@ -132,6 +131,5 @@ def make_lora(
     lora_a = [rows(K) for _ in n_sizes]
     lora_b = [rows(n) for n in n_sizes]
     scales = (0.5 + torch.rand(num_adapters, generator=g)).to(torch.float32)
-    del used
     return RandomLoRA(lora_a, lora_b, pt.to(device), torch.tensor(rk, dtype=torch.int32, device=device),
                       scales.to(device))
