@@ -93,6 +93,11 @@ def _cuda_reasons(b, device, dtype):
     cc = torch.cuda.get_device_capability(device)
     if cc < (8, 0):
         reasons.append(f"compute capability {cc[0]}.{cc[1]} is below the minimum 8.0")
+    built = [a.strip() for a in getattr(ext, "archs", lambda: "")().split(",") if a.strip()]
+    want = f"{cc[0]}{cc[1]}"
+    if built and not any(a.rstrip("af") == want for a in built):
+        reasons.append(f"the extension was built for sm_{', sm_'.join(built)}, not for this device's sm_{want} "
+                       "(rebuild with LORAKERN_CUDA_ARCHS)")
     supported = getattr(ext, "supports_dense_ops", lambda: False)()
     if not supported:
         reasons.append("the built extension does not provide the dense LoRA kernels yet")

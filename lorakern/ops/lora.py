@@ -58,14 +58,17 @@ def choose_path(plan: LoRAPlan) -> str:
 
 
 def _plan_args(slots, backend: str, num_slots: int, device):
-    """(slots tensor, token_ids, gather tiles, segment tiles, plan_info) for the operator."""
+    """(slots tensor, token_ids, gather tiles, segment tiles, plan_info) for the operator.
+
+    ``plan_info`` = [grid of the gather tiles, grid of the segment tiles, path (0 gather, 1 segment),
+    largest slot (-2 = unknown), longest LoRA segment (-1 = unknown)]."""
     if backend == "torch":
         s = slots.slots if isinstance(slots, LoRAPlan) else slots
         max_slot = -2
         if isinstance(slots, LoRAPlan) and slots.stats is not None:
             max_slot = slots.stats.max_slot
         e = _NO_PLAN.to(device)
-        return s, e, e, e, [0, 0, 0, max_slot]
+        return s, e, e, e, [0, 0, 0, max_slot, -1]
     plan = slots if isinstance(slots, LoRAPlan) else LoRAPlan.from_slots(slots)
     if plan.device != device:
         raise ValueError(f"slots: the LoRAPlan lives on {plan.device}, but x is on {device}")
@@ -75,6 +78,7 @@ def _plan_args(slots, backend: str, num_slots: int, device):
         plan.grid_tiles(SEGMENT_BLOCK_M, num_slots),
         _PATHS[choose_path(plan)],
         max_slot,
+        plan.stats.max_count if plan.stats is not None else -1,
     ]
     return plan.slots, plan.token_ids, plan.tiles(GATHER_BLOCK_M), plan.tiles(SEGMENT_BLOCK_M), info
 
@@ -122,6 +126,10 @@ def _add_lora_op(
 
         tk.add_lora(out, x, lora_a, lora_b, page_table, ranks, scales, token_ids, tiles_gather, tiles_segment,
                     slice_offsets, plan_info)
+    elif backend == "cuda":
+        from lorakern import cuda_backend as ck
+
+        ck.add_lora(out, x, lora_a, lora_b, page_table, ranks, scales, token_ids, tiles_gather, tiles_segment, slice_offsets, plan_info)
     else:
         raise RuntimeError(f"add_lora: backend {backend!r} has no implementation of this op")
 
@@ -153,6 +161,10 @@ def _lora_shrink_op(
         from lorakern.triton import lora as tk
 
         tk.lora_shrink(y, x, lora_a, page_table, ranks, token_ids, tiles_gather, tiles_segment, plan_info)
+    elif backend == "cuda":
+        from lorakern import cuda_backend as ck
+
+        ck.lora_shrink(y, x, lora_a, page_table, ranks, token_ids, tiles_gather, tiles_segment, plan_info)
     else:
         raise RuntimeError(f"lora_shrink: backend {backend!r} has no implementation of this op")
 
@@ -187,6 +199,11 @@ def _lora_expand_op(
         from lorakern.triton import lora as tk
 
         tk.lora_expand(out, y, lora_b, page_table, ranks, scales, token_ids, tiles_gather, tiles_segment,
+                       slice_offsets, plan_info)
+    elif backend == "cuda":
+        from lorakern import cuda_backend as ck
+
+        ck.lora_expand(out, y, lora_b, page_table, ranks, scales, token_ids, tiles_gather, tiles_segment,
                        slice_offsets, plan_info)
     else:
         raise RuntimeError(f"lora_expand: backend {backend!r} has no implementation of this op")

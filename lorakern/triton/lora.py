@@ -33,12 +33,11 @@ capture does no host-to-device copy after the first call.
 
 from __future__ import annotations
 
-from collections import OrderedDict
-
 import torch
 import triton
 import triton.language as tl
 
+from lorakern._tables import slice_tables as _tables
 from lorakern.backends import triton_interpret
 from lorakern.plan import GATHER_BLOCK_M, SEGMENT_BLOCK_M
 
@@ -231,31 +230,6 @@ def _fused_kernel(x_ptr, sx_t, sx_k, a_table, sa_table, b_table, sb_table, n_tab
 
 
 # ----------------------------------------------------------------------------------------------- host side
-_TABLES: "OrderedDict[tuple, tuple]" = OrderedDict()
-_TABLES_MAX = 512
-
-
-def _tables(ws, offsets=None):
-    """Device tables (data pointers, row strides[, widths, offsets]) for per-slice weights; cached by content so
-    that repeated calls (and CUDA-graph captures after the first call) do no host-to-device copy."""
-    dev = ws[0].device
-    ptrs = [w.data_ptr() for w in ws]
-    strides = [w.stride(0) for w in ws]
-    widths = [w.shape[1] for w in ws]
-    key = (dev, tuple(ptrs), tuple(strides), tuple(widths), None if offsets is None else tuple(offsets))
-    hit = _TABLES.get(key)
-    if hit is not None:
-        _TABLES.move_to_end(key)
-        return hit
-    i64 = dict(dtype=torch.int64, device=dev)
-    t = (torch.tensor(ptrs, **i64), torch.tensor(strides, **i64), torch.tensor(widths, **i64),
-         torch.tensor(offsets if offsets is not None else [0] * len(ws), **i64))
-    _TABLES[key] = t
-    if len(_TABLES) > _TABLES_MAX:
-        _TABLES.popitem(last=False)
-    return t
-
-
 def _flags(dtype):
     """(UPCAST, IEEE) constexprs: upcast under the interpreter; IEEE dots for float32 on the GPU."""
     interp = triton_interpret()
@@ -273,7 +247,7 @@ def _cfg(path: str):
 
 
 def _pick(plan_info, tiles_gather, tiles_segment, path=None):
-    grid_g, grid_s, p, _ = plan_info
+    grid_g, grid_s, p = plan_info[0], plan_info[1], plan_info[2]
     path = path or ("gather" if p == 0 else "segment")
     if path == "gather":
         return path, tiles_gather, grid_g

@@ -1,0 +1,63 @@
+// lorakern._C: the Python binding of the CUDA backend. Torch-free (pybind11 + raw pointers + a stream handle), so
+// it builds against any torch, including a CPU-only one, and imports on a machine without a GPU. Only exports:
+// the checks and the dispatch live in lorakern/cuda_backend.py and csrc/include/lorakern/.
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "lorakern/dense_dispatch.h"
+
+namespace py = pybind11;
+
+#ifndef LORAKERN_ARCHS
+#define LORAKERN_ARCHS "unknown"
+#endif
+
+namespace {
+
+template <typename P>
+P ptr(int64_t v) { return reinterpret_cast<P>(static_cast<uintptr_t>(v)); }
+
+// Field order of `a` (all int64), documented in lorakern/cuda_backend.py (_DENSE_FIELDS).
+void dense_gather(const std::vector<int64_t>& a, int dtype, int mode, int mt, bool vec, int64_t stream) {
+  constexpr size_t kFields = 28;
+  if (a.size() != kFields) throw std::invalid_argument("dense_gather: expected " + std::to_string(kFields) + " fields");
+  lorakern::DenseParams p{};
+  size_t i = 0;
+  p.x = ptr<const void*>(a[i++]);
+  p.sx_t = a[i++]; p.sx_k = a[i++];
+  p.a_ptrs = ptr<const int64_t*>(a[i++]); p.a_strides = ptr<const int64_t*>(a[i++]);
+  p.b_ptrs = ptr<const int64_t*>(a[i++]); p.b_strides = ptr<const int64_t*>(a[i++]);
+  p.n_sizes = ptr<const int64_t*>(a[i++]); p.offsets = ptr<const int64_t*>(a[i++]);
+  p.page_table = ptr<const int32_t*>(a[i++]); p.s_pt = a[i++];
+  p.ranks = ptr<const int32_t*>(a[i++]);
+  p.scales = ptr<const float*>(a[i++]);
+  p.tiles = ptr<const int32_t*>(a[i++]);
+  p.token_ids = ptr<const int32_t*>(a[i++]);
+  p.y = ptr<float*>(a[i++]);
+  p.sy_s = a[i++]; p.sy_t = a[i++]; p.sy_r = a[i++];
+  p.out = ptr<void*>(a[i++]);
+  p.so_t = a[i++]; p.so_n = a[i++];
+  p.num_tiles = static_cast<int>(a[i++]);
+  p.num_slices = static_cast<int>(a[i++]);
+  p.K = static_cast<int>(a[i++]);
+  i += 3;  // reserved
+  cudaError_t err = lorakern::dense_gather(p, static_cast<lorakern::DType>(dtype), mode, mt, vec,
+                                           ptr<cudaStream_t>(stream));
+  if (err != cudaSuccess) throw std::runtime_error(std::string("lorakern dense_gather: ") + cudaGetErrorString(err));
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "lorakern CUDA kernels (torch-free binding: raw pointers and a stream handle)";
+  m.def("dense_gather", &dense_gather, py::arg("fields"), py::arg("dtype"), py::arg("mode"), py::arg("mt"),
+        py::arg("vec"), py::arg("stream"));
+  m.def("supports_dense_ops", []() { return true; });
+  m.def("archs", []() { return std::string(LORAKERN_ARCHS); });
+  m.attr("max_rank") = 128;  // lorakern::kMaxRank (dense_gather.cuh)
+}

@@ -1,0 +1,3 @@
+// lorakern: dense gather kernels for __half (see dense_instantiate.cuh).
+#include "dense_instantiate.cuh"
+LORAKERN_DENSE_ENTRY(dense_gather_f16, __half)

@@ -1,0 +1,49 @@
+// lorakern: host-side entry of the dense gather kernels, torch-free. Implemented per dtype in csrc/dense/*.cu.
+#pragma once
+
+#include <cstdint>
+#include <cuda_runtime.h>
+
+namespace lorakern {
+
+struct DenseParams {
+  const void* x;            // [T, K] (FUSED, SHRINK)
+  int64_t sx_t, sx_k;
+  const int64_t* a_ptrs;    // device table [S]: data pointer of each slice's lora_a [rows, K]
+  const int64_t* a_strides; // [S] row stride (elements)
+  const int64_t* b_ptrs;    // [S] lora_b [rows, N_i]
+  const int64_t* b_strides; // [S]
+  const int64_t* n_sizes;   // [S] N_i
+  const int64_t* offsets;   // [S] column offset of slice i in out
+  const int32_t* page_table;  // [num_slots, max_rank]
+  int64_t s_pt;
+  const int32_t* ranks;     // [num_slots]
+  const float* scales;      // [num_slots] or nullptr (= 1.0)
+  const int32_t* tiles;     // [num_tiles, 3] (start, length, slot)
+  const int32_t* token_ids; // [T] tokens sorted by slot
+  float* y;                 // [S, T, max_rank] (SHRINK writes, EXPAND reads)
+  int64_t sy_s, sy_t, sy_r;
+  void* out;                // [T, >= max(off_i + N_i)] (FUSED, EXPAND)
+  int64_t so_t, so_n;
+  int num_tiles, num_slices, K;
+};
+
+enum class DType : int { kF16 = 0, kBF16 = 1, kF32 = 2 };
+
+// mode: 0 fused (shrink + expand), 1 shrink, 2 expand; mt: tokens per pass (1 or 4; 1 only for fused);
+// vec: 16-byte vector loads (the caller checked alignment). Returns cudaErrorInvalidValue for a combination that
+// was not instantiated.
+cudaError_t dense_gather_f16(const DenseParams& p, int mode, int mt, bool vec, cudaStream_t stream);
+cudaError_t dense_gather_bf16(const DenseParams& p, int mode, int mt, bool vec, cudaStream_t stream);
+cudaError_t dense_gather_f32(const DenseParams& p, int mode, int mt, bool vec, cudaStream_t stream);
+
+inline cudaError_t dense_gather(const DenseParams& p, DType dt, int mode, int mt, bool vec, cudaStream_t stream) {
+  switch (dt) {
+    case DType::kF16: return dense_gather_f16(p, mode, mt, vec, stream);
+    case DType::kBF16: return dense_gather_bf16(p, mode, mt, vec, stream);
+    case DType::kF32: return dense_gather_f32(p, mode, mt, vec, stream);
+  }
+  return cudaErrorInvalidValue;
+}
+
+}  // namespace lorakern

@@ -1,0 +1,151 @@
+// lorakern: the gather path of the dense LoRA ops (DESIGN.md §1, §5) as torch-free templates.
+//
+// One CTA per (work tile, slice). A work tile is up to 16 sorted tokens of one adapter (the LoRAPlan's tile list:
+// rows of (start, length, slot), length 0 = exit, so a fixed grid replays correctly in a CUDA graph with any mix).
+// The CTA processes its tokens MT at a time:
+//
+//   shrink  (K -> r): warp w takes rank rows j = w, w + NW, ... < rank (the slot's REAL rank), reads the row of A
+//           through the page table with 16-byte vector loads strided over K by the 32 lanes (several loads in
+//           flight per lane), multiplies with the MT tokens' x, reduces across the warp: y[m][j] in fp32.
+//   expand  (r -> N): every thread takes 16-byte column chunks of N, loops over the real rank reading B's rank
+//           rows (B stored transposed: row j = column j of B), accumulates MT x V fp32 values, and adds them into
+//           `out` once (read, add, round once, write).
+//
+// MODE: FUSED keeps the rank-r intermediate in shared memory (one launch, shrink + expand, all slices via
+// gridDim.y); SHRINK writes it to `y` (float32 [S, T, max_rank]); EXPAND reads it from `y`.
+// Page-table entries at or beyond a slot's rank are never read.
+#pragma once
+
+#include "lorakern/common.cuh"
+#include "lorakern/dense_dispatch.h"
+
+namespace lorakern {
+
+constexpr int kMaxRank = 128;   // rank limit of this path (declared by the Python backend)
+constexpr int kThreads = 256;   // 8 warps
+constexpr int kWarps = kThreads / 32;
+
+enum class Mode : int { kFused = 0, kShrink = 1, kExpand = 2 };
+
+// DenseParams: see dense_dispatch.h
+
+template <typename T, int MT, bool VEC, Mode MODE>
+__global__ void __launch_bounds__(kThreads, 2) dense_gather_kernel(const DenseParams p) {
+  using V = Vec<T, VEC>;
+  constexpr int W = V::N;
+  __shared__ float y_s[MT][kMaxRank];
+  __shared__ int64_t rows_s[kMaxRank];
+
+  const int tile = blockIdx.x, sl = blockIdx.y;
+  const int start = p.tiles[3 * tile], len = p.tiles[3 * tile + 1], slot = p.tiles[3 * tile + 2];
+  if (len <= 0 || slot < 0) return;
+  const int rank = min(p.ranks[slot], kMaxRank);
+  if (rank <= 0) return;
+
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  for (int j = tid; j < rank; j += kThreads) rows_s[j] = p.page_table[slot * p.s_pt + j];  // j < rank only
+
+  const T* A = reinterpret_cast<const T*>(p.a_ptrs[sl]);
+  const int64_t sa = p.a_strides[sl];
+  const T* B = reinterpret_cast<const T*>(p.b_ptrs[sl]);
+  const int64_t sb = p.b_strides[sl];
+  const int n_i = static_cast<int>(p.n_sizes[sl]);
+  const int64_t off = p.offsets[sl];
+  const float scale = p.scales ? p.scales[slot] : 1.0f;
+  const T* X = reinterpret_cast<const T*>(p.x);
+  T* O = reinterpret_cast<T*>(p.out);
+  __syncthreads();
+
+  for (int m0 = 0; m0 < len; m0 += MT) {
+    const int mt = min(MT, len - m0);
+    int64_t tok[MT];
+#pragma unroll
+    for (int m = 0; m < MT; ++m) tok[m] = m < mt ? p.token_ids[start + m0 + m] : 0;
+
+    if constexpr (MODE != Mode::kExpand) {
+      // ---- shrink: y[m][j] = x[tok_m] . A[row_j], warps over the real rank, lanes over K
+      for (int j = warp; j < rank; j += kWarps) {
+        const T* a = A + rows_s[j] * sa;
+        float acc[MT];
+#pragma unroll
+        for (int m = 0; m < MT; ++m) acc[m] = 0.f;
+#pragma unroll (MT == 1 ? 8 : 2)
+        for (int k = lane * W; k < p.K; k += 32 * W) {
+          V av;
+          load_vec(av, a + k);
+#pragma unroll
+          for (int m = 0; m < MT; ++m) {
+            if (m < mt) {
+              V xv;
+              load_vec(xv, X + tok[m] * p.sx_t + k * p.sx_k);
+#pragma unroll
+              for (int e = 0; e < W; ++e) acc[m] += Num<T>::to_f(xv.v[e]) * Num<T>::to_f(av.v[e]);
+            }
+          }
+        }
+#pragma unroll
+        for (int m = 0; m < MT; ++m) {
+          const float s = warp_sum(acc[m]);
+          if (lane == 0) {
+            if constexpr (MODE == Mode::kFused) {
+              y_s[m][j] = s;
+            } else {
+              if (m < mt) p.y[sl * p.sy_s + tok[m] * p.sy_t + j * p.sy_r] = s;
+            }
+          }
+        }
+      }
+    } else {
+#pragma unroll
+      for (int m = 0; m < MT; ++m)  // unrolled over m: tok[] stays in registers
+        for (int j = tid; j < rank; j += kThreads)
+          y_s[m][j] = m < mt ? p.y[sl * p.sy_s + tok[m] * p.sy_t + j * p.sy_r] : 0.f;
+    }
+
+    if constexpr (MODE != Mode::kShrink) {
+      __syncthreads();
+      // ---- expand: out[tok_m, off + n] += scale * sum_j y[m][j] * B[row_j, n], threads over N chunks
+      for (int n = tid * W; n < n_i; n += kThreads * W) {
+        float acc[MT][W];
+#pragma unroll
+        for (int m = 0; m < MT; ++m)
+#pragma unroll
+          for (int e = 0; e < W; ++e) acc[m][e] = 0.f;
+#pragma unroll (MT == 1 ? 8 : 2)
+        for (int j = 0; j < rank; ++j) {
+          V bv;
+          load_vec(bv, B + rows_s[j] * sb + n);
+#pragma unroll
+          for (int m = 0; m < MT; ++m) {
+            const float yv = y_s[m][j];
+#pragma unroll
+            for (int e = 0; e < W; ++e) acc[m][e] += yv * Num<T>::to_f(bv.v[e]);
+          }
+        }
+#pragma unroll
+        for (int m = 0; m < MT; ++m) {
+          if (m < mt) {
+            T* o = O + tok[m] * p.so_t + (off + n) * p.so_n;
+            V ov;
+            load_vec_rw(ov, o);
+#pragma unroll
+            for (int e = 0; e < W; ++e) ov.v[e] = Num<T>::from_f(Num<T>::to_f(ov.v[e]) + scale * acc[m][e]);
+            store_vec(o, ov);
+          }
+        }
+      }
+    }
+    __syncthreads();  // y_s is rewritten by the next pass
+  }
+}
+
+// Host launcher: raw pointers in, cudaError_t out.
+template <typename T, int MT, bool VEC, Mode MODE>
+cudaError_t launch_dense_gather(const DenseParams& p, cudaStream_t stream) {
+  if (p.num_tiles <= 0 || p.num_slices <= 0) return cudaSuccess;
+  dim3 grid(static_cast<unsigned>(p.num_tiles), static_cast<unsigned>(p.num_slices));
+  dense_gather_kernel<T, MT, VEC, MODE><<<grid, kThreads, 0, stream>>>(p);
+  return cudaGetLastError();
+}
+
+}  // namespace lorakern

@@ -1,0 +1,108 @@
+"""Host side of the CUDA backend: argument packing for the torch-free extension ``lorakern._C``.
+
+The extension takes raw pointers, sizes and a stream handle (csrc/bindings.cpp); this module turns validated
+tensors into that call. Kernels: csrc/include/lorakern/dense_gather.cuh (gather path: one CTA per work tile of
+≤ 16 tokens of one adapter and one slice; fused shrink + expand with the rank-r intermediate in shared memory,
+16-byte vector loads of rank rows through the page table, all slices of a target in one launch).
+
+Not yet here (CUDA-kernels issue): the tensor-core segment path for long segments; until then long segments also
+run on the gather kernel, in passes of 4 tokens.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from lorakern._tables import slice_tables as _tables
+from lorakern.backends import cuda_extension
+
+_DTYPES = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2}
+_FUSED, _SHRINK, _EXPAND = 0, 1, 2
+
+#: order of the int64 fields the binding reads (csrc/bindings.cpp, DenseParams)
+_DENSE_FIELDS = (
+    "x", "sx_t", "sx_k", "a_ptrs", "a_strides", "b_ptrs", "b_strides", "n_sizes", "offsets",
+    "page_table", "s_pt", "ranks", "scales", "tiles", "token_ids", "y", "sy_s", "sy_t", "sy_r",
+    "out", "so_t", "so_n", "num_tiles", "num_slices", "K", "_r0", "_r1", "_r2",
+)
+
+
+def _ext():
+    ext = cuda_extension()
+    if isinstance(ext, str):
+        raise RuntimeError(ext)
+    return ext
+
+
+def _aligned(t: torch.Tensor, vec: int, inner_contig: bool = True) -> bool:
+    """16-byte vector access is legal on rows of ``t``: base aligned, unit inner stride, row stride a multiple."""
+    if t.data_ptr() % 16:
+        return False
+    if inner_contig and t.stride(-1) != 1:
+        return False
+    return t.shape[-1] % vec == 0 and all(s % vec == 0 for s in t.stride()[:-1])
+
+
+def _vec_ok(elsize: int, tensors, offsets=()) -> bool:
+    vec = 16 // elsize
+    return all(_aligned(t, vec) for t in tensors if t is not None) and all(o % vec == 0 for o in offsets)
+
+
+def _call(mode, dtype, mt, vec, device, **f):
+    fields = [int(f.get(name, 0)) for name in _DENSE_FIELDS]
+    stream = torch.cuda.current_stream(device).cuda_stream
+    _ext().dense_gather(fields, _DTYPES[dtype], mode, mt, vec, stream)
+
+
+def _common(page_table, ranks, scales, tiles, token_ids, grid_n, num_slices):
+    return dict(page_table=page_table.data_ptr(), s_pt=page_table.stride(0), ranks=ranks.data_ptr(),
+                scales=scales.data_ptr() if scales is not None else 0, tiles=tiles.data_ptr(),
+                token_ids=token_ids.data_ptr(), num_tiles=grid_n, num_slices=num_slices)
+
+
+def _tokens_per_pass(plan_info) -> int:
+    # plan_info[4] (when present) = longest LoRA segment of a dynamic plan; 1 means every adapter has one token
+    return 1 if len(plan_info) > 4 and plan_info[4] == 1 else 4
+
+
+def add_lora(out, x, lora_a, lora_b, page_table, ranks, scales, token_ids, tiles_gather, tiles_segment,
+             slice_offsets, plan_info):
+    grid_n = plan_info[0]
+    if grid_n == 0:
+        return
+    a_tab, sa_tab, _, _ = _tables(lora_a)
+    b_tab, sb_tab, n_tab, off_tab = _tables(lora_b, slice_offsets)
+    vec = _vec_ok(x.element_size(), [x, out, *lora_a, *lora_b], slice_offsets)
+    _call(_FUSED, x.dtype, _tokens_per_pass(plan_info), vec, x.device,
+          x=x.data_ptr(), sx_t=x.stride(0), sx_k=x.stride(1), a_ptrs=a_tab.data_ptr(), a_strides=sa_tab.data_ptr(),
+          b_ptrs=b_tab.data_ptr(), b_strides=sb_tab.data_ptr(), n_sizes=n_tab.data_ptr(),
+          offsets=off_tab.data_ptr(), out=out.data_ptr(), so_t=out.stride(0), so_n=out.stride(1), K=x.shape[1],
+          **_common(page_table, ranks, scales, tiles_gather, token_ids, grid_n, len(lora_a)))
+
+
+def lora_shrink(y, x, lora_a, page_table, ranks, token_ids, tiles_gather, tiles_segment, plan_info):
+    y.zero_()
+    grid_n = plan_info[0]
+    if x.shape[0] == 0 or grid_n == 0:
+        return
+    a_tab, sa_tab, _, _ = _tables(lora_a)
+    vec = _vec_ok(x.element_size(), [x, *lora_a])
+    _call(_SHRINK, x.dtype, 4, vec, x.device,
+          x=x.data_ptr(), sx_t=x.stride(0), sx_k=x.stride(1), a_ptrs=a_tab.data_ptr(), a_strides=sa_tab.data_ptr(),
+          y=y.data_ptr(), sy_s=y.stride(0), sy_t=y.stride(1), sy_r=y.stride(2), K=x.shape[1],
+          **_common(page_table, ranks, None, tiles_gather, token_ids, grid_n, len(lora_a)))
+
+
+def lora_expand(out, y, lora_b, page_table, ranks, scales, token_ids, tiles_gather, tiles_segment,
+                slice_offsets, plan_info):
+    grid_n = plan_info[0]
+    if out.shape[0] == 0 or grid_n == 0:
+        return
+    b_tab, sb_tab, n_tab, off_tab = _tables(lora_b, slice_offsets)
+    vec = _vec_ok(out.element_size(), [out, *lora_b], slice_offsets)
+    _call(_EXPAND, out.dtype, 4, vec, out.device,
+          b_ptrs=b_tab.data_ptr(), b_strides=sb_tab.data_ptr(), n_sizes=n_tab.data_ptr(), offsets=off_tab.data_ptr(),
+          y=y.data_ptr(), sy_s=y.stride(0), sy_t=y.stride(1), sy_r=y.stride(2),
+          out=out.data_ptr(), so_t=out.stride(0), so_n=out.stride(1),
+          **_common(page_table, ranks, scales, tiles_gather, token_ids, grid_n, len(lora_b)))
+
