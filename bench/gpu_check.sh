@@ -1,0 +1,133 @@
+#!/usr/bin/env bash
+# One call on a lent GPU machine (offline; torch, triton, nvcc, ninja, pybind11, pytest already installed):
+#
+#   bash bench/gpu_check.sh            # from anywhere in the checkout; OUT=<dir> chooses where results go
+#                                      # (default: $OUT if set, else bench/results)
+#
+# 1. pip install --no-build-isolation --no-deps -e .   (builds the CUDA extension when the sources ask for it)
+# 2. nvidia-smi                                        -> $OUT/nvidia-smi.txt
+# 3. pytest -m gpu                                     -> $OUT/pytest-gpu.xml (junit)
+# 4. python -m lorakern bench (full GPU shapes)        -> $OUT/<device>-<YYYYMMDD>-<commit>.json and .md,
+#                                                         with step 3's counts (tests_scope "gpu")
+# 5. pytest, the full suite (GPU tests included)       -> $OUT/pytest-all.xml; its counts then replace step 3's
+#                                                         in the results (tests_scope "all")
+# The benchmark runs before the full suite so that a slow suite cannot cost the numbers; the results file is
+# rewritten after every benchmark case, so even an interrupted run leaves its rows so far.
+#
+# Everything is logged to $OUT/gpu_check.log. `set -u`; a failing step does not stop the others; the exit
+# status is that of the first failing step (0 if all passed). Time limits per step, in seconds (env overrides):
+# INSTALL_TIMEOUT=150 GPU_TESTS_TIMEOUT=90 BENCH_TIMEOUT=200 ALL_TESTS_TIMEOUT=150, which together fit the lent
+# machine's 10-minute limit per call. SKIP_INSTALL=1 skips step 1; BENCH_ARGS adds options to step 4
+# (e.g. BENCH_ARGS="--filter decode"); BENCH_DEVICE=cpu (with BENCH_ARGS=--quick) tries the script without a GPU;
+# PYTHON picks the interpreter.
+set -u
+
+cd "$(dirname "$0")/.." || exit 1
+OUT="${OUT:-bench/results}"
+mkdir -p "$OUT" 2>/dev/null || { OUT=bench/results; mkdir -p "$OUT"; }
+LOG="$OUT/gpu_check.log"
+PY="${PYTHON:-}"
+if [ -z "$PY" ]; then
+    if command -v python >/dev/null 2>&1; then PY=python; else PY=python3; fi
+fi
+unset TRITON_INTERPRET   # the interpreter runs kernels on the CPU; here they must run on the GPU
+
+STATUS=0
+log() { echo "[$(date -u +%H:%M:%S)] $*" | tee -a "$LOG"; }
+step() {  # step NAME TIMEOUT CMD...: run with a time limit, log its output and exit status, keep going
+    local name="$1" limit="$2"; shift 2
+    log "=== $name: $*"
+    timeout --kill-after=10 "$limit" "$@" >>"$LOG" 2>&1
+    local rc=$?
+    if [ $rc -eq 124 ] || [ $rc -eq 137 ]; then
+        log "=== $name: timed out after ${limit}s (rc=$rc)"
+    else
+        log "=== $name: rc=$rc"
+    fi
+    if [ $rc -ne 0 ] && [ $STATUS -eq 0 ]; then STATUS=$rc; fi
+    return 0
+}
+junit_counts() {  # junit_counts FILE -> "passed failed skipped", or nothing when the file is missing/broken
+    "$PY" - "$1" <<'PYEOF' 2>>"$LOG"
+import sys, xml.etree.ElementTree as ET
+try:
+    root = ET.parse(sys.argv[1]).getroot()
+except Exception:
+    sys.exit(0)
+suites = [root] if root.tag == "testsuite" else root.findall("testsuite")
+n = {k: sum(int(s.get(k, 0)) for s in suites) for k in ("tests", "failures", "errors", "skipped")}
+failed = n["failures"] + n["errors"]
+print(n["tests"] - failed - n["skipped"], failed, n["skipped"])
+PYEOF
+}
+
+: >"$LOG"
+log "gpu_check in $(pwd), OUT=$OUT, python=$(command -v "$PY")"
+log "commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown);" \
+    "$(git status --porcelain --untracked-files=no 2>/dev/null | wc -l) modified tracked files"
+
+if [ "${SKIP_INSTALL:-0}" = 1 ]; then
+    log "=== install: skipped (SKIP_INSTALL=1)"
+else
+    step install "${INSTALL_TIMEOUT:-150}" "$PY" -m pip install --no-build-isolation --no-deps -e .
+fi
+step nvidia-smi 30 bash -c "nvidia-smi > '$OUT/nvidia-smi.txt' 2>&1; rc=\$?; cat '$OUT/nvidia-smi.txt'; exit \$rc"
+step versions 60 "$PY" -c "
+import torch
+import lorakern
+from lorakern.backends import BACKENDS
+print('torch', torch.__version__, 'cuda', torch.version.cuda,
+      'device', torch.cuda.get_device_name() if torch.cuda.is_available() else None)
+try:
+    import triton
+    print('triton', triton.__version__)
+except Exception as e:
+    print('triton not importable:', e)
+d = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
+for n, b in BACKENDS.items():
+    print('backend', n, b.not_supported_reasons(d, torch.bfloat16) or 'ok')"
+
+step pytest-gpu "${GPU_TESTS_TIMEOUT:-90}" "$PY" -m pytest -m gpu -q -rfEs -p no:cacheprovider \
+    --junitxml="$OUT/pytest-gpu.xml"
+TESTS_ARGS=()
+GPU_COUNTS="$(junit_counts "$OUT/pytest-gpu.xml")"
+if [ -n "$GPU_COUNTS" ]; then
+    log "tests (-m gpu): passed failed skipped = $GPU_COUNTS"
+    read -r P F S <<<"$GPU_COUNTS"
+    TESTS_ARGS=(--tests "$P" "$F" "$S")
+fi
+
+STAMP="$OUT/.bench-start"
+: >"$STAMP"
+# shellcheck disable=SC2086
+step bench "${BENCH_TIMEOUT:-200}" "$PY" -m lorakern bench --device "${BENCH_DEVICE:-cuda}" --out "$OUT" \
+    ${TESTS_ARGS[@]+"${TESTS_ARGS[@]}"} ${BENCH_ARGS:-}
+RESULTS="$(find "$OUT" -maxdepth 1 -name '*.json' -newer "$STAMP" 2>/dev/null | head -n 1)"
+rm -f "$STAMP"
+if [ -n "$RESULTS" ]; then
+    log "results: $RESULTS"
+    if [ -n "$GPU_COUNTS" ]; then
+        "$PY" -c "import sys; from lorakern.bench.harness import update_tests as u; u(sys.argv[1], *map(int, sys.argv[2:5]), scope='gpu')" \
+            "$RESULTS" $GPU_COUNTS >>"$LOG" 2>&1
+    fi
+else
+    log "results: none written by the bench step"
+fi
+
+step pytest-all "${ALL_TESTS_TIMEOUT:-150}" "$PY" -m pytest -q -rfE -p no:cacheprovider \
+    --junitxml="$OUT/pytest-all.xml"
+ALL_COUNTS="$(junit_counts "$OUT/pytest-all.xml")"
+if [ -n "$ALL_COUNTS" ]; then
+    log "tests (full suite): passed failed skipped = $ALL_COUNTS"
+    if [ -n "$RESULTS" ]; then
+        # shellcheck disable=SC2086
+        "$PY" -c "import sys; from lorakern.bench.harness import update_tests as u; u(sys.argv[1], *map(int, sys.argv[2:5]), scope='all')" \
+            "$RESULTS" $ALL_COUNTS >>"$LOG" 2>&1 && log "recorded the full suite's counts in $RESULTS"
+    fi
+else
+    log "tests (full suite): no counts (pytest did not finish writing $OUT/pytest-all.xml)"
+fi
+
+log "done: exit status $STATUS; results in $OUT"
+ls -la "$OUT" >>"$LOG" 2>&1
+exit $STATUS

@@ -1,0 +1,300 @@
+"""The benchmark harness (lorakern/bench): baselines against the reference, the bytes model, the results files,
+the table, and ``python -m lorakern bench --quick`` end to end."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from lorakern import reference
+from lorakern.bench import baselines as B
+from lorakern.bench import cases as C
+from lorakern.bench import harness as H
+from lorakern.workloads import make_lora, make_slots
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+# ------------------------------------------------------------------------------------------------ baselines
+def _problem(seed, T, K, n_sizes, ranks, mix, pool, none_frac=0.0, gap=0):
+    g = torch.Generator().manual_seed(seed)
+    lora = make_lora(pool, K, n_sizes, ranks, dtype=torch.float32, generator=g)
+    slots = make_slots(mix, T, pool, none_frac=none_frac, generator=g)
+    x = torch.randn(T, K, generator=g)
+    offs, acc = [], 0
+    for n in n_sizes:  # slices separated by `gap` untouched columns
+        offs.append(acc)
+        acc += n + gap
+    out = torch.randn(T, acc, generator=g)
+    return lora, slots, x, out, offs
+
+
+def _ref(lora, slots, x, out, offs):
+    exp = out.double().clone()
+    reference.add_lora(exp, x.double(), [a.double() for a in lora.lora_a], [b.double() for b in lora.lora_b],
+                       lora.page_table, lora.ranks, lora.scales, slots, offs)
+    return exp
+
+
+PROBLEMS = [
+    # seed, T, K, n_sizes, ranks, mix, pool, none_frac, gap
+    (0, 16, 64, (48,), 8, "distinct", 16, 0.0, 0),
+    (1, 37, 100, (72, 24, 24), "1-16", "uniform", 9, 0.25, 0),  # odd sizes, mixed ranks, -1 tokens
+    (2, 50, 96, (40, 8), [0, 3, 16, 1, 7], "zipf:1.5", 5, 0.1, 5),  # a rank-0 adapter, gaps between slices
+    (3, 20, 32, (16,), 4, "identical", 3, 0.0, 0),
+    (4, 1, 32, (16, 16), 5, "skewed", 4, 0.0, 0),
+]
+
+
+@pytest.mark.parametrize("name", sorted(B.BASELINES))
+@pytest.mark.parametrize("prepared", [False, True])
+@pytest.mark.parametrize("problem", PROBLEMS, ids=[f"p{p[0]}" for p in PROBLEMS])
+def test_baseline_matches_reference(name, prepared, problem):
+    seed, T, K, n_sizes, ranks, mix, pool, none_frac, gap = problem
+    lora, slots, x, out, offs = _problem(seed, T, K, n_sizes, ranks, mix, pool, none_frac, gap)
+    exp = _ref(lora, slots, x, out, offs)
+    bl = B.BASELINES[name]
+    got = out.clone()
+    prep = None
+    if prepared:
+        prep = bl.prepare(got, x, lora.lora_a, lora.lora_b, lora.page_table, lora.ranks, lora.scales, slots)
+    res = bl.fn(got, x, lora.lora_a, lora.lora_b, lora.page_table, lora.ranks, lora.scales, slots,
+                slice_offsets=offs, prepared=prep)
+    assert res is got
+    assert torch.isfinite(got).all()
+    # fp32 against fp64: a few ulps of the largest term (|terms| ~ 10 here)
+    torch.testing.assert_close(got.double(), exp, rtol=1e-5, atol=1e-4)
+    # tokens without an adapter and columns outside every slice: untouched, bit for bit
+    none = slots < 0
+    assert torch.equal(got[none], out[none])
+    covered = torch.zeros(out.shape[1], dtype=torch.bool)
+    for o, n in zip(offs, n_sizes):
+        covered[o:o + n] = True
+    assert torch.equal(got[:, ~covered], out[:, ~covered])
+
+
+def test_baselines_single_tensor_slices():
+    lora, slots, x, out, offs = _problem(5, 12, 32, (24,), 4, "uniform", 6)
+    exp = _ref(lora, slots, x, out, offs)
+    for name in B.BASELINES:
+        got = out.clone()
+        B.BASELINES[name].fn(got, x, lora.lora_a[0], lora.lora_b[0], lora.page_table, lora.ranks, lora.scales,
+                             slots)
+        torch.testing.assert_close(got.double(), exp, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("peer", sorted(B.PEERS))
+def test_peers_refuse_cpu_with_reason(peer):
+    lora, slots, x, out, offs = _problem(0, 4, 32, (16,), 4, "distinct", 4)
+    with pytest.raises(B.Unavailable, match="CUDA"):
+        B.make_peer(peer, out, x, lora.lora_a, lora.lora_b, lora.page_table, lora.ranks, lora.scales, slots)
+
+
+# ------------------------------------------------------------------------------------------------ bytes model
+def test_bytes_model_hand_computed():
+    # tokens 0,0,1,-1,2 -> T_lora = 4; distinct adapters {0,1,2} of ranks 2,3,4 -> R = 9; K = 5; slices N = 3, 2
+    slots = torch.tensor([0, 0, 1, -1, 2])
+    ranks = torch.tensor([2, 3, 4, 7], dtype=torch.int32)  # slot 3 is in the pool but unused
+    K, n_sizes, e = 5, (3, 2), 2
+    # e*(S*R*K + R*sum(N) + T_lora*K + 2*T_lora*sum(N)) = 2*(2*9*5 + 9*5 + 4*5 + 2*4*5) = 390; page table 4*9
+    assert H.add_lora_bytes(slots, ranks, K, n_sizes, e, meta=False) == 390
+    assert H.add_lora_bytes(slots, ranks, K, n_sizes, e) == 390 + 36
+    # shrink: e*(S*R*K + T_lora*K) + 4*S*T*max_rank = 2*(90 + 20) + 4*2*5*4 = 380
+    assert H.lora_shrink_bytes(slots, ranks, K, 2, 4, e, meta=False) == 380
+    assert H.lora_shrink_bytes(slots, ranks, K, 2, 4, e) == 416
+    # expand: 4*S*sum_t r(t) + e*(R*sum(N) + 2*T_lora*sum(N)) = 4*2*(2+2+3+4) + 2*(45 + 40) = 88 + 170
+    assert H.lora_expand_bytes(slots, ranks, n_sizes, e, meta=False) == 258
+    assert H.lora_expand_bytes([0, 0, 1, -1, 2], [2, 3, 4, 7], n_sizes, e) == 294
+
+
+def test_bytes_model_no_lora_tokens():
+    assert H.add_lora_bytes([-1, -1], [4], 8, (8,), 2) == 0
+
+
+# ------------------------------------------------------------------------------------------------ timing
+def test_measure_cpu_stats():
+    calls = []
+    t = H.measure(lambda: calls.append(1), device="cpu", warmup=2, reps=7, budget_s=None)
+    assert t.reps == 7 and len(calls) == 9
+    assert 0 <= t.p20_us <= t.median_us <= t.p80_us
+
+
+def test_measure_budget_cuts_reps_but_keeps_minimum():
+    import time
+
+    t = H.measure(lambda: time.sleep(0.01), device="cpu", warmup=1, reps=1000, budget_s=0.05, min_reps=3)
+    assert t.reps == 3
+    assert t.median_us >= 9000
+
+
+def test_quantiles():
+    assert H._quantile([1.0, 2.0, 3.0, 4.0, 5.0], 0.5) == 3.0
+    assert H._quantile([0.0, 10.0], 0.2) == pytest.approx(2.0)
+
+
+def test_peak_copy_cpu_positive():
+    assert H.peak_copy_gbps("cpu", nbytes=4 << 20, reps=3) > 0
+
+
+# ------------------------------------------------------------------------------------------------ results files
+def _rows():
+    common = dict(op="add_lora", workload="distinct", dtype=torch.bfloat16, T=256, K=4096, N=[4096, 1024, 1024],
+                  ranks="16", adapters=256, nbytes=10_000_000, case="decode-qkv")
+    t = H.Timing(median_us=100.0, p20_us=90.0, p80_us=110.0, reps=10)
+    return [
+        H.make_row(backend="torch", timing=t, peak_gbps=1000.0, **common),
+        H.make_row(backend="peft-loop", timing=H.Timing(400.0, 380.0, 420.0, 10), peak_gbps=1000.0, **common),
+        H.skipped_row(backend="vllm", reason="vllm not importable (ModuleNotFoundError)", **common),
+    ]
+
+
+def test_row_values():
+    r = _rows()[0]
+    assert tuple(r)[: len(H.ROW_KEYS)] == H.ROW_KEYS
+    assert r["gbps"] == pytest.approx(100.0)  # 1e7 B / 100 us
+    assert r["pct_peak"] == pytest.approx(10.0)
+    assert r["N"] == [4096, 1024, 1024] and r["slices"] == 3 and r["dtype"] == "bfloat16"
+    s = _rows()[2]
+    assert s["median_us"] is None and s["gbps"] is None and s["skipped"].startswith("vllm")
+
+
+def test_results_writer_contract(tmp_path):
+    env = H.environment("cpu")
+    doc = H.results_doc(_rows(), env=env, peak_copy_gbps=1000.0, tests={"passed": 3, "failed": 0, "skipped": 1})
+    jp, mp = H.write_results(doc, tmp_path / "res")
+    assert jp.exists() and mp.exists()
+    assert re.fullmatch(r"cpu-\d{8}-([0-9a-f]{4,40}|unknown)\.json", jp.name), jp.name
+    assert mp.name == jp.name[:-5] + ".md"
+    got = json.loads(jp.read_text())
+    for k in ("device", "commit", "date", "torch", "triton", "cuda", "peak_copy_gbps", "tests", "rows"):
+        assert k in got, k
+    assert got["device"] == "cpu" and got["torch"] == torch.__version__
+    assert got["tests"] == {"passed": 3, "failed": 0, "skipped": 1}
+    assert len(got["rows"]) == 3
+    for row in got["rows"]:
+        assert set(H.ROW_KEYS) <= set(row)
+    md = mp.read_text()
+    assert "| op | backend | workload |" in md and "peft-loop" in md and "vllm not importable" in md
+    # counts recorded later (gpu_check.sh) rewrite both files
+    H.update_tests(jp, 10, 1, 2, scope="all")
+    again = json.loads(jp.read_text())
+    assert again["tests"] == {"passed": 10, "failed": 1, "skipped": 2} and again["tests_scope"] == "all"
+    assert again["rows"] == got["rows"]
+    assert "passed 10, failed 1, skipped 2" in mp.read_text()
+
+
+def test_results_doc_default_tests():
+    doc = H.results_doc([], env=H.environment("cpu"), peak_copy_gbps=None)
+    assert doc["tests"] == {"passed": None, "failed": None, "skipped": None}
+
+
+def test_sanitize_device_name():
+    assert H.sanitize_name("NVIDIA H100 80GB HBM3") == "nvidia-h100-80gb-hbm3"
+    assert H.sanitize_name("NVIDIA H200") == "nvidia-h200"
+    assert H.sanitize_name("  / ") == "unknown"
+    assert H.device_label("cpu") == "cpu"
+
+
+def test_table_ratio_and_skips():
+    text = H.format_table(_rows(), peak_gbps=1000.0)
+    lines = text.splitlines()
+    assert lines[0].split()[:3] == ["op", "backend", "workload"]
+    peft = next(l for l in lines if "peft-loop" in l)
+    assert peft.split()[-1] == "4.00"  # 400 us / 100 us of the lorakern torch row
+    torch_line = next(l for l in lines if l.startswith("add_lora  torch "))
+    assert torch_line.split()[-1] == "1.00"
+    assert "vllm (1 row): vllm not importable" in text
+    assert "1000.0 GB/s" in text
+
+
+# ------------------------------------------------------------------------------------------------ run_case
+def test_run_case_never_fakes_numbers(monkeypatch):
+    """A baseline that raises and one that computes the wrong thing both become skipped rows with the reason."""
+
+    def boom(out, x, *a, **k):
+        raise RuntimeError("kernel not there")
+
+    def wrong(out, x, *a, **k):
+        out.add_(1.0)
+        return out
+
+    def prep(*a):
+        return None
+
+    monkeypatch.setitem(B.BASELINES, "boom", B.Baseline("boom", boom, prep))
+    monkeypatch.setitem(B.BASELINES, "wrong", B.Baseline("wrong", wrong, prep))
+    case = C.Case("t", "uniform", 8, 32, (16, 8), "4", 4, torch.float32)
+    rows = C.run_case(case, "cpu", backends=("torch",), baselines=("boom", "wrong", "peft-loop"), peers=("vllm",),
+                      timing=C.TimingConfig(1, 3, 1.0, 1), peak_gbps=10.0)
+    by = {r["backend"]: r for r in rows}
+    assert by["torch"]["median_us"] > 0 and by["peft-loop"]["median_us"] > 0
+    assert by["boom"]["median_us"] is None and "kernel not there" in by["boom"]["skipped"]
+    assert by["wrong"]["median_us"] is None and by["wrong"]["skipped"].startswith("wrong result")
+    assert by["vllm"]["median_us"] is None and "CUDA" in by["vllm"]["skipped"]
+    assert all(r["bytes"] == rows[0]["bytes"] > 0 for r in rows)
+
+
+def test_backend_refusal_is_a_skipped_row():
+    case = C.Case("t", "distinct", 4, 32, (16,), "4", 4, torch.float32)
+    rows = C.run_case(case, "cpu", backends=("cuda",), baselines=(), peers=(), timing=C.TimingConfig(1, 2, 1.0, 1))
+    assert len(rows) == 1 and rows[0]["backend"] == "cuda"
+    assert rows[0]["median_us"] is None and rows[0]["skipped"]
+
+
+def test_case_lists():
+    quick = C.quick_cases()
+    assert quick[0].T == min(c.T for c in quick) and len(quick[0].n_sizes) == 1
+    assert {c.workload for c in quick} == {"distinct", "uniform", "zipf:1.5", "identical"}
+    full = C.full_cases()
+    assert any(c.name == "decode-qkv" and c.n_sizes == (4096, 1024, 1024) and c.T == 256 for c in full)
+    assert all(c.dtype == torch.bfloat16 and c.K == 4096 for c in full)
+
+
+# ------------------------------------------------------------------------------------------------ CLI
+def _env():
+    env = dict(os.environ)
+    env.pop("TRITON_INTERPRET", None)
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+def test_cli_help_lists_bench():
+    r = subprocess.run([sys.executable, "-m", "lorakern", "--help"], capture_output=True, text=True, env=_env(),
+                       timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "bench" in r.stdout
+
+
+def test_cli_bench_quick_end_to_end(tmp_path):
+    out = tmp_path / "results"
+    r = subprocess.run(
+        [sys.executable, "-m", "lorakern", "bench", "--quick", "--backends", "torch", "--out", str(out)],
+        capture_output=True, text=True, env=_env(), cwd=tmp_path, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    files = sorted(out.glob("*.json"))
+    assert len(files) == 1, list(out.iterdir())
+    doc = json.loads(files[0].read_text())
+    assert doc["complete"] is True and doc["mode"] == "quick"
+    assert doc["peak_copy_gbps"] > 0
+    measured = [row for row in doc["rows"] if row["median_us"] is not None]
+    backends = {row["backend"] for row in measured}
+    assert {"torch", "torch-gather-bmm", "peft-loop"} <= backends
+    assert {row["backend"] for row in doc["rows"]} <= {"torch", "torch-gather-bmm", "peft-loop", "vllm",
+                                                      "flashinfer", "sglang"}
+    assert len({(row["workload"], row["T"], row["slices"]) for row in measured}) == len(C.quick_cases())
+    assert (out / (files[0].stem + ".md")).exists()
+    assert "median us" in r.stdout and "peak copy bandwidth" in r.stdout
+    assert "results written to" in r.stderr
+
+
+def test_cli_rejects_unknown_backend(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "lorakern", "bench", "--quick", "--backends", "nope", "--out",
+                        str(tmp_path)], capture_output=True, text=True, env=_env(), timeout=120)
+    assert r.returncode != 0 and "unknown backend nope" in (r.stderr + r.stdout)
