@@ -23,9 +23,9 @@ template <typename P>
 P ptr(int64_t v) { return reinterpret_cast<P>(static_cast<uintptr_t>(v)); }
 
 // Field order of `a` (all int64), documented in lorakern/cuda_backend.py (_DENSE_FIELDS).
-void dense_gather(const std::vector<int64_t>& a, int dtype, int mode, int mt, bool vec, int64_t stream) {
+lorakern::DenseParams unpack(const std::vector<int64_t>& a) {
   constexpr size_t kFields = 28;
-  if (a.size() != kFields) throw std::invalid_argument("dense_gather: expected " + std::to_string(kFields) + " fields");
+  if (a.size() != kFields) throw std::invalid_argument("expected " + std::to_string(kFields) + " fields");
   lorakern::DenseParams p{};
   size_t i = 0;
   p.x = ptr<const void*>(a[i++]);
@@ -45,10 +45,24 @@ void dense_gather(const std::vector<int64_t>& a, int dtype, int mode, int mt, bo
   p.num_tiles = static_cast<int>(a[i++]);
   p.num_slices = static_cast<int>(a[i++]);
   p.K = static_cast<int>(a[i++]);
-  i += 3;  // reserved
-  cudaError_t err = lorakern::dense_gather(p, static_cast<lorakern::DType>(dtype), mode, mt, vec,
-                                           ptr<cudaStream_t>(stream));
-  if (err != cudaSuccess) throw std::runtime_error(std::string("lorakern dense_gather: ") + cudaGetErrorString(err));
+  p.max_rank = static_cast<int>(a[i++]);
+  p.max_n = static_cast<int>(a[i++]);
+  i += 1;  // reserved
+  return p;
+}
+
+void check(cudaError_t err, const char* what) {
+  if (err != cudaSuccess) throw std::runtime_error(std::string("lorakern ") + what + ": " + cudaGetErrorString(err));
+}
+
+void dense_gather(const std::vector<int64_t>& a, int dtype, int mode, int mt, bool vec, int64_t stream) {
+  check(lorakern::dense_gather(unpack(a), static_cast<lorakern::DType>(dtype), mode, mt, vec,
+                               ptr<cudaStream_t>(stream)), "dense_gather");
+}
+
+void dense_segment(const std::vector<int64_t>& a, int dtype, int mode, int k_split, int64_t stream) {
+  check(lorakern::dense_segment(unpack(a), static_cast<lorakern::DType>(dtype), mode, k_split,
+                                ptr<cudaStream_t>(stream)), "dense_segment");
 }
 
 }  // namespace
@@ -57,6 +71,8 @@ PYBIND11_MODULE(_C, m) {
   m.doc() = "lorakern CUDA kernels (torch-free binding: raw pointers and a stream handle)";
   m.def("dense_gather", &dense_gather, py::arg("fields"), py::arg("dtype"), py::arg("mode"), py::arg("mt"),
         py::arg("vec"), py::arg("stream"));
+  m.def("dense_segment", &dense_segment, py::arg("fields"), py::arg("dtype"), py::arg("mode"), py::arg("k_split"),
+        py::arg("stream"));
   m.def("supports_dense_ops", []() { return true; });
   m.def("archs", []() { return std::string(LORAKERN_ARCHS); });
   m.attr("max_rank") = 128;  // lorakern::kMaxRank (dense_gather.cuh)

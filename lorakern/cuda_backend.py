@@ -5,8 +5,11 @@ tensors into that call. Kernels: csrc/include/lorakern/dense_gather.cuh (gather 
 ≤ 16 tokens of one adapter and one slice; fused shrink + expand with the rank-r intermediate in shared memory,
 16-byte vector loads of rank rows through the page table, all slices of a target in one launch).
 
-Not yet here (CUDA-kernels issue): the tensor-core segment path for long segments; until then long segments also
-run on the gather kernel, in passes of 4 tokens.
+Segment path (csrc/include/lorakern/dense_segment.cuh), chosen when the plan says adapters have long runs of
+tokens (the same heuristic as Triton's, ``lorakern.ops.lora.choose_path``) and the dtype is fp16/bf16 with
+16-byte-aligned rows: a WMMA tensor-core shrink over 64-token tiles (split over K when the tiles alone would not
+fill the GPU) writing a float32 ``y``, then a WMMA expand that feeds ``y`` as a hi + lo pair. Otherwise (fp32,
+unaligned shapes) long segments run on the gather kernel, in passes of 4 tokens.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ _FUSED, _SHRINK, _EXPAND = 0, 1, 2
 _DENSE_FIELDS = (
     "x", "sx_t", "sx_k", "a_ptrs", "a_strides", "b_ptrs", "b_strides", "n_sizes", "offsets",
     "page_table", "s_pt", "ranks", "scales", "tiles", "token_ids", "y", "sy_s", "sy_t", "sy_r",
-    "out", "so_t", "so_n", "num_tiles", "num_slices", "K", "_r0", "_r1", "_r2",
+    "out", "so_t", "so_n", "num_tiles", "num_slices", "K", "max_rank", "max_n", "_reserved",
 )
 
 
@@ -48,10 +51,56 @@ def _vec_ok(elsize: int, tensors, offsets=()) -> bool:
     return all(_aligned(t, vec) for t in tensors if t is not None) and all(o % vec == 0 for o in offsets)
 
 
+def _fields(f):
+    return [int(f.get(name, 0)) for name in _DENSE_FIELDS]
+
+
 def _call(mode, dtype, mt, vec, device, **f):
-    fields = [int(f.get(name, 0)) for name in _DENSE_FIELDS]
     stream = torch.cuda.current_stream(device).cuda_stream
-    _ext().dense_gather(fields, _DTYPES[dtype], mode, mt, vec, stream)
+    _ext().dense_gather(_fields(f), _DTYPES[dtype], mode, mt, vec, stream)
+
+
+def _call_segment(mode, dtype, k_split, device, **f):
+    stream = torch.cuda.current_stream(device).cuda_stream
+    _ext().dense_segment(_fields(f), _DTYPES[dtype], mode, k_split, stream)
+
+
+_SEGMENT_DTYPES = (torch.float16, torch.bfloat16)
+_SM_COUNT: dict = {}
+
+
+def _use_segment(plan_info, dtype, vec: bool) -> bool:
+    return plan_info[2] == 1 and vec and dtype in _SEGMENT_DTYPES
+
+
+def _k_split(device, ctas: int, K: int) -> int:
+    """Split K over CTAs (atomic fp32 adds into y) only when the tiles alone would leave SMs idle."""
+    if device not in _SM_COUNT:
+        _SM_COUNT[device] = torch.cuda.get_device_properties(device).multi_processor_count
+    want = 2 * _SM_COUNT[device]
+    if ctas >= want:
+        return 1
+    return max(1, min(8, -(-want // max(ctas, 1)), K // 256))
+
+
+def _segment_shrink(y, x, a_tab, sa_tab, S, page_table, ranks, token_ids, tiles, grid_n):
+    max_rank = page_table.shape[1]
+    ks = _k_split(x.device, grid_n * S * -(-max_rank // 64), x.shape[1])
+    _call_segment(_SHRINK, x.dtype, ks, x.device,
+                  x=x.data_ptr(), sx_t=x.stride(0), sx_k=x.stride(1), a_ptrs=a_tab.data_ptr(),
+                  a_strides=sa_tab.data_ptr(), y=y.data_ptr(), sy_s=y.stride(0), sy_t=y.stride(1),
+                  sy_r=y.stride(2), K=x.shape[1], max_rank=max_rank,
+                  **_common(page_table, ranks, None, tiles, token_ids, grid_n, S))
+
+
+def _segment_expand(out, y, b_tab, sb_tab, n_tab, off_tab, lora_b, page_table, ranks, scales, token_ids, tiles,
+                    grid_n):
+    _call_segment(_EXPAND, out.dtype, 1, out.device,
+                  b_ptrs=b_tab.data_ptr(), b_strides=sb_tab.data_ptr(), n_sizes=n_tab.data_ptr(),
+                  offsets=off_tab.data_ptr(), y=y.data_ptr(), sy_s=y.stride(0), sy_t=y.stride(1),
+                  sy_r=y.stride(2), out=out.data_ptr(), so_t=out.stride(0), so_n=out.stride(1),
+                  max_rank=page_table.shape[1], max_n=max(b.shape[1] for b in lora_b),
+                  **_common(page_table, ranks, scales, tiles, token_ids, grid_n, len(lora_b)))
 
 
 def _common(page_table, ranks, scales, tiles, token_ids, grid_n, num_slices):
@@ -67,12 +116,21 @@ def _tokens_per_pass(plan_info) -> int:
 
 def add_lora(out, x, lora_a, lora_b, page_table, ranks, scales, token_ids, tiles_gather, tiles_segment,
              slice_offsets, plan_info):
-    grid_n = plan_info[0]
-    if grid_n == 0:
-        return
     a_tab, sa_tab, _, _ = _tables(lora_a)
     b_tab, sb_tab, n_tab, off_tab = _tables(lora_b, slice_offsets)
     vec = _vec_ok(x.element_size(), [x, out, *lora_a, *lora_b], slice_offsets)
+    if _use_segment(plan_info, x.dtype, vec):
+        grid_s = plan_info[1]
+        if grid_s == 0:
+            return
+        y = torch.zeros((len(lora_a), x.shape[0], page_table.shape[1]), dtype=torch.float32, device=x.device)
+        _segment_shrink(y, x, a_tab, sa_tab, len(lora_a), page_table, ranks, token_ids, tiles_segment, grid_s)
+        _segment_expand(out, y, b_tab, sb_tab, n_tab, off_tab, lora_b, page_table, ranks, scales, token_ids,
+                        tiles_segment, grid_s)
+        return
+    grid_n = plan_info[0]
+    if grid_n == 0:
+        return
     _call(_FUSED, x.dtype, _tokens_per_pass(plan_info), vec, x.device,
           x=x.data_ptr(), sx_t=x.stride(0), sx_k=x.stride(1), a_ptrs=a_tab.data_ptr(), a_strides=sa_tab.data_ptr(),
           b_ptrs=b_tab.data_ptr(), b_strides=sb_tab.data_ptr(), n_sizes=n_tab.data_ptr(),
@@ -87,6 +145,9 @@ def lora_shrink(y, x, lora_a, page_table, ranks, token_ids, tiles_gather, tiles_
         return
     a_tab, sa_tab, _, _ = _tables(lora_a)
     vec = _vec_ok(x.element_size(), [x, *lora_a])
+    if _use_segment(plan_info, x.dtype, vec) and plan_info[1] > 0:
+        _segment_shrink(y, x, a_tab, sa_tab, len(lora_a), page_table, ranks, token_ids, tiles_segment, plan_info[1])
+        return
     _call(_SHRINK, x.dtype, 4, vec, x.device,
           x=x.data_ptr(), sx_t=x.stride(0), sx_k=x.stride(1), a_ptrs=a_tab.data_ptr(), a_strides=sa_tab.data_ptr(),
           y=y.data_ptr(), sy_s=y.stride(0), sy_t=y.stride(1), sy_r=y.stride(2), K=x.shape[1],
@@ -100,6 +161,10 @@ def lora_expand(out, y, lora_b, page_table, ranks, scales, token_ids, tiles_gath
         return
     b_tab, sb_tab, n_tab, off_tab = _tables(lora_b, slice_offsets)
     vec = _vec_ok(out.element_size(), [out, *lora_b], slice_offsets)
+    if _use_segment(plan_info, out.dtype, vec) and plan_info[1] > 0:
+        _segment_expand(out, y, b_tab, sb_tab, n_tab, off_tab, lora_b, page_table, ranks, scales, token_ids,
+                        tiles_segment, plan_info[1])
+        return
     _call(_EXPAND, out.dtype, 4, vec, out.device,
           b_ptrs=b_tab.data_ptr(), b_strides=sb_tab.data_ptr(), n_sizes=n_tab.data_ptr(), offsets=off_tab.data_ptr(),
           y=y.data_ptr(), sy_s=y.stride(0), sy_t=y.stride(1), sy_r=y.stride(2),

@@ -1,10 +1,12 @@
 // lorakern: the instantiation matrix of the dense gather kernels for one dtype (included by dense_<dtype>.cu, one
 // small translation unit per dtype so that a 2-core build compiles them in parallel).
-//   fused: MT in {1, 4} x VEC in {true, false};  shrink, expand: MT = 4 x VEC in {true, false}.
+//   gather  fused: MT in {1, 4} x VEC in {true, false};  shrink, expand: MT = 4 x VEC in {true, false}.
+//   segment (fp16 / bf16 only): shrink, expand.
 #pragma once
 
 #include "lorakern/dense_dispatch.h"
 #include "lorakern/dense_gather.cuh"
+#include "lorakern/dense_segment.cuh"
 
 namespace lorakern {
 
@@ -31,5 +33,12 @@ cudaError_t dense_gather_t(const DenseParams& p, int mode, int mt, bool vec, cud
   namespace lorakern {                                                                             \
   cudaError_t NAME(const DenseParams& p, int mode, int mt, bool vec, cudaStream_t s) {              \
     return dense_gather_t<T>(p, mode, mt, vec, s);                                                 \
+  }                                                                                                \
+  }
+
+#define LORAKERN_SEGMENT_ENTRY(NAME, T)                                                            \
+  namespace lorakern {                                                                             \
+  cudaError_t NAME(const DenseParams& p, int mode, int k_split, cudaStream_t s) {                   \
+    return launch_dense_segment<T>(p, mode, k_split, s);                                           \
   }                                                                                                \
   }

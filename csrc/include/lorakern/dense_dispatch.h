@@ -26,6 +26,8 @@ struct DenseParams {
   void* out;                // [T, >= max(off_i + N_i)] (FUSED, EXPAND)
   int64_t so_t, so_n;
   int num_tiles, num_slices, K;
+  int max_rank;             // page_table width
+  int max_n;                // max_i N_i
 };
 
 enum class DType : int { kF16 = 0, kBF16 = 1, kF32 = 2 };
@@ -36,6 +38,18 @@ enum class DType : int { kF16 = 0, kBF16 = 1, kF32 = 2 };
 cudaError_t dense_gather_f16(const DenseParams& p, int mode, int mt, bool vec, cudaStream_t stream);
 cudaError_t dense_gather_bf16(const DenseParams& p, int mode, int mt, bool vec, cudaStream_t stream);
 cudaError_t dense_gather_f32(const DenseParams& p, int mode, int mt, bool vec, cudaStream_t stream);
+
+// Tensor-core segment path (dense_segment.cuh), fp16 / bf16 only: mode 1 shrink (k_split >= 1), 2 expand.
+cudaError_t dense_segment_f16(const DenseParams& p, int mode, int k_split, cudaStream_t stream);
+cudaError_t dense_segment_bf16(const DenseParams& p, int mode, int k_split, cudaStream_t stream);
+
+inline cudaError_t dense_segment(const DenseParams& p, DType dt, int mode, int k_split, cudaStream_t stream) {
+  switch (dt) {
+    case DType::kF16: return dense_segment_f16(p, mode, k_split, stream);
+    case DType::kBF16: return dense_segment_bf16(p, mode, k_split, stream);
+    default: return cudaErrorInvalidValue;
+  }
+}
 
 inline cudaError_t dense_gather(const DenseParams& p, DType dt, int mode, int mt, bool vec, cudaStream_t stream) {
   switch (dt) {

@@ -1,0 +1,227 @@
+// lorakern: the segment path of the dense LoRA ops (prefill: long runs of tokens per adapter), on tensor cores
+// through WMMA (sm_80+; fp16 and bf16). Torch-free templates: raw pointers in, cudaError_t out.
+//
+// Work list: the LoRAPlan's 64-token tiles (start, length, slot) — fixed grid, early exit, CUDA-graph safe.
+//
+//   segment_shrink_kernel  grid (tiles, slices, rank tiles of 64 [, K splits]):
+//       Y[64 tokens, 64 ranks] = X[tokens, K] @ A[rows, K]^T, X rows gathered through token_ids, A rows through
+//       the page table (only rows below the slot's real rank; rank tiles past it exit). fp32 accumulate; written
+//       to y (float32 [S, T, max_rank]); with K splits the partial sums are added atomically into a zeroed y.
+//   segment_expand_kernel  grid (tiles, slices, N tiles of 128):
+//       out[tokens, off + n] += scale * Y[tokens, :rank] @ B[rows, n], the rank loop stops at the real rank in
+//       steps of 16. The fp32 Y enters the tensor cores as a hi + lo pair of the weight dtype (two MMAs), so the
+//       intermediate is not rounded to 16 bits. The epilogue reads, adds and writes out once (16-byte vectors).
+//
+// Requirements checked by the host (else the gather path runs): 16-byte aligned rows, K and every N_i multiples
+// of 8, unit inner strides.
+#pragma once
+
+#include <mma.h>
+
+#include "lorakern/common.cuh"
+#include "lorakern/dense_dispatch.h"
+
+namespace lorakern {
+
+namespace seg {
+constexpr int BM = 64, BR = 64, BK = 32, BN = 128, RK = 16;
+constexpr int kSegThreads = 256;
+constexpr int LDX = BK + 8;   // smem leading dims: multiples of 8 halves, padded against bank conflicts
+constexpr int LDY = BR + 4;   // floats
+constexpr int LDR = RK + 8;
+constexpr int LDB = BN + 8;
+constexpr int LDO = BN + 4;
+}  // namespace seg
+
+template <typename T>
+__global__ void __launch_bounds__(seg::kSegThreads) segment_shrink_kernel(const DenseParams p, int k_split) {
+  using namespace nvcuda;
+  using namespace seg;
+  __shared__ __align__(16) T xs[BM][LDX];
+  __shared__ __align__(16) T as[BR][LDX];
+  __shared__ __align__(16) float ys[BM][LDY];
+  __shared__ int64_t tok_s[BM];
+  __shared__ int64_t rows_s[BR];
+
+  const int tile = blockIdx.x, sl = blockIdx.y;
+  const int r_tiles = (p.max_rank + BR - 1) / BR;
+  const int r_tile = blockIdx.z % r_tiles, ks = blockIdx.z / r_tiles;
+  const int start = p.tiles[3 * tile], len = p.tiles[3 * tile + 1], slot = p.tiles[3 * tile + 2];
+  if (len <= 0 || slot < 0) return;
+  const int rank = p.ranks[slot];
+  const int r0 = r_tile * BR;
+  if (r0 >= rank) return;
+  const int nr = min(BR, rank - r0);
+  const int k_chunk = ((p.K + k_split - 1) / k_split + BK - 1) / BK * BK;
+  const int k_begin = ks * k_chunk, k_end = min(p.K, k_begin + k_chunk);
+  if (k_begin >= k_end) return;
+
+  const int tid = threadIdx.x, warp = tid >> 5;
+  for (int i = tid; i < BM; i += kSegThreads) tok_s[i] = i < len ? p.token_ids[start + i] : -1;
+  for (int i = tid; i < BR; i += kSegThreads) rows_s[i] = i < nr ? p.page_table[slot * p.s_pt + r0 + i] : -1;
+  __syncthreads();
+
+  const T* X = reinterpret_cast<const T*>(p.x);
+  const T* A = reinterpret_cast<const T*>(p.a_ptrs[sl]);
+  const int64_t sa = p.a_strides[sl];
+  constexpr int V = 8;  // 16-byte vectors of 8 halves
+
+  // 8 warps over the 4 x 4 fragments of the 64 x 64 output: warp w owns row block w / 2, columns 2 * (w % 2) + {0, 1}
+  const int fm = warp >> 1, fn0 = (warp & 1) * 2;
+  wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[2];
+  wmma::fill_fragment(acc[0], 0.f);
+  wmma::fill_fragment(acc[1], 0.f);
+
+  for (int k0 = k_begin; k0 < k_end; k0 += BK) {
+    for (int i = tid; i < BM * (BK / V); i += kSegThreads) {  // gathered x rows (zeros past the tile / K)
+      const int m = i / (BK / V), c = (i % (BK / V)) * V;
+      Vec<T, true> v;
+      if (tok_s[m] >= 0 && k0 + c < k_end) {
+        load_vec(v, X + tok_s[m] * p.sx_t + k0 + c);
+      } else {
+#pragma unroll
+        for (int e = 0; e < V; ++e) v.v[e] = Num<T>::from_f(0.f);
+      }
+      store_vec(&xs[m][c], v);
+    }
+    for (int i = tid; i < BR * (BK / V); i += kSegThreads) {  // A rank rows through the page table (< rank only)
+      const int j = i / (BK / V), c = (i % (BK / V)) * V;
+      Vec<T, true> v;
+      if (rows_s[j] >= 0 && k0 + c < k_end) {
+        load_vec(v, A + rows_s[j] * sa + k0 + c);
+      } else {
+#pragma unroll
+        for (int e = 0; e < V; ++e) v.v[e] = Num<T>::from_f(0.f);
+      }
+      store_vec(&as[j][c], v);
+    }
+    __syncthreads();
+#pragma unroll
+    for (int kk = 0; kk < BK; kk += 16) {
+      wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> fa;
+      wmma::load_matrix_sync(fa, &xs[fm * 16][kk], LDX);
+#pragma unroll
+      for (int f = 0; f < 2; ++f) {
+        wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> fb;  // (k, j) at as[j][k]: A^T
+        wmma::load_matrix_sync(fb, &as[(fn0 + f) * 16][kk], LDX);
+        wmma::mma_sync(acc[f], fa, fb, acc[f]);
+      }
+    }
+    __syncthreads();
+  }
+#pragma unroll
+  for (int f = 0; f < 2; ++f) wmma::store_matrix_sync(&ys[fm * 16][(fn0 + f) * 16], acc[f], LDY, wmma::mem_row_major);
+  __syncthreads();
+  float* Y = p.y + sl * p.sy_s;
+  for (int i = tid; i < BM * BR; i += kSegThreads) {
+    const int m = i / BR, j = i % BR;
+    if (m < len && j < nr) {
+      float* dst = Y + tok_s[m] * p.sy_t + (r0 + j) * p.sy_r;
+      if (k_split > 1) atomicAdd(dst, ys[m][j]); else *dst = ys[m][j];
+    }
+  }
+}
+
+template <typename T>
+__global__ void __launch_bounds__(seg::kSegThreads) segment_expand_kernel(const DenseParams p) {
+  using namespace nvcuda;
+  using namespace seg;
+  __shared__ __align__(16) T yhi[BM][LDR];
+  __shared__ __align__(16) T ylo[BM][LDR];
+  __shared__ __align__(16) T bs[RK][LDB];
+  __shared__ __align__(16) float os[BM][LDO];
+  __shared__ int64_t tok_s[BM];
+
+  const int tile = blockIdx.x, sl = blockIdx.y, n0 = blockIdx.z * BN;
+  const int start = p.tiles[3 * tile], len = p.tiles[3 * tile + 1], slot = p.tiles[3 * tile + 2];
+  if (len <= 0 || slot < 0) return;
+  const int n_i = static_cast<int>(p.n_sizes[sl]);
+  const int rank = p.ranks[slot];
+  if (n0 >= n_i || rank <= 0) return;
+
+  const int tid = threadIdx.x, warp = tid >> 5;
+  for (int i = tid; i < BM; i += kSegThreads) tok_s[i] = i < len ? p.token_ids[start + i] : -1;
+  __syncthreads();
+
+  const T* B = reinterpret_cast<const T*>(p.b_ptrs[sl]);
+  const int64_t sb = p.b_strides[sl];
+  const float* Y = p.y + sl * p.sy_s;
+  constexpr int V = 8;
+
+  // 8 warps over the 4 x 8 fragments of the 64 x 128 tile: warp w owns row block w / 2, columns 4 * (w % 2) + {0..3}
+  const int fm = warp >> 1, fn0 = (warp & 1) * 4;
+  wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[4];
+#pragma unroll
+  for (int f = 0; f < 4; ++f) wmma::fill_fragment(acc[f], 0.f);
+
+  for (int rc = 0; rc < rank; rc += RK) {  // the slot's real rank, 16 at a time
+    for (int i = tid; i < BM * RK; i += kSegThreads) {
+      const int m = i / RK, j = i % RK;
+      const float v = (tok_s[m] >= 0 && rc + j < rank) ? Y[tok_s[m] * p.sy_t + (rc + j) * p.sy_r] : 0.f;
+      const T hi = Num<T>::from_f(v);
+      yhi[m][j] = hi;
+      ylo[m][j] = Num<T>::from_f(v - Num<T>::to_f(hi));
+    }
+    for (int i = tid; i < RK * (BN / V); i += kSegThreads) {
+      const int j = i / (BN / V), c = (i % (BN / V)) * V;
+      Vec<T, true> v;
+      if (rc + j < rank && n0 + c < n_i) {
+        const int64_t row = p.page_table[slot * p.s_pt + rc + j];  // entries below the rank only
+        load_vec(v, B + row * sb + n0 + c);
+      } else {
+#pragma unroll
+        for (int e = 0; e < V; ++e) v.v[e] = Num<T>::from_f(0.f);
+      }
+      store_vec(&bs[j][c], v);
+    }
+    __syncthreads();
+    wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> fh, fl;
+    wmma::load_matrix_sync(fh, &yhi[fm * 16][0], LDR);
+    wmma::load_matrix_sync(fl, &ylo[fm * 16][0], LDR);
+#pragma unroll
+    for (int f = 0; f < 4; ++f) {
+      wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> fb;
+      wmma::load_matrix_sync(fb, &bs[0][(fn0 + f) * 16], LDB);
+      wmma::mma_sync(acc[f], fh, fb, acc[f]);
+      wmma::mma_sync(acc[f], fl, fb, acc[f]);
+    }
+    __syncthreads();
+  }
+#pragma unroll
+  for (int f = 0; f < 4; ++f) wmma::store_matrix_sync(&os[fm * 16][(fn0 + f) * 16], acc[f], LDO, wmma::mem_row_major);
+  __syncthreads();
+
+  const float scale = p.scales ? p.scales[slot] : 1.0f;
+  const int64_t off = p.offsets[sl];
+  T* O = reinterpret_cast<T*>(p.out);
+  for (int i = tid; i < BM * (BN / V); i += kSegThreads) {
+    const int m = i / (BN / V), c = (i % (BN / V)) * V;
+    if (m < len && n0 + c < n_i) {
+      T* o = O + tok_s[m] * p.so_t + off + n0 + c;
+      Vec<T, true> v;
+      load_vec_rw(v, o);
+#pragma unroll
+      for (int e = 0; e < V; ++e) v.v[e] = Num<T>::from_f(Num<T>::to_f(v.v[e]) + scale * os[m][c + e]);
+      store_vec(o, v);
+    }
+  }
+}
+
+// mode 1: shrink into a zeroed y; mode 2: expand from y. `k_split` >= 1 (shrink only).
+template <typename T>
+cudaError_t launch_dense_segment(const DenseParams& p, int mode, int k_split, cudaStream_t stream) {
+  if (p.num_tiles <= 0 || p.num_slices <= 0) return cudaSuccess;
+  if (mode == 1) {
+    const int r_tiles = (p.max_rank + seg::BR - 1) / seg::BR;
+    dim3 grid(p.num_tiles, p.num_slices, r_tiles * max(k_split, 1));
+    segment_shrink_kernel<T><<<grid, seg::kSegThreads, 0, stream>>>(p, max(k_split, 1));
+  } else if (mode == 2) {
+    dim3 grid(p.num_tiles, p.num_slices, (p.max_n + seg::BN - 1) / seg::BN);
+    segment_expand_kernel<T><<<grid, seg::kSegThreads, 0, stream>>>(p);
+  } else {
+    return cudaErrorInvalidValue;
+  }
+  return cudaGetLastError();
+}
+
+}  // namespace lorakern
