@@ -9,5 +9,9 @@ __version__ = "0.1.0"
 from lorakern.plan import LoRAPlan  # noqa: E402
 from lorakern import ops  # noqa: E402
 from lorakern.backends import select_backend  # noqa: E402
+from lorakern.pool import (AdapterCatalog, AdapterError, AdapterPool, PoolCapacityError, PoolError,  # noqa: E402
+                           PoolLayout, TargetSpec)
 
-__all__ = ["LoRAPlan", "ops", "select_backend", "__version__"]
+__all__ = ["LoRAPlan", "ops", "select_backend", "__version__",
+           "AdapterPool", "AdapterCatalog", "PoolLayout", "TargetSpec", "PoolError", "AdapterError",
+           "PoolCapacityError"]

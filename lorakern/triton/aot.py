@@ -57,7 +57,29 @@ def matrix():
                                                       BLOCK_N=cfg["BLOCK_N"]), w))
             out.append(("_shrink_kernel", dt, dict(base, BLOCK_K=cfg["BLOCK_K"]), w))
             out.append(("_expand_kernel", dt, dict(base, HAS_SCALE=True, BLOCK_N=cfg["BLOCK_N"]), w))
+    out += _mla_matrix()
     return out
+
+
+def _mla_matrix():
+    """The MLA kernels (lorakern/triton/mla.py), named ``mla.<kernel>``; their GPU block sizes are fixed."""
+    from lorakern.triton import mla as mk
+
+    out = []
+    for dt in ("bf16", "fp16", "fp32"):
+        c = mk.cfg(1, 1, 1, interpret=False)
+        w = c.pop("num_warps")
+        for name in ("_mla_q_kernel", "_mla_o_kernel"):
+            out.append((f"mla.{name}", dt, dict(c, HAS_SCALE=True, UPCAST=False, IEEE=dt == "fp32"), w))
+    return out
+
+
+def _kernel(name: str):
+    """A kernel of the matrix by name: ``<kernel>`` in lorakern/triton/lora.py, ``<module>.<kernel>`` elsewhere."""
+    import importlib
+
+    module, _, attr = name.rpartition(".")
+    return getattr(importlib.import_module(f"lorakern.triton.{module or 'lora'}"), attr)
 
 
 def compile_all(archs=(80, 90), verbose=True) -> int:
@@ -68,11 +90,9 @@ def compile_all(archs=(80, 90), verbose=True) -> int:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from lorakern.triton import lora as tk
-
     failures = 0
     for name, dt, consts, warps in matrix():
-        fn = getattr(tk, name)
+        fn = _kernel(name)
         for cc in archs:
             t0 = time.perf_counter()
             try:
