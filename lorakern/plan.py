@@ -98,6 +98,12 @@ class LoRAPlan:
         Raises ``TypeError`` for a non-integer tensor, ``ValueError`` for a wrong shape or a slot below ``-1``.
         """
         slots = _as_slots(slots)
+        if slots.numel() and slots.dtype == torch.int64:
+            lo, hi = (int(v) for v in torch.aminmax(slots))  # before the int32 copy, so nothing wraps silently
+            if lo < -1:
+                raise ValueError(f"slots: values must be >= -1 (-1 = no LoRA), found {lo}")
+            if hi > _SENTINEL - 1:
+                raise ValueError(f"slots: slot {hi} is beyond the int32 range of slot ids")
         plan = cls(slots.shape[0], slots.device, static=False)
         plan._fill(slots)
         plan._read_stats()
@@ -131,6 +137,9 @@ class LoRAPlan:
         T = self.num_tokens
         n = slots.shape[0]
         self.slots.fill_(-1)
+        if slots.dtype == torch.int64:
+            # saturate instead of wrapping: an out-of-range id stays out of range, and the ops reject it
+            slots = slots.clamp(torch.iinfo(torch.int32).min, _SENTINEL - 1)
         self.slots[:n].copy_(slots)
         if T == 0:
             self.num_segments.zero_()

@@ -1,0 +1,336 @@
+"""lorakern.ops.add_lora / lora_shrink / lora_expand against the float64 oracle on the adversarial cases of
+DESIGN.md §6, for every backend (the Triton backend once per forced code path) and dtype.
+
+Every case is random (seeded from the test id), outputs are poisoned before the call (random values for the
+accumulating ops, NaN for lora_shrink's ``out=``) and every element is checked (see conftest.run_case).
+
+Runtime budget: the Triton interpreter costs milliseconds of Python per program, so on the CPU the Triton
+variants run every dtype on a core set of cases (CORE) and one dtype per (case, op, path) elsewhere, rotating so
+that each dtype meets each op and path; the torch backend (and every backend on a GPU) runs the full matrix.
+"""
+
+import pytest
+import torch
+
+import lorakern
+from conftest import (BACKEND_LIST, DEVICE, DTYPES, HAS_CUDA, IMPLS, check_accumulated, check_shrink, make_case,
+                      oracle_add, oracle_shrink, random_out, run_case, set_impl)
+from lorakern.workloads import MIXES, make_lora, make_slots
+
+SMALL = dict(K=48, n_sizes=[40], ranks="1-24", num_adapters=6, mix="uniform")
+
+CASES = {
+    # ranks 1..128 in one batch, rank 1 and 128 included
+    "ranks_1_to_128": dict(T=48, K=64, n_sizes=[40], ranks=[1, 128, 5, 64, 17, 33, 2, 100], num_adapters=8),
+    # page table wider than any rank: work must follow the real rank, not max_rank
+    "max_rank_128_ranks_le_8": dict(T=40, K=64, n_sizes=[40], ranks="1-8", max_rank=128, num_adapters=6),
+    "none_frac_0.3": dict(T=40, **{**SMALL, "ranks": "1-16"}, none_frac=0.3),
+    "all_tokens_none": dict(T=24, **SMALL, none_frac=1.0),
+    "T0": dict(T=0, **SMALL),
+    "T1": dict(T=1, **SMALL),
+    "K100_N72": dict(T=33, K=100, n_sizes=[72], ranks="1-24", num_adapters=5),
+    "slices_72_40_24": dict(T=40, K=64, n_sizes=[72, 40, 24], ranks="1-20", num_adapters=5, mix="zipf:1.5"),
+    # explicit offsets, out of order, with gaps between slices and at the end
+    "slice_offsets_gaps": dict(T=40, K=48, n_sizes=[72, 40, 24], ranks="1-20", num_adapters=5,
+                               slice_offsets=[60, 0, 140], out_cols=170, none_frac=0.2),
+    "x_column_slice": dict(T=40, K=100, n_sizes=[72], ranks="1-24", num_adapters=5, x_layout="column_slice"),
+    "x_transposed": dict(T=40, K=64, n_sizes=[40, 24], ranks="1-24", num_adapters=5, x_layout="transposed"),
+    "out_column_slice": dict(T=40, **SMALL, out_layout="column_slice", none_frac=0.2),
+    **{f"mix_{m}": dict(T=64, K=64, n_sizes=[48], ranks="1-32", num_adapters=64 if m == "distinct" else 12,
+                        mix=m, none_frac=0.1) for m in MIXES},
+    "rank0_adapters": dict(T=40, K=48, n_sizes=[40], ranks=[0, 4, 0, 9, 1, 0], num_adapters=6, none_frac=0.2),
+    "all_rank0": dict(T=16, K=32, n_sizes=[24], ranks=0, max_rank=4, num_adapters=3),
+    "scales_none": dict(T=40, K=48, n_sizes=[24, 40], ranks="1-16", num_adapters=5, scales=False),
+    "slots_int64": dict(T=40, **SMALL, slots_form="int64", none_frac=0.2),
+    "slots_plan": dict(T=40, **SMALL, slots_form="plan", none_frac=0.2),
+    "slots_static_plan": dict(T=40, **SMALL, slots_form="static", none_frac=0.2),
+    # static plan for 48 tokens, updated with 40: the last 8 run as -1
+    "slots_static_plan_padded": dict(T=48, **SMALL, slots_form="static", static_pad=8),
+    # thousands of distinct adapters in one batch
+    "adapters_2048": dict(T=2048, K=32, n_sizes=[24], ranks="1-4", num_adapters=2048, mix="distinct"),
+}
+BIG = "adapters_2048"
+CORE = ("ranks_1_to_128", "slices_72_40_24", "slice_offsets_gaps", "none_frac_0.3", "K100_N72")
+OPS = ("add_lora", "lora_shrink", "lora_expand", "composite")
+
+_INTERP = not HAS_CUDA
+
+
+def _dname(dt):
+    return str(dt).replace("torch.", "")
+
+
+def _matrix(op):
+    """(case, dtype, impl) params for ``op``, trimmed for the Triton interpreter as the module docstring says."""
+    params = []
+    for ci, name in enumerate(CASES):
+        for pi, impl in enumerate(IMPLS):
+            interp_triton = _INTERP and impl.startswith("triton")
+            if name == BIG and interp_triton:
+                # the interpreter runs one program per adapter (~10 ms each): one op, one path, one dtype
+                dts = [torch.float16] if (op == "add_lora" and impl == "triton-gather") else []
+            elif interp_triton and (name not in CORE or op == "composite"):
+                dts = [DTYPES[(ci + OPS.index(op) + pi) % len(DTYPES)]]
+            else:
+                dts = list(DTYPES)
+            for dt in dts:
+                params.append(pytest.param(name, dt, impl, id=f"{impl}-{name}-{_dname(dt)}"))
+    return params
+
+
+def _case(name, dtype, generator):
+    return make_case(generator, dtype=dtype, device=DEVICE, **CASES[name])
+
+
+@pytest.mark.parametrize("name,dtype,impl", _matrix("add_lora"))
+def test_add_lora(name, dtype, impl, generator, monkeypatch):
+    backend = set_impl(impl, monkeypatch)
+    run_case("add_lora", backend, _case(name, dtype, generator), generator)
+
+
+@pytest.mark.parametrize("name,dtype,impl", _matrix("lora_shrink"))
+def test_lora_shrink(name, dtype, impl, generator, monkeypatch):
+    backend = set_impl(impl, monkeypatch)
+    run_case("lora_shrink", backend, _case(name, dtype, generator), generator)
+
+
+@pytest.mark.parametrize("name,dtype,impl", _matrix("lora_expand"))
+def test_lora_expand(name, dtype, impl, generator, monkeypatch):
+    backend = set_impl(impl, monkeypatch)
+    run_case("lora_expand", backend, _case(name, dtype, generator), generator)
+
+
+@pytest.mark.parametrize("name,dtype,impl", _matrix("composite"))
+def test_add_lora_equals_expand_of_shrink(name, dtype, impl, generator, monkeypatch):
+    """add_lora(out) and lora_expand(out, lora_shrink(x)) both match the oracle, hence each other."""
+    backend = set_impl(impl, monkeypatch)
+    case = _case(name, dtype, generator)
+    L = case.lora
+    out_fused, _, _ = random_out(case, generator)
+    out0 = out_fused.clone()
+    out_split = out0.clone()
+    lorakern.ops.add_lora(out_fused, case.x, L.lora_a, L.lora_b, L.page_table, L.ranks, case.scales,
+                          case.slots_arg, slice_offsets=case.slice_offsets, backend=backend)
+    y = torch.full((case.S, case.T, L.max_rank), float("nan"), device=DEVICE)
+    lorakern.ops.lora_shrink(case.x, L.lora_a, L.page_table, L.ranks, case.slots_arg, out=y, backend=backend)
+    check_shrink(case, y, *oracle_shrink(case))
+    lorakern.ops.lora_expand(out_split, y, L.lora_b, L.page_table, L.ranks, case.scales, case.slots_arg,
+                             slice_offsets=case.slice_offsets, backend=backend)
+    ref, ref_abs = oracle_add(case, out0)
+    check_accumulated(case, out_fused, out0, ref, ref_abs, "add_lora")
+    check_accumulated(case, out_split, out0, ref, ref_abs, "lora_expand(lora_shrink)")
+
+
+# ------------------------------------------------------------------------------------------------ details
+@pytest.mark.parametrize("impl", IMPLS)
+def test_lora_shrink_allocates_when_out_is_none(impl, generator, monkeypatch):
+    backend = set_impl(impl, monkeypatch)
+    case = make_case(generator, T=24, K=40, n_sizes=[16, 8], ranks=[3, 17, 1], num_adapters=3, none_frac=0.25,
+                     dtype=torch.float16)
+    L = case.lora
+    y = lorakern.ops.lora_shrink(case.x, L.lora_a, L.page_table, L.ranks, case.slots_arg, backend=backend)
+    check_shrink(case, y, *oracle_shrink(case))
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_lora_expand_reads_y_only_below_rank(impl, generator, monkeypatch):
+    """lora_expand uses ``y[i, t, :rank]`` of LoRA tokens only: NaN elsewhere in ``y`` must not leak into ``out``."""
+    backend = set_impl(impl, monkeypatch)
+    case = make_case(generator, T=40, K=32, n_sizes=[40, 24], ranks=[0, 3, 17, 1, 30], max_rank=32,
+                     num_adapters=5, none_frac=0.25, dtype=torch.float32)
+    L = case.lora
+    y = torch.randn(case.S, case.T, L.max_rank, generator=generator)
+    slots = case.slots.cpu().long()
+    rank_tok = torch.where(slots >= 0, L.ranks.cpu().long()[slots.clamp(min=0)], torch.zeros_like(slots))
+    dead = torch.arange(L.max_rank)[None, :] >= rank_tok[:, None]
+    y[:, dead] = float("nan")
+    assert bool(torch.isnan(y).any())
+    y = y.to(DEVICE)
+    y_clean = torch.where(torch.isnan(y), torch.zeros_like(y), y)
+    out, _, _ = random_out(case, generator)
+    out0 = out.clone()
+    lorakern.ops.lora_expand(out, y, L.lora_b, L.page_table, L.ranks, case.scales, case.slots_arg,
+                             backend=backend)
+    check_accumulated(case, out, out0, *oracle_add(case, out0, y_clean))
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_static_plan_refilled_with_another_mix(impl, generator, monkeypatch):
+    """One static plan, refilled in place with a second mix that has more distinct adapters and other ranks
+    (another pool, wider page table), is reused without rebuilding by all three ops."""
+    backend = set_impl(impl, monkeypatch)
+    dtype = torch.float16
+    T = 48
+    plan = lorakern.LoRAPlan.static(T, DEVICE)
+    buffers = [plan.slots, plan.token_ids, plan.seg_starts, plan.seg_slots, plan.counts, plan.num_segments,
+               plan.tiles(16), plan.tiles(64)]
+    ptrs = [b.data_ptr() for b in buffers]
+    # mix 1: three adapters of low rank, 44 of 48 tokens
+    pool1 = make_lora(3, 64, [40, 24], [2, 5, 8], dtype=dtype, device=DEVICE, generator=generator)
+    s1 = make_slots("skewed", T - 4, 3, none_frac=0.1, generator=generator, device=DEVICE)
+    # mix 2: 30 adapters with ranks up to 128, 40 tokens
+    pool2 = make_lora(30, 64, [40, 24], [128, 1, 64, 7, 33, 100, 16, 3], dtype=dtype, device=DEVICE,
+                      generator=generator)
+    s2 = make_slots("distinct", T - 8, 30, none_frac=0.1, generator=generator, device=DEVICE)
+    pad = lambda s: torch.cat([s, torch.full((T - s.numel(),), -1, dtype=torch.int32, device=DEVICE)])  # noqa: E731
+    for pool, s in ((pool1, s1), (pool2, s2), (pool1, s1)):
+        plan.update(s)
+        case = make_case(generator, T=T, K=64, n_sizes=[40, 24], ranks=None, num_adapters=pool.num_slots,
+                         dtype=dtype, lora=pool, slots=pad(s))
+        case.slots_arg = plan
+        run_case("add_lora", backend, case, generator)
+        if pool is pool2:
+            y = run_case("lora_shrink", backend, case, generator)
+            run_case("lora_expand", backend, case, generator, y=y)
+    assert [b.data_ptr() for b in buffers] == ptrs
+    assert len(torch.unique(s2[s2 >= 0])) > len(torch.unique(s1[s1 >= 0]))
+
+
+@pytest.mark.parametrize("static", [False, True], ids=["dynamic", "static"])
+@pytest.mark.parametrize("impl", IMPLS + ["triton"])
+def test_plan_reused_across_layers(impl, static, generator, monkeypatch):
+    """One plan serves several layers: same adapters (ranks), different weights, page tables and widths."""
+    backend = set_impl(impl, monkeypatch)
+    T, n_adapters = 40, 7
+    slots = make_slots("zipf:1.5", T, n_adapters, none_frac=0.2, generator=generator, device=DEVICE)
+    plan = (lorakern.LoRAPlan.static(T, DEVICE).update(slots) if static
+            else lorakern.LoRAPlan.from_slots(slots))
+    ranks = [4, 1, 16, 32, 8, 0, 2]
+    layers = [(64, [40]), (64, [48, 16, 16]), (96, [24]), (64, [40])]
+    for i, (K, ns) in enumerate(layers):
+        dtype = (torch.float32, torch.float16, torch.bfloat16)[i % 3]
+        pool = make_lora(n_adapters, K, ns, ranks, dtype=dtype, device=DEVICE, generator=generator)
+        case = make_case(generator, T=T, K=K, n_sizes=ns, ranks=None, num_adapters=n_adapters, dtype=dtype,
+                         lora=pool, slots=slots)
+        case.slots_arg = plan
+        run_case("add_lora", backend, case, generator)
+        run_case("lora_expand", backend, case, generator)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_same_inputs_give_identical_results(impl, generator, monkeypatch):
+    """Deterministic: two calls with the same inputs write the same bits (no races between programs)."""
+    backend = set_impl(impl, monkeypatch)
+    case = make_case(generator, T=40, K=48, n_sizes=[40, 24], ranks="1-24", num_adapters=4, mix="skewed",
+                     dtype=torch.float16)
+    L = case.lora
+    out, _, _ = random_out(case, generator)
+    outs = []
+    for _ in range(2):
+        o = out.clone()
+        lorakern.ops.add_lora(o, case.x, L.lora_a, L.lora_b, L.page_table, L.ranks, case.scales, case.slots_arg,
+                              backend=backend)
+        outs.append(o)
+    assert torch.equal(outs[0].view(torch.int16), outs[1].view(torch.int16))
+
+
+# ------------------------------------------------------------------------------------------------ GPU only
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=_dname)
+@pytest.mark.parametrize("mix", ["distinct", "zipf:1.5", "identical"])
+@pytest.mark.parametrize("backend", BACKEND_LIST)
+def test_add_lora_model_sizes_gpu(backend, mix, dtype, generator, monkeypatch):
+    """Model-sized shapes (K=4096, fused qkv 4096/1024/1024, ranks 8..128) on the GPU."""
+    monkeypatch.delenv("LORAKERN_TRITON_PATH", raising=False)
+    case = make_case(generator, T=256, K=4096, n_sizes=[4096, 1024, 1024], ranks="8-128", num_adapters=64,
+                     mix=mix, none_frac=0.1, dtype=dtype)
+    run_case("add_lora", backend, case, generator)
+    run_case("lora_shrink", backend, case, generator)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", [b for b in BACKEND_LIST if b != "torch"])
+def test_static_plan_cuda_graph_replays_another_mix_gpu(backend, generator, monkeypatch):
+    """Capture add_lora with a static plan in a CUDA graph, refill the plan with another mix, replay."""
+    monkeypatch.delenv("LORAKERN_TRITON_PATH", raising=False)
+    T, K, ns, dtype = 64, 256, [128, 64], torch.float16
+    pool = make_lora(40, K, ns, [128, 1, 8, 64, 16, 3], dtype=dtype, device=DEVICE, generator=generator)
+    plan = lorakern.LoRAPlan.static(T, DEVICE)
+    s1 = make_slots("identical", T, 40, generator=generator, device=DEVICE)
+    s2 = make_slots("distinct", T - 5, 40, none_frac=0.2, generator=generator, device=DEVICE)
+    x = torch.randn(T, K, generator=generator).to(dtype).to(DEVICE)
+    out = torch.zeros(T, sum(ns), dtype=dtype, device=DEVICE)
+    args = (x, pool.lora_a, pool.lora_b, pool.page_table, pool.ranks, pool.scales, plan)
+    plan.update(s1)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up: builds and caches every host-side table before capture
+        lorakern.ops.add_lora(out, *args, backend=backend)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        lorakern.ops.add_lora(out, *args, backend=backend)
+    for s in (s2, s1):
+        plan.update(s)
+        full = torch.cat([s, torch.full((T - s.numel(),), -1, dtype=torch.int32, device=DEVICE)])
+        case = make_case(generator, T=T, K=K, n_sizes=ns, ranks=None, num_adapters=40, dtype=dtype, lora=pool,
+                         slots=full)
+        case.x = x
+        out.copy_(torch.randn(T, sum(ns), generator=generator).to(dtype))
+        out0 = out.clone()
+        graph.replay()
+        torch.cuda.synchronize()
+        check_accumulated(case, out, out0, *oracle_add(case, out0))
+
+
+# ------------------------------------------------------------------------------------------------ the checker
+# The checks above must be able to fail: the same checker, fed a result off by a little, has to reject it.
+_REL = {torch.float32: 1e-2, torch.float16: 1e-2, torch.bfloat16: 5e-2}  # bf16's own ulp is 2**-8..2**-7
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=_dname)
+def test_checker_rejects_one_perturbed_element(dtype, generator):
+    from conftest import assert_close_lora
+
+    case = make_case(generator, device="cpu", dtype=dtype, **CASES["slices_72_40_24"])
+    out0 = torch.randn(case.T, case.out_cols, generator=generator).to(dtype)
+    ref, ref_abs = oracle_add(case, out0)
+    good = ref.to(dtype)  # the exact result rounded once: accepted
+    check_accumulated(case, good, out0, ref, ref_abs)
+    # one LoRA element whose sum is not badly conditioned, moved by a small relative amount
+    lora_rows = (case.slots >= 0).cpu()
+    cand = (ref_abs <= 4 * ref.abs()) & lora_rows[:, None] & case.slice_cols()[None, :] & (ref.abs() > 0.1)
+    t, c = (int(v) for v in cand.nonzero()[len(cand.nonzero()) // 2])
+    bad = good.clone()
+    bad[t, c] = (ref[t, c] * (1 + _REL[dtype])).to(dtype)
+    assert bad[t, c] != good[t, c]
+    with pytest.raises(AssertionError, match="outside the tolerance"):
+        assert_close_lora(bad, ref, ref_abs, dtype)
+    with pytest.raises(AssertionError, match="outside the tolerance"):
+        check_accumulated(case, bad, out0, ref, ref_abs)
+    nan = good.clone()
+    nan[t, c] = float("nan")
+    with pytest.raises(AssertionError, match="NaN"):
+        check_accumulated(case, nan, out0, ref, ref_abs)
+
+
+def test_checker_rejects_touched_none_rows_and_gap_columns(generator):
+    """A change that stays within the tolerance still fails where the contract demands bit-for-bit equality."""
+    case = make_case(generator, device="cpu", dtype=torch.float32, **CASES["slice_offsets_gaps"])
+    out0 = torch.randn(case.T, case.out_cols, generator=generator)
+    ref, ref_abs = oracle_add(case, out0)
+    good = ref.to(torch.float32)
+    check_accumulated(case, good, out0, ref, ref_abs)
+    t = int((case.slots < 0).nonzero()[0])
+    touched = good.clone()
+    touched[t, 5] = torch.nextafter(touched[t, 5], torch.tensor(float("inf")))  # one ulp, in a -1 row
+    with pytest.raises(AssertionError, match="slot -1"):
+        check_accumulated(case, touched, out0, ref, ref_abs)
+    t = int((case.slots >= 0).nonzero()[0])
+    gap = good.clone()
+    gap[t, 50] = torch.nextafter(gap[t, 50], torch.tensor(float("inf")))  # column 50: between slices 1 and 0
+    assert not bool(case.slice_cols()[50])
+    with pytest.raises(AssertionError, match="outside every slice"):
+        check_accumulated(case, gap, out0, ref, ref_abs)
+
+
+def test_checker_rejects_nonzero_y_beyond_rank(generator):
+    case = make_case(generator, device="cpu", dtype=torch.float16, T=24, K=32, n_sizes=[16], ranks=[2, 9],
+                     max_rank=16, num_adapters=2, none_frac=0.2)
+    ref, ref_abs = oracle_shrink(case)
+    y = ref.to(torch.float32)
+    check_shrink(case, y, ref, ref_abs)
+    t = int((case.slots >= 0).nonzero()[0])
+    y[0, t, 15] = 1e-30  # beyond both ranks; far inside any numeric tolerance
+    with pytest.raises(AssertionError, match="beyond a rank"):
+        check_shrink(case, y, ref, ref_abs)
