@@ -4,6 +4,7 @@ Commands:
 
 * ``bench`` — time ``add_lora`` on named adapter mixes for each lorakern backend and the baselines; print the
   table and record the run (``bench --quick`` for the small CPU shapes). See :mod:`lorakern.bench.run`.
+* ``plot`` — PNG plots of a recorded run (:mod:`lorakern.bench.plot`).
 
 Each command lives in its own module and contributes its arguments and its ``main(args)`` here; a new command
 (e.g. ``demo``) is one more entry in :data:`_COMMANDS`.
@@ -23,9 +24,16 @@ def _bench_module():
     return run
 
 
+def _plot_module():
+    from lorakern.bench import plot
+
+    return plot
+
+
 #: name -> (help line, loader of a module with ``add_arguments(parser)`` and ``main(args) -> int``)
 _COMMANDS = {
     "bench": ("time add_lora against the baselines and record the run (--quick: small CPU shapes)", _bench_module),
+    "plot": ("PNG plots (GB/s, % of peak vs batch size) of a recorded run; needs matplotlib", _plot_module),
 }
 
 
