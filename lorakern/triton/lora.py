@@ -21,8 +21,9 @@ beyond a slot's rank are never loaded. Work is a fixed grid over the plan's tile
 rows, length 0 = exit), so a CUDA graph captured with one adapter mix replays correctly with any other.
 
 Numerics: the shrink accumulates in float32 (fp16/bf16 products are exact in fp32); the float32 intermediate is
-never rounded to the input dtype — on the GPU the expand feeds it to the tensor cores as a hi + lo pair of the
-weight dtype (≈16 significant bits, two MMAs instead of one, which a memory-bound op does not notice); float32
+never rounded to the input dtype — on the GPU the expand feeds it to the tensor cores as a sum of terms of the
+weight dtype (hi + lo for fp16: 22 significant bits; hi + mid + lo for bf16: 24; extra MMAs that a memory-bound
+op does not notice); float32
 inputs use IEEE-precision dots, not TF32. Under the interpreter everything is upcast to float32 first, since the
 interpreter would do bf16 arithmetic on the raw bits (DESIGN.md §6).
 
@@ -66,10 +67,17 @@ def _mma_f32_lhs(y, b, acc, UPCAST: tl.constexpr, IEEE: tl.constexpr):
     elif IEEE:
         return tl.dot(y, b, acc, input_precision="ieee")
     else:
+        # y = hi + mid (+ lo) in the weight dtype: fp16 keeps 22 significant bits in two terms, bf16 needs a
+        # third term for 24; the extra MMAs are free in a memory-bound op.
         hi = y.to(b.dtype)
-        lo = (y - hi.to(tl.float32)).to(b.dtype)
+        r1 = y - hi.to(tl.float32)
+        mid = r1.to(b.dtype)
         acc = tl.dot(hi, b, acc)
-        return tl.dot(lo, b, acc)
+        acc = tl.dot(mid, b, acc)
+        if b.dtype == tl.bfloat16:
+            lo = (r1 - mid.to(tl.float32)).to(b.dtype)
+            acc = tl.dot(lo, b, acc)
+        return acc
 
 
 @triton.jit

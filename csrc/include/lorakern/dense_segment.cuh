@@ -9,14 +9,16 @@
 //       to y (float32 [S, T, max_rank]); with K splits the partial sums are added atomically into a zeroed y.
 //   segment_expand_kernel  grid (tiles, slices, N tiles of 128):
 //       out[tokens, off + n] += scale * Y[tokens, :rank] @ B[rows, n], the rank loop stops at the real rank in
-//       steps of 16. The fp32 Y enters the tensor cores as a hi + lo pair of the weight dtype (two MMAs), so the
-//       intermediate is not rounded to 16 bits. The epilogue reads, adds and writes out once (16-byte vectors).
+//       steps of 16. The fp32 Y enters the tensor cores as a sum of terms of the weight dtype (hi + lo for fp16,
+//       hi + mid + lo for bf16), so the intermediate keeps ~fp32 precision. The epilogue reads, adds and writes out once (16-byte vectors).
 //
 // Requirements checked by the host (else the gather path runs): 16-byte aligned rows, K and every N_i multiples
 // of 8, unit inner strides.
 #pragma once
 
 #include <mma.h>
+
+#include <type_traits>
 
 #include "lorakern/common.cuh"
 #include "lorakern/dense_dispatch.h"
@@ -37,9 +39,9 @@ template <typename T>
 __global__ void __launch_bounds__(seg::kSegThreads) segment_shrink_kernel(const DenseParams p, int k_split) {
   using namespace nvcuda;
   using namespace seg;
-  __shared__ __align__(16) T xs[BM][LDX];
-  __shared__ __align__(16) T as[BR][LDX];
-  __shared__ __align__(16) float ys[BM][LDY];
+  __shared__ __align__(128) T xs[BM][LDX];
+  __shared__ __align__(128) T as[BR][LDX];
+  __shared__ __align__(128) float ys[BM][LDY];
   __shared__ int64_t tok_s[BM];
   __shared__ int64_t rows_s[BR];
 
@@ -126,12 +128,14 @@ template <typename T>
 __global__ void __launch_bounds__(seg::kSegThreads) segment_expand_kernel(const DenseParams p) {
   using namespace nvcuda;
   using namespace seg;
-  __shared__ __align__(16) T yhi[BM][LDR];
-  __shared__ __align__(16) T ylo[BM][LDR];
-  __shared__ __align__(16) T bs[RK][LDB];
-  __shared__ __align__(16) float os[BM][LDO];
+  __shared__ __align__(128) T yhi[BM][LDR];
+  __shared__ __align__(128) T ylo[BM][LDR];
+  __shared__ __align__(128) T ylo2[BM][LDR];  // third term, bf16 only (7-bit mantissa: 3 x 8 bits ~ fp32)
+  __shared__ __align__(128) T bs[RK][LDB];
+  __shared__ __align__(128) float os[BM][LDO];
   __shared__ int64_t tok_s[BM];
 
+  constexpr bool kThreeTerms = std::is_same<T, __nv_bfloat16>::value;
   const int tile = blockIdx.x, sl = blockIdx.y, n0 = blockIdx.z * BN;
   const int start = p.tiles[3 * tile], len = p.tiles[3 * tile + 1], slot = p.tiles[3 * tile + 2];
   if (len <= 0 || slot < 0) return;
@@ -159,8 +163,11 @@ __global__ void __launch_bounds__(seg::kSegThreads) segment_expand_kernel(const 
       const int m = i / RK, j = i % RK;
       const float v = (tok_s[m] >= 0 && rc + j < rank) ? Y[tok_s[m] * p.sy_t + (rc + j) * p.sy_r] : 0.f;
       const T hi = Num<T>::from_f(v);
+      const float r1 = v - Num<T>::to_f(hi);
+      const T lo = Num<T>::from_f(r1);
       yhi[m][j] = hi;
-      ylo[m][j] = Num<T>::from_f(v - Num<T>::to_f(hi));
+      ylo[m][j] = lo;
+      if constexpr (kThreeTerms) ylo2[m][j] = Num<T>::from_f(r1 - Num<T>::to_f(lo));
     }
     for (int i = tid; i < RK * (BN / V); i += kSegThreads) {
       const int j = i / (BN / V), c = (i % (BN / V)) * V;
@@ -175,15 +182,17 @@ __global__ void __launch_bounds__(seg::kSegThreads) segment_expand_kernel(const 
       store_vec(&bs[j][c], v);
     }
     __syncthreads();
-    wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> fh, fl;
+    wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> fh, fl, fl2;
     wmma::load_matrix_sync(fh, &yhi[fm * 16][0], LDR);
     wmma::load_matrix_sync(fl, &ylo[fm * 16][0], LDR);
+    if constexpr (kThreeTerms) wmma::load_matrix_sync(fl2, &ylo2[fm * 16][0], LDR);
 #pragma unroll
     for (int f = 0; f < 4; ++f) {
       wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> fb;
       wmma::load_matrix_sync(fb, &bs[0][(fn0 + f) * 16], LDB);
       wmma::mma_sync(acc[f], fh, fb, acc[f]);
       wmma::mma_sync(acc[f], fl, fb, acc[f]);
+      if constexpr (kThreeTerms) wmma::mma_sync(acc[f], fl2, fb, acc[f]);
     }
     __syncthreads();
   }
