@@ -11,7 +11,8 @@ from lorakern import ops  # noqa: E402
 from lorakern.backends import select_backend  # noqa: E402
 from lorakern.pool import (AdapterCatalog, AdapterError, AdapterPool, PoolCapacityError, PoolError,  # noqa: E402
                            PoolLayout, TargetSpec)
+from lorakern.integrations.hf import LoRAModel, attach  # noqa: E402
 
 __all__ = ["LoRAPlan", "ops", "select_backend", "__version__",
            "AdapterPool", "AdapterCatalog", "PoolLayout", "TargetSpec", "PoolError", "AdapterError",
-           "PoolCapacityError"]
+           "PoolCapacityError", "attach", "LoRAModel"]

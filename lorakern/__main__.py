@@ -4,6 +4,8 @@ Commands:
 
 * ``bench`` — time ``add_lora`` on named adapter mixes for each lorakern backend and the baselines; print the
   table and record the run (``bench --quick`` for the small CPU shapes). See :mod:`lorakern.bench.run`.
+* ``demo`` — attach lorakern to a small Llama, load 64 PEFT adapters, serve mixed batches (prefill and decode),
+  check every sequence against its adapter applied alone, print the table. See :mod:`lorakern.demo`.
 * ``plot`` — PNG plots of a recorded run (:mod:`lorakern.bench.plot`).
 
 Each command lives in its own module and contributes its arguments and its ``main(args)`` here; a new command
@@ -30,10 +32,18 @@ def _plot_module():
     return plot
 
 
+def _demo_module():
+    from lorakern import demo
+
+    return demo
+
+
 #: name -> (help line, loader of a module with ``add_arguments(parser)`` and ``main(args) -> int``)
 _COMMANDS = {
     "bench": ("time add_lora against the baselines and record the run (--quick: small CPU shapes)", _bench_module),
-    "plot": ("PNG plots (GB/s, % of peak vs batch size) of a recorded run; needs matplotlib", _plot_module),
+    "plot": ("PNG plots (GB/s, %% of peak vs batch size) of a recorded run; needs matplotlib", _plot_module),
+    "demo": ("serve mixed batches of 64 PEFT adapters on a small Llama, check each against its adapter alone",
+             _demo_module),
 }
 
 

@@ -18,6 +18,8 @@ from lorakern.pool.host_cache import HostCache, HostRecord
 from lorakern.pool.loaders import (AdapterSource, AdapterWeights, PeftDir, SafetensorsBlob, TensorAdapter,
                                    adapter_blob, save_peft_dir)
 from lorakern.pool.pool import AdapterPool, PoolStats, Wave
+from lorakern.pool.packed import (PackedAdapter, moe_pool_layout, packed_to_peft,  # packed MoE format
+                                 peft_to_packed)
 from lorakern.pool.spec import LLAMA_MODULES, PoolLayout, RowFormat, TargetSpec
 
 __all__ = [
@@ -25,6 +27,7 @@ __all__ = [
     "HostCache", "HostRecord", "AdapterCatalog", "CatalogBuilder", "CatalogEntry",
     "AdapterSource", "AdapterWeights", "PeftDir", "SafetensorsBlob", "TensorAdapter", "save_peft_dir",
     "adapter_blob",
+    "PackedAdapter", "peft_to_packed", "packed_to_peft", "moe_pool_layout",
     "PoolError", "AdapterError", "UnknownAdapterError", "AdapterFileError", "AdapterFormatError",
     "AdapterMismatchError", "AdapterDtypeError", "AdapterStateError", "AdapterInUseError", "PoolCapacityError",
     "CatalogError",

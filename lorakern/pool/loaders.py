@@ -561,12 +561,16 @@ class TensorAdapter(AdapterSource):
 
 
 def as_source(src) -> AdapterSource:
-    """An :class:`AdapterSource` from a source, a path (PEFT directory, or a ``.safetensors`` blob file) or a
-    mapping of tensors."""
+    """An :class:`AdapterSource` from a source, a path (PEFT directory, packed MoE directory, or a
+    ``.safetensors`` blob file) or a mapping of tensors."""
     if isinstance(src, AdapterSource):
         return src
     if isinstance(src, (str, os.PathLike)):
         p = Path(src)
+        from lorakern.pool.packed import PackedAdapter, is_packed_dir  # the packed format (lorakern/pool/packed.py)
+
+        if is_packed_dir(p):
+            return PackedAdapter(p)
         return SafetensorsBlob(p) if p.suffix == ".safetensors" else PeftDir(p)
     if isinstance(src, Mapping):
         return TensorAdapter(src)

@@ -487,15 +487,24 @@ class AdapterPool:
             raise AdapterMismatchError(aid, f"rank {src.rank_hint} above the pool's max_rank={self.max_rank}")
         token = src.token()
         try:
-            w = src.read(aid, self.layout)
-            if w.rank > self.max_rank:
-                raise AdapterMismatchError(aid, f"rank {w.rank} above the pool's max_rank={self.max_rank}")
-            rows = pack_record(w, self.fmt, pin=self._pin, strict_dtype=self.strict_dtype)
+            # A source may write the host record itself (the packed MoE format reads its file straight into the
+            # record: lorakern/pool/packed.py); None = use the generic read + pack_record.
+            direct = getattr(src, "read_record", None)
+            got = None if direct is None else direct(aid, self.layout, self.fmt, pin=self._pin,
+                                                     strict_dtype=self.strict_dtype, max_rank=self.max_rank)
+            if got is not None:
+                rows, rank, scale, targets = got
+            else:
+                w = src.read(aid, self.layout)
+                if w.rank > self.max_rank:
+                    raise AdapterMismatchError(aid, f"rank {w.rank} above the pool's max_rank={self.max_rank}")
+                rows = pack_record(w, self.fmt, pin=self._pin, strict_dtype=self.strict_dtype)
+                rank, scale, targets = w.rank, w.scale, w.targets
         except AdapterError:
             raise
         except Exception as e:  # anything else a reader may raise: still name the adapter and the reason
             raise AdapterFormatError(aid, f"cannot read from {src!r}: {type(e).__name__}: {e}") from e
-        return HostRecord(rows, w.rank, w.scale, token, frozenset(w.targets))
+        return HostRecord(rows, rank, scale, token, frozenset(targets))
 
     def _admit(self, wave: List[str]) -> None:
         """Make every adapter of ``wave`` (distinct ids) resident, transactionally: plan, then commit."""

@@ -22,7 +22,8 @@ def _signature(fn, dtype: str, consts: dict) -> dict:
     op dtype except the int32 metadata; ``*_table`` are int64 pointer/stride tables; ``s*`` are int64 strides;
     the rest are int32 sizes."""
     meta = {"pt_ptr": "*i32", "ranks_ptr": "*i32", "tiles_ptr": "*i32", "token_ids_ptr": "*i32",
-            "y_ptr": "*fp32", "scales_ptr": "*fp32"}
+            "y_ptr": "*fp32", "scales_ptr": "*fp32",
+            "pair_ids_ptr": "*i32", "num_tiles_ptr": "*i32", "topk_w_ptr": "*fp32"}  # the last three: moe
     sig = {}
     for name in fn.arg_names:
         if name in consts:
@@ -58,6 +59,7 @@ def matrix():
             out.append(("_shrink_kernel", dt, dict(base, BLOCK_K=cfg["BLOCK_K"]), w))
             out.append(("_expand_kernel", dt, dict(base, HAS_SCALE=True, BLOCK_N=cfg["BLOCK_N"]), w))
     out += _mla_matrix()
+    out += _moe_matrix()
     return out
 
 
@@ -71,6 +73,21 @@ def _mla_matrix():
         w = c.pop("num_warps")
         for name in ("_mla_q_kernel", "_mla_o_kernel"):
             out.append((f"mla.{name}", dt, dict(c, HAS_SCALE=True, UPCAST=False, IEEE=dt == "fp32"), w))
+    return out
+
+
+def _moe_matrix():
+    """The packed MoE kernel (lorakern/triton/moe.py), named ``moe._moe_kernel``; its GPU block sizes are fixed.
+    With and without routed weights (``HAS_WEIGHTS``), for every dtype."""
+    from lorakern.triton import moe as mk
+
+    out = []
+    for dt in ("bf16", "fp16", "fp32"):
+        c = mk.cfg(interpret=False)
+        w = c.pop("num_warps")
+        for has_w in (True, False):
+            out.append(("moe._moe_kernel", dt, dict(c, HAS_SCALE=True, HAS_WEIGHTS=has_w, UPCAST=False,
+                                                    IEEE=dt == "fp32"), w))
     return out
 
 
