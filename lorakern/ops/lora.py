@@ -98,6 +98,17 @@ def _rows(ts):
     return [t if t.stride(-1) == 1 else t.contiguous() for t in ts]
 
 
+def _kernels(backend: str, op: str):
+    """The kernel module of a compiled backend: ``triton`` and ``cuda`` share one signature per op."""
+    if backend == "triton":
+        from lorakern.triton import lora as mod
+    elif backend == "cuda":
+        from lorakern import cuda_backend as mod
+    else:
+        raise RuntimeError(f"{op}: backend {backend!r} has no implementation of this op")
+    return getattr(mod, op)
+
+
 # ------------------------------------------------------------------------------------------ torch.library ops
 @torch.library.custom_op("lorakern::add_lora", mutates_args=("out",))
 def _add_lora_op(
@@ -121,17 +132,9 @@ def _add_lora_op(
         return
     if backend == "torch":
         reference.add_lora(out, x, lora_a, lora_b, page_table, ranks, scales, slots, slice_offsets)
-    elif backend == "triton":
-        from lorakern.triton import lora as tk
-
-        tk.add_lora(out, x, lora_a, lora_b, page_table, ranks, scales, token_ids, tiles_gather, tiles_segment,
-                    slice_offsets, plan_info)
-    elif backend == "cuda":
-        from lorakern import cuda_backend as ck
-
-        ck.add_lora(out, x, lora_a, lora_b, page_table, ranks, scales, token_ids, tiles_gather, tiles_segment, slice_offsets, plan_info)
     else:
-        raise RuntimeError(f"add_lora: backend {backend!r} has no implementation of this op")
+        _kernels(backend, "add_lora")(out, x, lora_a, lora_b, page_table, ranks, scales, token_ids, tiles_gather,
+                                      tiles_segment, slice_offsets, plan_info)
 
 
 @_add_lora_op.register_fake
@@ -157,16 +160,9 @@ def _lora_shrink_op(
     V.check_values(page_table, ranks, lora_a[0].shape[0], slots, plan_info[3])
     if backend == "torch":
         reference.lora_shrink(x, lora_a, page_table, ranks, slots, out=y)
-    elif backend == "triton":
-        from lorakern.triton import lora as tk
-
-        tk.lora_shrink(y, x, lora_a, page_table, ranks, token_ids, tiles_gather, tiles_segment, plan_info)
-    elif backend == "cuda":
-        from lorakern import cuda_backend as ck
-
-        ck.lora_shrink(y, x, lora_a, page_table, ranks, token_ids, tiles_gather, tiles_segment, plan_info)
     else:
-        raise RuntimeError(f"lora_shrink: backend {backend!r} has no implementation of this op")
+        _kernels(backend, "lora_shrink")(y, x, lora_a, page_table, ranks, token_ids, tiles_gather, tiles_segment,
+                                         plan_info)
 
 
 @_lora_shrink_op.register_fake
@@ -195,18 +191,9 @@ def _lora_expand_op(
         return
     if backend == "torch":
         reference.lora_expand(out, y, lora_b, page_table, ranks, scales, slots, slice_offsets)
-    elif backend == "triton":
-        from lorakern.triton import lora as tk
-
-        tk.lora_expand(out, y, lora_b, page_table, ranks, scales, token_ids, tiles_gather, tiles_segment,
-                       slice_offsets, plan_info)
-    elif backend == "cuda":
-        from lorakern import cuda_backend as ck
-
-        ck.lora_expand(out, y, lora_b, page_table, ranks, scales, token_ids, tiles_gather, tiles_segment,
-                       slice_offsets, plan_info)
     else:
-        raise RuntimeError(f"lora_expand: backend {backend!r} has no implementation of this op")
+        _kernels(backend, "lora_expand")(out, y, lora_b, page_table, ranks, scales, token_ids, tiles_gather,
+                                         tiles_segment, slice_offsets, plan_info)
 
 
 @_lora_expand_op.register_fake
