@@ -14,7 +14,8 @@ from typing import Callable, Optional
 
 import torch
 
-__all__ = ["Backend", "BACKENDS", "BACKEND_NAMES", "select_backend", "triton_interpret", "cuda_extension"]
+__all__ = ["Backend", "BACKENDS", "BACKEND_NAMES", "DENSE_OPS", "OP_FAMILY", "select_backend", "triton_interpret",
+           "cuda_extension"]
 
 BACKEND_NAMES = ("auto", "cuda", "triton", "torch")
 
@@ -54,10 +55,16 @@ class Backend:
     #: devices it runs on; "cpu" for triton only under the interpreter
     reasons_fn: Callable[["Backend", torch.device, torch.dtype], list] = field(repr=False, compare=False)
     max_rank: Optional[int] = None
+    #: the ops it implements (None = all of them)
+    ops: Optional[frozenset] = None
 
-    def not_supported_reasons(self, device: torch.device, dtype: torch.dtype, max_rank: int = 0) -> list:
-        """Sentences saying why this backend cannot run a call on ``device`` with ``dtype``; empty if it can."""
-        reasons = list(self.reasons_fn(self, device, dtype))
+    def not_supported_reasons(self, device: torch.device, dtype: torch.dtype, max_rank: int = 0,
+                              op: Optional[str] = None) -> list:
+        """Sentences saying why this backend cannot run ``op`` on ``device`` with ``dtype``; empty if it can."""
+        reasons = []
+        if op is not None and self.ops is not None and op not in self.ops:
+            reasons.append(f"the {self.name} backend has no {OP_FAMILY.get(op, op)} kernels ({op})")
+        reasons += list(self.reasons_fn(self, device, dtype))
         if dtype not in self.dtypes:
             names = ", ".join(str(d).replace("torch.", "") for d in self.dtypes)
             reasons.append(f"dtype {str(dtype).replace('torch.', '')} is not supported (supports {names})")
@@ -106,16 +113,22 @@ def _cuda_reasons(b, device, dtype):
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32)
 
+#: op -> the family named in refusals ("the cuda backend has no MLA kernels (mla_absorbed_q)")
+OP_FAMILY = {"add_lora": "dense", "lora_shrink": "dense", "lora_expand": "dense",
+             "mla_absorbed_q": "MLA", "mla_absorbed_o": "MLA", "add_lora_moe": "MoE"}
+DENSE_OPS = frozenset({"add_lora", "lora_shrink", "lora_expand"})
+
 BACKENDS = {
-    "cuda": Backend("cuda", _FLOATS, _cuda_reasons, max_rank=128),
+    "cuda": Backend("cuda", _FLOATS, _cuda_reasons, max_rank=128, ops=DENSE_OPS),
     "triton": Backend("triton", _FLOATS, _triton_reasons),
     "torch": Backend("torch", _FLOATS + (torch.float64,), _torch_reasons),
 }
 _AUTO_ORDER = ("cuda", "triton", "torch")
 
 
-def select_backend(requested: str, device: torch.device, dtype: torch.dtype, max_rank: int = 0, op: str = "op") -> str:
-    """Resolve ``requested`` (``auto|cuda|triton|torch``) to a backend name that can run, or raise.
+def select_backend(requested: str, device: torch.device, dtype: torch.dtype, max_rank: int = 0,
+                   op: Optional[str] = None) -> str:
+    """Resolve ``requested`` (``auto|cuda|triton|torch``) to a backend name that can run ``op``, or raise.
 
     ``LORAKERN_BACKEND`` replaces ``auto``. A named backend that cannot run raises ``RuntimeError`` with its
     reasons; ``auto`` raises listing every backend and why it refused.
@@ -129,14 +142,14 @@ def select_backend(requested: str, device: torch.device, dtype: torch.dtype, max
                 raise ValueError(f"LORAKERN_BACKEND: expected one of {BACKEND_NAMES}, got {env!r}")
             requested = env
     if requested != "auto":
-        reasons = BACKENDS[requested].not_supported_reasons(device, dtype, max_rank)
+        reasons = BACKENDS[requested].not_supported_reasons(device, dtype, max_rank, op)
         if reasons:
-            raise RuntimeError(f"{op}: backend {requested!r} cannot run here: " + "; ".join(reasons))
+            raise RuntimeError(f"{op or 'op'}: backend {requested!r} cannot run here: " + "; ".join(reasons))
         return requested
     refusals = []
     for name in _AUTO_ORDER:
-        reasons = BACKENDS[name].not_supported_reasons(device, dtype, max_rank)
+        reasons = BACKENDS[name].not_supported_reasons(device, dtype, max_rank, op)
         if not reasons:
             return name
         refusals.append(f"  {name}: " + "; ".join(reasons))
-    raise RuntimeError(f"{op}: no backend can run this call:\n" + "\n".join(refusals))
+    raise RuntimeError(f"{op or 'op'}: no backend can run this call:\n" + "\n".join(refusals))

@@ -370,16 +370,20 @@ def test_backend_errors(op, generator, monkeypatch):
 
 
 def test_cuda_backend_never_selected_for_mla(monkeypatch):
-    """The CUDA extension has no MLA kernels: auto passes over it, naming it raises RuntimeError."""
+    """The CUDA extension has no MLA kernels (its declared ops): auto passes over it, naming it raises."""
+    from lorakern import backends as B
+
     monkeypatch.delenv("LORAKERN_BACKEND", raising=False)
-    monkeypatch.setattr(mla_ops, "select_backend", lambda *a, **k: "cuda")
+    fits = B.Backend("cuda", B.BACKENDS["cuda"].dtypes, lambda b, d, t: [], max_rank=128, ops=B.DENSE_OPS)
+    monkeypatch.setitem(B.BACKENDS, "cuda", fits)  # a cuda backend that fits this device and dtype
     dev, dt = torch.device("cpu"), torch.float32
-    assert mla_ops._select("auto", dev, dt, 16, "mla_absorbed_q") in ("triton", "torch")
+    assert B.select_backend("auto", dev, dt, 16, op="add_lora") == "cuda"  # the patch works for dense ops
+    assert B.select_backend("auto", dev, dt, 16, op="mla_absorbed_q") in ("triton", "torch")
     with pytest.raises(RuntimeError, match="no MLA kernels"):
-        mla_ops._select("cuda", dev, dt, 16, "mla_absorbed_q")
+        B.select_backend("cuda", dev, dt, 16, op="mla_absorbed_q")
     monkeypatch.setenv("LORAKERN_BACKEND", "cuda")
     with pytest.raises(RuntimeError, match="no MLA kernels"):
-        mla_ops._select("auto", dev, dt, 16, "mla_absorbed_q")
+        B.select_backend("auto", dev, dt, 16, op="mla_absorbed_o")
 
 
 # ------------------------------------------------------------------------------------------------ registration

@@ -32,12 +32,11 @@ from __future__ import annotations
 
 from typing import Optional
 
-import os
 
 import torch
 
 from lorakern import reference_mla
-from lorakern.backends import BACKENDS, select_backend
+from lorakern.backends import select_backend
 from lorakern.ops import _validate as V
 from lorakern.plan import GATHER_BLOCK_M, LoRAPlan
 
@@ -59,22 +58,6 @@ def _plan_args(slots, backend: str, num_slots: int, device):
     max_slot = plan.stats.max_slot if plan.stats is not None else -2
     return plan.slots, plan.token_ids, plan.tiles(GATHER_BLOCK_M), [plan.grid_tiles(GATHER_BLOCK_M, num_slots),
                                                                    max_slot]
-
-
-def _select(backend: str, device, dtype, max_rank: int, op: str) -> str:
-    """:func:`select_backend`, except that the ``cuda`` backend has no MLA kernels: ``auto`` passes over it to
-    the next backend that fits (triton, then torch), and naming it (argument or ``LORAKERN_BACKEND``) raises."""
-    be = select_backend(backend, device, dtype, max_rank, op=op)
-    if be != "cuda":
-        return be
-    env = os.environ.get("LORAKERN_BACKEND", "").strip()
-    if backend == "cuda" or env == "cuda":
-        raise RuntimeError(f"{op}: backend 'cuda' cannot run here: the CUDA extension has no MLA kernels "
-                           "(use backend='triton' or 'torch')")
-    for name in ("triton", "torch"):
-        if not BACKENDS[name].not_supported_reasons(device, dtype, max_rank):
-            return name
-    raise RuntimeError(f"{op}: no backend can run this call (cuda has no MLA kernels; triton and torch refused)")
 
 
 def _one(name: str, value) -> torch.Tensor:
@@ -231,7 +214,7 @@ def mla_absorbed_q(
     s0 = slots.slots if isinstance(slots, LoRAPlan) else slots
     V.check_device(q_nope.device, q_latent=q_latent, lora_a=a, lora_b=b, page_table=page_table, ranks=ranks,
                    scales=scales, slots=s0)
-    be = _select(backend, q_nope.device, q_nope.dtype, max_rank, "mla_absorbed_q")
+    be = select_backend(backend, q_nope.device, q_nope.dtype, max_rank, op="mla_absorbed_q")
     s, tok, tiles, info = _plan_args(slots, be, num_slots, q_nope.device)
     torch.ops.lorakern.mla_absorbed_q(q_latent, q_nope, _rows(a), _rows(b), page_table, ranks, scales, s, tok, tiles,
                                       info, be)
@@ -267,7 +250,7 @@ def mla_absorbed_o(
     s0 = slots.slots if isinstance(slots, LoRAPlan) else slots
     V.check_device(o_latent.device, out=out, lora_a=a, lora_b=b, page_table=page_table, ranks=ranks,
                    scales=scales, slots=s0)
-    be = _select(backend, o_latent.device, o_latent.dtype, max_rank, "mla_absorbed_o")
+    be = select_backend(backend, o_latent.device, o_latent.dtype, max_rank, op="mla_absorbed_o")
     s, tok, tiles, info = _plan_args(slots, be, num_slots, o_latent.device)
     torch.ops.lorakern.mla_absorbed_o(out, o_latent, _rows(a), _rows(b), page_table, ranks, scales, s, tok, tiles,
                                       info, be)

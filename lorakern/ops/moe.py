@@ -40,37 +40,19 @@ reuses the check of its ``gate_up`` call.
 
 from __future__ import annotations
 
-import os
 import weakref
 from typing import Optional, Sequence
 
 import torch
 
 from lorakern import reference_moe
-from lorakern.backends import BACKENDS, select_backend
+from lorakern.backends import select_backend
 from lorakern.ops import _validate as V
 from lorakern.plan import LoRAPlan
 
 __all__ = ["add_lora_moe"]
 
 _INT_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
-
-
-def _select(backend: str, device, dtype, max_rank: int) -> str:
-    """:func:`select_backend`, except that the CUDA extension has no MoE kernels: ``auto`` passes over it to the
-    next backend that fits, and naming it (argument or ``LORAKERN_BACKEND``) raises ``RuntimeError``."""
-    op = "add_lora_moe"
-    be = select_backend(backend, device, dtype, max_rank, op=op)
-    if be != "cuda":
-        return be
-    env = os.environ.get("LORAKERN_BACKEND", "").strip()
-    if backend == "cuda" or env == "cuda":
-        raise RuntimeError(f"{op}: backend 'cuda' cannot run here: the CUDA extension has no MoE kernels "
-                           "(use backend='triton' or 'torch')")
-    for name in ("triton", "torch"):
-        if not BACKENDS[name].not_supported_reasons(device, dtype, max_rank):
-            return name
-    raise RuntimeError(f"{op}: no backend can run this call (cuda has no MoE kernels; triton and torch refused)")
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
@@ -259,7 +241,7 @@ def add_lora_moe(
                    slots=s0, topk_weights=topk_weights, **{f"lora_a[{i}]": t for i, t in enumerate(a)},
                    **{f"lora_b[{i}]": t for i, t in enumerate(b)})
     offs = V.resolve_offsets(slice_offsets, [t.shape[2] for t in b], out.shape[2])
-    be = _select(backend, x.device, x.dtype, max_rank)
+    be = select_backend(backend, x.device, x.dtype, max_rank, op="add_lora_moe")
     s, info = _plan_args(slots, be, x.device)
     torch.ops.lorakern.add_lora_moe(out, x, topk_ids, [_rows(t) for t in a], [_rows(t) for t in b], page_table,
                                     ranks, scales, s, topk_weights, offs, info, be)
