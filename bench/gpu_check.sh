@@ -20,6 +20,10 @@
 # machine's 10-minute limit per call. SKIP_INSTALL=1 skips step 1; BENCH_ARGS adds options to step 4
 # (e.g. BENCH_ARGS="--filter decode"); BENCH_DEVICE=cpu (with BENCH_ARGS=--quick) tries the script without a GPU;
 # PYTHON picks the interpreter.
+#
+# A second call for the other op families (their GPU checks; results as JSON under $OUT):
+#   SKIP_INSTALL=1 STEPS=extra bash bench/gpu_check.sh     # bench_mla.py, bench_moe.py, bench_pool.py
+# STEPS=core (default) runs steps 1-5 above; STEPS=all runs both sets (may exceed one 10-minute call).
 set -u
 
 cd "$(dirname "$0")/.." || exit 1
@@ -66,6 +70,10 @@ log "gpu_check in $(pwd), OUT=$OUT, python=$(command -v "$PY")"
 log "commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown);" \
     "$(git status --porcelain --untracked-files=no 2>/dev/null | wc -l) modified tracked files"
 
+STEPS="${STEPS:-core}"
+run_core() { [ "$STEPS" = core ] || [ "$STEPS" = all ]; }
+run_extra() { [ "$STEPS" = extra ] || [ "$STEPS" = all ]; }
+
 if [ "${SKIP_INSTALL:-0}" = 1 ]; then
     log "=== install: skipped (SKIP_INSTALL=1)"
 else
@@ -87,6 +95,7 @@ d = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
 for n, b in BACKENDS.items():
     print('backend', n, b.not_supported_reasons(d, torch.bfloat16) or 'ok')"
 
+if run_core; then
 step pytest-gpu "${GPU_TESTS_TIMEOUT:-90}" "$PY" -m pytest -m gpu -q -rfEs -p no:cacheprovider \
     --junitxml="$OUT/pytest-gpu.xml"
 TESTS_ARGS=()
@@ -126,6 +135,14 @@ if [ -n "$ALL_COUNTS" ]; then
     fi
 else
     log "tests (full suite): no counts (pytest did not finish writing $OUT/pytest-all.xml)"
+fi
+fi  # core
+
+if run_extra; then
+    TAG="$(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
+    step bench-mla "${MLA_TIMEOUT:-150}" "$PY" bench/bench_mla.py --json "$OUT/mla-$TAG.json"
+    step bench-moe "${MOE_TIMEOUT:-200}" "$PY" bench/bench_moe.py --json "$OUT/moe-$TAG.json"
+    step bench-pool "${POOL_TIMEOUT:-200}" "$PY" bench/bench_pool.py --json "$OUT/pool-$TAG.json"
 fi
 
 log "done: exit status $STATUS; results in $OUT"
