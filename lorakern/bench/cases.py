@@ -4,7 +4,7 @@ Workloads are Punica's adapter mixes (:mod:`lorakern.workloads`): ``distinct`` (
 the decode worst case), ``uniform``, ``zipf:1.5`` (skewed popularity) and ``identical`` (one adapter). The adapter
 pool of a case holds ``pool`` adapters; the ``adapters`` column of a row counts those the batch actually uses.
 
-GPU shapes (``full_cases``), bf16, ``K = 4096``:
+GPU shapes (``full_cases``), bf16, ``K = 4096`` unless said otherwise:
 
 * ``decode-qkv`` — 256 tokens × 256 distinct adapters, r = 16, three slices 4096/1024/1024 (a GQA qkv target);
 * ``prefill`` / ``prefill-qkv`` — 8192 tokens over 16 adapters (uniform), r = 64, one slice N = 4096 / qkv;
