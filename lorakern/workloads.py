@@ -36,6 +36,10 @@ def make_slots(
     T, n, g = int(num_tokens), int(num_adapters), generator
     if n <= 0:
         raise ValueError(f"num_adapters: must be >= 1, got {n}")
+    if mix not in ("identical", "distinct", "uniform", "skewed") and not mix.startswith("zipf"):
+        raise ValueError(f"mix: unknown {mix!r}; expected one of {MIXES} (any zipf:<a>)")
+    if T == 0:
+        return torch.zeros(0, dtype=torch.int32, device=device)
     if mix == "identical":
         s = torch.zeros(T, dtype=torch.int64)
     elif mix == "distinct":
