@@ -67,3 +67,37 @@ def test_add_lora_and_shrink_expand_match_reference(impl, dtype, spec, monkeypat
                              case.slots_arg, slice_offsets=case.slice_offsets, backend=backend)
     ref2, ref2_abs = oracle_add(case, out0, y=y)
     check_accumulated(case, out2, out0, ref2, ref2_abs)
+
+
+@st.composite
+def moe_cases(draw):
+    S = draw(st.integers(1, 2))
+    E = draw(st.integers(1, 24))
+    n_adapters = draw(st.integers(1, 6))
+    return dict(
+        E=E, K=draw(st.integers(1, 70)), n_sizes=[draw(st.integers(1, 40)) for _ in range(S)],
+        ranks=[draw(st.integers(0, 24)) for _ in range(n_adapters)],
+        T=draw(st.integers(0, 24)), topk=draw(st.integers(1, min(E, 8))),
+        form=draw(st.sampled_from(["shared", "per_expert"])), weights=draw(st.booleans()),
+        skew=draw(st.booleans()), missing=draw(st.sampled_from([0.0, 0.4])),
+        slots_form=draw(st.sampled_from(["int32", "int64", "plan", "static"])),
+        seed=draw(st.integers(0, 2**31 - 1)),
+    )
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
+@settings(max_examples=int(os.environ.get("LORAKERN_PROPERTY_EXAMPLES", "12")), deadline=None, database=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(spec=moe_cases())
+def test_add_lora_moe_matches_reference(backend, dtype, spec):
+    from test_moe import make_moe_lora, make_routing, run, _x
+
+    g = torch.Generator().manual_seed(spec["seed"])
+    L = make_moe_lora(g, E=spec["E"], K=spec["K"], n_sizes=spec["n_sizes"], ranks=spec["ranks"], dtype=dtype,
+                      missing_expert_frac=spec["missing"])
+    ids, w = make_routing(g, spec["T"], spec["topk"], spec["E"], skew=spec["skew"])
+    slots = torch.randint(-1, L.num_slots, (spec["T"],), generator=g, dtype=torch.int32)
+    x = _x(g, spec["T"], spec["topk"], spec["K"], spec["form"], dtype)
+    weights = w.to(x.device) if spec["weights"] else None
+    run(L, x, ids, slots, backend=backend, dtype=dtype, weights=weights, slots_form=spec["slots_form"], g=g)
