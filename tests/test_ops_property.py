@@ -101,3 +101,33 @@ def test_add_lora_moe_matches_reference(backend, dtype, spec):
     x = _x(g, spec["T"], spec["topk"], spec["K"], spec["form"], dtype)
     weights = w.to(x.device) if spec["weights"] else None
     run(L, x, ids, slots, backend=backend, dtype=dtype, weights=weights, slots_form=spec["slots_form"], g=g)
+
+
+@st.composite
+def mla_cases(draw):
+    n = draw(st.integers(1, 8))
+    max_rank = draw(st.integers(1, 40))
+    return dict(
+        T=draw(st.integers(0, 24)), H=draw(st.integers(1, 9)), C=draw(st.integers(1, 80)),
+        Dn=draw(st.integers(1, 24)), Dv=draw(st.integers(1, 24)), num_adapters=n, max_rank=max_rank,
+        ranks=[draw(st.integers(0, max_rank)) for _ in range(n)],
+        mix=draw(st.sampled_from(["identical", "distinct", "uniform", "zipf:1.5"])),
+        none_frac=draw(st.sampled_from([0.0, 0.3])), scales=draw(st.booleans()),
+        slots_form=draw(st.sampled_from(["int32", "int64", "plan", "static"])),
+        layout=draw(st.sampled_from(["contiguous", "strided"])), seed=draw(st.integers(0, 2**31 - 1)),
+    )
+
+
+@pytest.mark.parametrize("op", ["q", "o"])
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
+@settings(max_examples=int(os.environ.get("LORAKERN_PROPERTY_EXAMPLES", "8")), deadline=None, database=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(spec=mla_cases())
+def test_mla_absorbed_matches_reference(op, backend, dtype, spec):
+    from test_mla import make_mla_case, run
+
+    spec = dict(spec)
+    g = torch.Generator().manual_seed(spec.pop("seed"))
+    case = make_mla_case(g, dtype=dtype, **spec)
+    run(case, op, backend, g)
