@@ -349,7 +349,7 @@ class LoRAModel:
                 return handle
             raise ValueError(f"name: {handle!r} is already loaded from {self._handles[handle]} (unload_adapter it "
                              f"first, or pick another name)")
-        pool.register(handle, src, replace=handle in pool._sources)
+        pool.register(handle, src, replace=pool.is_registered(handle))
         try:
             pool.prefetch_host([handle])  # read and check now: errors name the adapter
         except Exception:
@@ -362,7 +362,7 @@ class LoRAModel:
         """Forget an adapter: drop it from the pool and the host cache (it must not be in use)."""
         if handle not in self._handles:
             raise UnknownAdapterError(handle, "not loaded with load_adapter")
-        if handle in self.pool._sources:
+        if self.pool.is_registered(handle):
             self.pool.unregister(handle)
         else:
             self.pool.invalidate(handle)
@@ -373,7 +373,7 @@ class LoRAModel:
         """Run every forward inside with one adapter per sequence: ``handles[b]`` for sequence ``b`` (``None`` =
         the base model). Admits the adapters into the pool (loading what is missing, evicting idle ones) and holds
         them until the block ends. Yields the pool slots ``int32 [n]``. Contexts nest (the inner one wins)."""
-        keys = self.pool._keys(handles)
+        keys = self.pool.adapter_keys(handles)
         any_adapter = any(k is not None for k in keys)
         slots = self.pool.acquire(keys) if any_adapter else torch.full((len(keys),), -1, dtype=torch.int32,
                                                                         device=self.pool.device)

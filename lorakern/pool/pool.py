@@ -334,6 +334,16 @@ class AdapterPool:
             dropped = True
         return dropped
 
+    def is_registered(self, adapter_id) -> bool:
+        """Whether ``adapter_id`` was registered with this pool (catalog ids are not registered)."""
+        return adapter_id in self._sources
+
+    @staticmethod
+    def adapter_keys(adapter_ids) -> List[Optional[str]]:
+        """A batch's adapter ids normalised as :meth:`acquire` reads them (``None`` or ``-1`` = no adapter);
+        ``TypeError`` for anything else."""
+        return AdapterPool._keys(adapter_ids)
+
     def source_of(self, adapter_id) -> AdapterSource:
         src = self._sources.get(adapter_id)
         if src is not None:
