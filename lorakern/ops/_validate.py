@@ -150,6 +150,24 @@ def _same(entry, page_table, ranks, num_rows) -> bool:
             and rk_ver == ranks._version and rows == num_rows)
 
 
+_SLOT_RANGE_CACHE: dict = {}
+
+
+def _slot_range(slots: torch.Tensor) -> int:
+    """The largest slot (one host read), after checking none is below -1. Cached while the very same tensor is
+    unmodified (e.g. a static plan's buffer between two ``update`` calls), so a batch's layers read it once."""
+    hit = _SLOT_RANGE_CACHE.get(id(slots))
+    if hit is not None and hit[0]() is slots and hit[1] == slots._version:
+        return hit[2]
+    lo, hi = (int(v) for v in torch.aminmax(slots))
+    if lo < -1:
+        raise ValueError(f"slots: values must be >= -1 (-1 = no LoRA), found {lo}")
+    if len(_SLOT_RANGE_CACHE) > 64:
+        _SLOT_RANGE_CACHE.clear()
+    _SLOT_RANGE_CACHE[id(slots)] = (weakref.ref(slots), slots._version, hi)
+    return hi
+
+
 def check_values(page_table, ranks, num_rows: int, slots: torch.Tensor, max_slot: int) -> None:
     """Value checks, before any launch. ``max_slot`` is the plan's known maximum (``-2`` = unknown: read it)."""
     device = page_table.device
@@ -158,10 +176,7 @@ def check_values(page_table, ranks, num_rows: int, slots: torch.Tensor, max_slot
     num_slots, max_rank = page_table.shape
     if slots.numel():
         if max_slot == -2:
-            lo, hi = torch.aminmax(slots)
-            lo, max_slot = int(lo), int(hi)
-            if lo < -1:
-                raise ValueError(f"slots: values must be >= -1 (-1 = no LoRA), found {lo}")
+            max_slot = _slot_range(slots)
         if max_slot >= num_slots:
             raise ValueError(f"slots: slot {max_slot} out of range for page_table with {num_slots} slots")
     entry = _PAGE_CHECK_CACHE.get(id(page_table))
