@@ -12,6 +12,7 @@ import torch
 import lorakern
 from conftest import DEVICE, assert_bits_equal, check_accumulated, make_case, oracle_add, random_out, run_case
 from lorakern.ops import add_lora, lora_expand, lora_shrink
+from lorakern.workloads import make_lora
 
 T, K, NS, R = 12, 32, [24, 16], 8
 
@@ -335,3 +336,25 @@ def test_plan_on_another_device_is_value_error(case, generator):
     a = _args(case, generator)
     a["slots"] = lorakern.LoRAPlan.from_slots(a["slots"].cpu())
     expect_rejected("add_lora", a, "triton", ValueError, "slots")
+
+
+@pytest.mark.parametrize("form", ["tensor", "static"])
+def test_value_checks_hold_for_inference_tensors(form, generator):
+    """Inference tensors have no version counter: the cached value checks must neither crash on them nor skip a
+    page table or slots tensor modified in place between calls."""
+    with torch.inference_mode():
+        L = make_lora(4, 32, [24], [2, 3, 4, 1], generator=generator)
+        s = torch.tensor([0, 1, 2, 3, 2, 0, 1, 2], dtype=torch.int32)
+        arg = s if form == "tensor" else lorakern.LoRAPlan.static(8).update(s)
+        out, x = torch.zeros(8, 24), torch.randn(8, 32, generator=generator)
+        lorakern.ops.add_lora(out, x, *L.args(), arg, backend="torch")
+        L.page_table[1, 0] = 999
+        with pytest.raises(ValueError, match="page_table"):
+            lorakern.ops.add_lora(out, x, *L.args(), arg, backend="torch")
+        L.page_table[1, 0] = 0
+        if form == "tensor":
+            s[3] = 7
+        else:
+            arg.update(torch.tensor([0, 1, 2, 7, 2, 0, 1, 2], dtype=torch.int32))
+        with pytest.raises(ValueError, match="slots"):
+            lorakern.ops.add_lora(out, x, *L.args(), arg, backend="torch")

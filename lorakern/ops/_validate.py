@@ -143,11 +143,19 @@ def _capturing(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
 
+def version_of(t: torch.Tensor) -> Optional[int]:
+    """``t._version``, or None for an inference tensor (it has no version counter: never cache by it)."""
+    try:
+        return t._version
+    except RuntimeError:
+        return None
+
+
 def _same(entry, page_table, ranks, num_rows) -> bool:
     """A cached check still holds: the very same tensor objects (weak references), unmodified since."""
     pt_ref, pt_ver, rk_ref, rk_ver, rows = entry
-    return (pt_ref() is page_table and rk_ref() is ranks and pt_ver == page_table._version
-            and rk_ver == ranks._version and rows == num_rows)
+    return (pt_ref() is page_table and rk_ref() is ranks and pt_ver == version_of(page_table)
+            and rk_ver == version_of(ranks) and rows == num_rows)
 
 
 _SLOT_RANGE_CACHE: dict = {}
@@ -156,15 +164,17 @@ _SLOT_RANGE_CACHE: dict = {}
 def _slot_range(slots: torch.Tensor) -> int:
     """The largest slot (one host read), after checking none is below -1. Cached while the very same tensor is
     unmodified (e.g. a static plan's buffer between two ``update`` calls), so a batch's layers read it once."""
+    ver = version_of(slots)
     hit = _SLOT_RANGE_CACHE.get(id(slots))
-    if hit is not None and hit[0]() is slots and hit[1] == slots._version:
+    if ver is not None and hit is not None and hit[0]() is slots and hit[1] == ver:
         return hit[2]
     lo, hi = (int(v) for v in torch.aminmax(slots))
     if lo < -1:
         raise ValueError(f"slots: values must be >= -1 (-1 = no LoRA), found {lo}")
-    if len(_SLOT_RANGE_CACHE) > 64:
-        _SLOT_RANGE_CACHE.clear()
-    _SLOT_RANGE_CACHE[id(slots)] = (weakref.ref(slots), slots._version, hi)
+    if ver is not None:
+        if len(_SLOT_RANGE_CACHE) > 64:
+            _SLOT_RANGE_CACHE.clear()
+        _SLOT_RANGE_CACHE[id(slots)] = (weakref.ref(slots), ver, hi)
     return hi
 
 
@@ -198,7 +208,9 @@ def check_values(page_table, ranks, num_rows: int, slots: torch.Tensor, max_slot
                 f"page_table: slot {s} rank row {j} points at row {int(page_table[s, j])}, "
                 f"out of range for lora_a/lora_b with {num_rows} rows"
             )
+    pt_ver, rk_ver = version_of(page_table), version_of(ranks)
+    if pt_ver is None or rk_ver is None:  # inference tensors: no version counter, so no caching
+        return
     if len(_PAGE_CHECK_CACHE) > 64:
         _PAGE_CHECK_CACHE.clear()
-    _PAGE_CHECK_CACHE[id(page_table)] = (
-        weakref.ref(page_table), page_table._version, weakref.ref(ranks), ranks._version, num_rows)
+    _PAGE_CHECK_CACHE[id(page_table)] = (weakref.ref(page_table), pt_ver, weakref.ref(ranks), rk_ver, num_rows)

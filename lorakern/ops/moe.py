@@ -86,12 +86,7 @@ def _check_moe_rows(name: str, rows: Sequence[torch.Tensor], dtype, width: Optio
 _IDS_CHECK_CACHE: dict = {}
 
 
-def version_of(t: torch.Tensor) -> Optional[int]:
-    """``t._version``, or None for an inference tensor (it has no version counter: never cache by it)."""
-    try:
-        return t._version
-    except RuntimeError:
-        return None
+version_of = V.version_of
 
 
 def check_topk_ids(topk_ids: torch.Tensor, num_experts: int) -> None:
