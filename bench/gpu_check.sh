@@ -16,14 +16,17 @@
 #
 # Everything is logged to $OUT/gpu_check.log. `set -u`; a failing step does not stop the others; the exit
 # status is that of the first failing step (0 if all passed). Time limits per step, in seconds (env overrides):
-# INSTALL_TIMEOUT=150 GPU_TESTS_TIMEOUT=90 BENCH_TIMEOUT=200 ALL_TESTS_TIMEOUT=150, which together fit the lent
+# INSTALL_TIMEOUT=120 GPU_TESTS_TIMEOUT=200 BENCH_TIMEOUT=220 (ALL_TESTS_TIMEOUT=500, its own call), which fit the lent
 # machine's 10-minute limit per call. SKIP_INSTALL=1 skips step 1; BENCH_ARGS adds options to step 4
 # (e.g. BENCH_ARGS="--filter decode"); BENCH_DEVICE=cpu (with BENCH_ARGS=--quick) tries the script without a GPU;
 # PYTHON picks the interpreter.
 #
-# A second call for the other op families (their GPU checks; results as JSON under $OUT):
-#   SKIP_INSTALL=1 STEPS=extra bash bench/gpu_check.sh     # bench_mla.py, bench_moe.py, bench_pool.py
-# STEPS=core (default) runs steps 1-5 above; STEPS=all runs both sets (may exceed one 10-minute call).
+# STEPS picks what runs (each set fits one 10-minute call of the lent machine):
+#   STEPS=core (default)   steps 1-4: install, nvidia-smi, pytest -m gpu, the add_lora benchmark
+#   STEPS=tests            step 5: the full suite on the GPU (its counts go into the newest results JSON)
+#   STEPS=extra            bench_mla.py, bench_moe.py, bench_pool.py (results as JSON under $OUT)
+#   STEPS=all              everything (more than one call's worth)
+# e.g.  bash bench/gpu_check.sh;  SKIP_INSTALL=1 STEPS=tests bash bench/gpu_check.sh;  SKIP_INSTALL=1 STEPS=extra ...
 set -u
 
 cd "$(dirname "$0")/.." || exit 1
@@ -72,12 +75,13 @@ log "commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown);" \
 
 STEPS="${STEPS:-core}"
 run_core() { [ "$STEPS" = core ] || [ "$STEPS" = all ]; }
+run_tests() { [ "$STEPS" = tests ] || [ "$STEPS" = all ]; }
 run_extra() { [ "$STEPS" = extra ] || [ "$STEPS" = all ]; }
 
 if [ "${SKIP_INSTALL:-0}" = 1 ]; then
     log "=== install: skipped (SKIP_INSTALL=1)"
 else
-    step install "${INSTALL_TIMEOUT:-150}" "$PY" -m pip install --no-build-isolation --no-deps -e .
+    step install "${INSTALL_TIMEOUT:-120}" "$PY" -m pip install --no-build-isolation --no-deps -e .
 fi
 step nvidia-smi 30 bash -c "nvidia-smi > '$OUT/nvidia-smi.txt' 2>&1; rc=\$?; cat '$OUT/nvidia-smi.txt'; exit \$rc"
 step versions 60 "$PY" -c "
@@ -96,7 +100,7 @@ for n, b in BACKENDS.items():
     print('backend', n, b.not_supported_reasons(d, torch.bfloat16) or 'ok')"
 
 if run_core; then
-step pytest-gpu "${GPU_TESTS_TIMEOUT:-90}" "$PY" -m pytest -m gpu -q -rfEs -p no:cacheprovider \
+step pytest-gpu "${GPU_TESTS_TIMEOUT:-200}" "$PY" -m pytest -m gpu -q -rfEs -p no:cacheprovider \
     --junitxml="$OUT/pytest-gpu.xml"
 TESTS_ARGS=()
 GPU_COUNTS="$(junit_counts "$OUT/pytest-gpu.xml")"
@@ -109,7 +113,7 @@ fi
 STAMP="$OUT/.bench-start"
 : >"$STAMP"
 # shellcheck disable=SC2086
-step bench "${BENCH_TIMEOUT:-200}" "$PY" -m lorakern bench --device "${BENCH_DEVICE:-cuda}" --out "$OUT" \
+step bench "${BENCH_TIMEOUT:-220}" "$PY" -m lorakern bench --device "${BENCH_DEVICE:-cuda}" --out "$OUT" \
     ${TESTS_ARGS[@]+"${TESTS_ARGS[@]}"} ${BENCH_ARGS:-}
 RESULTS="$(find "$OUT" -maxdepth 1 -name '*.json' -newer "$STAMP" 2>/dev/null | head -n 1)"
 rm -f "$STAMP"
@@ -123,7 +127,11 @@ else
     log "results: none written by the bench step"
 fi
 
-step pytest-all "${ALL_TESTS_TIMEOUT:-150}" "$PY" -m pytest -q -rfE -p no:cacheprovider \
+fi  # core
+
+if run_tests; then
+[ -n "${RESULTS:-}" ] || RESULTS="$(ls -t "$OUT"/*.json 2>/dev/null | grep -v -e '/mla-' -e '/moe-' -e '/pool-' | head -n 1)"
+step pytest-all "${ALL_TESTS_TIMEOUT:-500}" "$PY" -m pytest -q -rfE -p no:cacheprovider \
     --junitxml="$OUT/pytest-all.xml"
 ALL_COUNTS="$(junit_counts "$OUT/pytest-all.xml")"
 if [ -n "$ALL_COUNTS" ]; then
@@ -136,7 +144,7 @@ if [ -n "$ALL_COUNTS" ]; then
 else
     log "tests (full suite): no counts (pytest did not finish writing $OUT/pytest-all.xml)"
 fi
-fi  # core
+fi  # tests
 
 if run_extra; then
     TAG="$(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
