@@ -93,6 +93,16 @@ def _tile(tiles_ptr, token_ids_ptr, pid, BLOCK_M: tl.constexpr):
 
 
 @triton.jit
+def _rank_rows(pt_row, r0, rank, BLOCK_R: tl.constexpr):
+    """Rank tile ``r0 .. r0 + BLOCK_R`` of a slot: (indices, mask ``< rank``, int64 row ids). The one place the
+    kernels read a page table: entries at or beyond the slot's real rank are never loaded."""
+    rr = r0 + tl.arange(0, BLOCK_R)
+    rmask = rr < rank
+    rows = tl.load(pt_row + rr, mask=rmask, other=0).to(tl.int64)
+    return rr, rmask, rows
+
+
+@triton.jit
 def _shrink_block(x_ptr, sx_t, sx_k, a_ptr, sa_r, rows, rmask, tok, tmask, K,
                   BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
                   UPCAST: tl.constexpr, IEEE: tl.constexpr):
@@ -118,9 +128,7 @@ def _expand_block(y_ptr, sy_t, sy_r, pt_row_ptr, rank, tok, tmask, b_ptr, sb_r, 
     ``y_ptr`` points at this slice's ``y``; rows of B come from the slot's page-table row ``pt_row_ptr``."""
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for r0 in range(0, rank, BLOCK_R):
-        rr = r0 + tl.arange(0, BLOCK_R)
-        rmask = rr < rank
-        rows = tl.load(pt_row_ptr + rr, mask=rmask, other=0).to(tl.int64)
+        rr, rmask, rows = _rank_rows(pt_row_ptr, r0, rank, BLOCK_R)
         yt = tl.load(y_ptr + tok[:, None] * sy_t + rr[None, :] * sy_r,
                      mask=tmask[:, None] & rmask[None, :], other=0.0)
         bt = tl.load(b_ptr + rows[:, None] * sb_r + nn[None, :],
@@ -161,9 +169,7 @@ def _shrink_kernel(x_ptr, sx_t, sx_k, a_table, sa_table, pt_ptr, s_pt, ranks_ptr
     r0 = rt * BLOCK_R
     if r0 >= rank:
         return
-    rr = r0 + tl.arange(0, BLOCK_R)
-    rmask = rr < rank
-    rows = tl.load(pt_ptr + slot.to(tl.int64) * s_pt + rr, mask=rmask, other=0).to(tl.int64)
+    rr, rmask, rows = _rank_rows(pt_ptr + slot.to(tl.int64) * s_pt, r0, rank, BLOCK_R)
     a_ptr = tl.load(a_table + sl).to(tl.pointer_type(x_ptr.dtype.element_ty))
     sa_r = tl.load(sa_table + sl)
     acc = _shrink_block(x_ptr, sx_t, sx_k, a_ptr, sa_r, rows, rmask, tok, tmask, K,
@@ -217,9 +223,7 @@ def _fused_kernel(x_ptr, sx_t, sx_k, a_table, sa_table, b_table, sb_table, n_tab
     ys = y_ptr + sl * sy_s
     # shrink, rank tile by rank tile up to the real rank, into this program's rows of the scratch
     for r0 in range(0, rank, BLOCK_R):
-        rr = r0 + tl.arange(0, BLOCK_R)
-        rmask = rr < rank
-        rows = tl.load(pt_row + rr, mask=rmask, other=0).to(tl.int64)
+        rr, rmask, rows = _rank_rows(pt_row, r0, rank, BLOCK_R)
         acc = _shrink_block(x_ptr, sx_t, sx_k, a_ptr, sa_r, rows, rmask, tok, tmask, K,
                             BLOCK_M, BLOCK_R, BLOCK_K, UPCAST, IEEE)
         tl.store(ys + tok[:, None] * sy_t + rr[None, :] * sy_r, acc, mask=tmask[:, None] & rmask[None, :])

@@ -43,7 +43,7 @@ import triton.language as tl
 
 from lorakern.backends import triton_interpret
 from lorakern.plan import GATHER_BLOCK_M
-from lorakern.triton.lora import BLOCK_R, _flags, _mma, _mma_f32_lhs, _slot_scale
+from lorakern.triton.lora import BLOCK_R, _flags, _mma, _mma_f32_lhs, _rank_rows, _slot_scale
 
 __all__ = ["mla_absorbed_q", "mla_absorbed_o", "cfg"]
 
@@ -92,9 +92,7 @@ def _mla_q_kernel(qn_ptr, sqn_t, sqn_h, sqn_d, ql_ptr, sql_t, sql_h, sql_c, a_pt
         h = h0 + hl
         if h < H:
             for r0 in range(0, rank, BLOCK_R):
-                rr = r0 + tl.arange(0, BLOCK_R)
-                rmask = rr < rank
-                rows = tl.load(pt_row + rr, mask=rmask, other=0).to(tl.int64)
+                rr, rmask, rows = _rank_rows(pt_row, r0, rank, BLOCK_R)
                 acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
                 for d0 in range(0, DN, BLOCK_D):
                     dd = d0 + tl.arange(0, BLOCK_D)
@@ -114,9 +112,7 @@ def _mla_q_kernel(qn_ptr, sqn_t, sqn_h, sqn_d, ql_ptr, sql_t, sql_h, sql_c, a_pt
         cmask = cc < C
         acc = tl.zeros((BLOCK_M * BLOCK_H, BLOCK_C), dtype=tl.float32)
         for r0 in range(0, rank, BLOCK_R):
-            rr = r0 + tl.arange(0, BLOCK_R)
-            rmask = rr < rank
-            rows = tl.load(pt_row + rr, mask=rmask, other=0).to(tl.int64)
+            rr, rmask, rows = _rank_rows(pt_row, r0, rank, BLOCK_R)
             yt = tl.load(y_ptr + ptok[:, None] * sy_t + ph[:, None] * sy_h + rr[None, :] * sy_r,
                          mask=pmask[:, None] & rmask[None, :], other=0.0)
             at = tl.load(a_ptr + rows[:, None] * sa_r + cc[None, :], mask=rmask[:, None] & cmask[None, :], other=0.0)
@@ -146,9 +142,7 @@ def _mla_o_kernel(ol_ptr, sol_t, sol_h, sol_c, out_ptr, so_t, so_h, so_d, a_ptr,
     pt_row = pt_ptr + slot.to(tl.int64) * s_pt
     # 1. shrink (C -> r) by the shared A, all (token, head) pairs of the program as the rows of one product
     for r0 in range(0, rank, BLOCK_R):
-        rr = r0 + tl.arange(0, BLOCK_R)
-        rmask = rr < rank
-        rows = tl.load(pt_row + rr, mask=rmask, other=0).to(tl.int64)
+        rr, rmask, rows = _rank_rows(pt_row, r0, rank, BLOCK_R)
         acc = tl.zeros((BLOCK_M * BLOCK_H, BLOCK_R), dtype=tl.float32)
         for c0 in range(0, C, BLOCK_C):
             cc = c0 + tl.arange(0, BLOCK_C)
@@ -170,9 +164,7 @@ def _mla_o_kernel(ol_ptr, sol_t, sol_h, sol_c, out_ptr, so_t, so_h, so_d, a_ptr,
                 dmask = dd < DV
                 acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
                 for r0 in range(0, rank, BLOCK_R):
-                    rr = r0 + tl.arange(0, BLOCK_R)
-                    rmask = rr < rank
-                    rows = tl.load(pt_row + rr, mask=rmask, other=0).to(tl.int64)
+                    rr, rmask, rows = _rank_rows(pt_row, r0, rank, BLOCK_R)
                     yt = tl.load(y_ptr + tok[:, None] * sy_t + h * sy_h + rr[None, :] * sy_r,
                                  mask=tmask[:, None] & rmask[None, :], other=0.0)
                     bv = tl.load(b_ptr + rows[:, None] * sb_r + (h * DHEAD + DN + dd[None, :]),

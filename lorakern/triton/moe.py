@@ -44,7 +44,7 @@ import triton.language as tl
 
 from lorakern.backends import triton_interpret
 from lorakern.ops.moe import version_of
-from lorakern.triton.lora import BLOCK_R, _flags, _mma, _mma_f32_lhs, _slot_scale
+from lorakern.triton.lora import BLOCK_R, _flags, _mma, _mma_f32_lhs, _rank_rows, _slot_scale
 
 __all__ = ["add_lora_moe", "group_pairs", "cfg", "max_tiles"]
 
@@ -91,9 +91,7 @@ def _moe_kernel(x_ptr, sx_t, sx_p, sx_k, a_table, sa_table, sae_table, b_table, 
             be = b_ptr + expert * sb_e
             # shrink, rank tile by rank tile up to the real rank, into the pairs' rows of the scratch
             for r0 in range(0, rank, BLOCK_R):
-                rr = r0 + tl.arange(0, BLOCK_R)
-                rmask = rr < rank
-                rows = tl.load(pt_row + rr, mask=rmask, other=0).to(tl.int64)
+                rr, rmask, rows = _rank_rows(pt_row, r0, rank, BLOCK_R)
                 acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
                 for k0 in range(0, K, BLOCK_K):
                     kk = k0 + tl.arange(0, BLOCK_K)
@@ -113,9 +111,7 @@ def _moe_kernel(x_ptr, sx_t, sx_p, sx_k, a_table, sa_table, sae_table, b_table, 
                 nmask = nn < n_i
                 acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
                 for r0 in range(0, rank, BLOCK_R):
-                    rr = r0 + tl.arange(0, BLOCK_R)
-                    rmask = rr < rank
-                    rows = tl.load(pt_row + rr, mask=rmask, other=0).to(tl.int64)
+                    rr, rmask, rows = _rank_rows(pt_row, r0, rank, BLOCK_R)
                     yt = tl.load(ys + pair[:, None] * sy_p + rr[None, :] * sy_r,
                                  mask=pmask[:, None] & rmask[None, :], other=0.0)
                     bt = tl.load(be + rows[:, None] * sb_r + nn[None, :], mask=rmask[:, None] & nmask[None, :],
