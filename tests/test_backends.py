@@ -164,3 +164,22 @@ def test_bad_lorakern_backend_env_is_value_error(bad, monkeypatch):
     monkeypatch.setenv("LORAKERN_BACKEND", bad)
     with pytest.raises(ValueError, match="LORAKERN_BACKEND"):
         select_backend("auto", CPU, torch.float32)
+
+
+@pytest.mark.parametrize("op,family,other", [("mla_absorbed_q", "MLA", "mla_absorbed_o"),
+                                             ("add_lora_moe", "MoE", "add_lora_moe")])
+def test_cuda_backend_never_selected_for_ops_it_lacks(op, family, other, monkeypatch):
+    """The CUDA extension has no MLA / MoE kernels (its declared ops): auto passes over it, naming it raises."""
+    from lorakern import backends as B
+
+    monkeypatch.delenv("LORAKERN_BACKEND", raising=False)
+    fits = B.Backend("cuda", B.BACKENDS["cuda"].dtypes, lambda b, d, t: [], max_rank=128, ops=B.DENSE_OPS)
+    monkeypatch.setitem(B.BACKENDS, "cuda", fits)  # a cuda backend that fits this device and dtype
+    dev, dt = torch.device("cpu"), torch.float32
+    assert B.select_backend("auto", dev, dt, 16, op="add_lora") == "cuda"  # the patch works for dense ops
+    assert B.select_backend("auto", dev, dt, 16, op=op) in ("triton", "torch")
+    with pytest.raises(RuntimeError, match=f"no {family} kernels"):
+        B.select_backend("cuda", dev, dt, 16, op=op)
+    monkeypatch.setenv("LORAKERN_BACKEND", "cuda")
+    with pytest.raises(RuntimeError, match=f"no {family} kernels"):
+        B.select_backend("auto", dev, dt, 16, op=other)

@@ -369,22 +369,6 @@ def test_backend_errors(op, generator, monkeypatch):
     check(case, dst, before, ref, ref_abs, f"{op} float64 auto")
 
 
-def test_cuda_backend_never_selected_for_mla(monkeypatch):
-    """The CUDA extension has no MLA kernels (its declared ops): auto passes over it, naming it raises."""
-    from lorakern import backends as B
-
-    monkeypatch.delenv("LORAKERN_BACKEND", raising=False)
-    fits = B.Backend("cuda", B.BACKENDS["cuda"].dtypes, lambda b, d, t: [], max_rank=128, ops=B.DENSE_OPS)
-    monkeypatch.setitem(B.BACKENDS, "cuda", fits)  # a cuda backend that fits this device and dtype
-    dev, dt = torch.device("cpu"), torch.float32
-    assert B.select_backend("auto", dev, dt, 16, op="add_lora") == "cuda"  # the patch works for dense ops
-    assert B.select_backend("auto", dev, dt, 16, op="mla_absorbed_q") in ("triton", "torch")
-    with pytest.raises(RuntimeError, match="no MLA kernels"):
-        B.select_backend("cuda", dev, dt, 16, op="mla_absorbed_q")
-    monkeypatch.setenv("LORAKERN_BACKEND", "cuda")
-    with pytest.raises(RuntimeError, match="no MLA kernels"):
-        B.select_backend("auto", dev, dt, 16, op="mla_absorbed_o")
-
 
 # ------------------------------------------------------------------------------------------------ registration
 def _op_args(op, backend, generator):

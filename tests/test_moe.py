@@ -543,22 +543,6 @@ def test_backend_errors(generator, monkeypatch):
     assert not torch.equal(kw["out"], before)
 
 
-def test_cuda_backend_never_selected_for_moe(monkeypatch):
-    """The CUDA extension has no MoE kernels (its declared ops): auto passes over it, naming it raises."""
-    from lorakern import backends as B
-
-    monkeypatch.delenv("LORAKERN_BACKEND", raising=False)
-    fits = B.Backend("cuda", B.BACKENDS["cuda"].dtypes, lambda b, d, t: [], max_rank=128, ops=B.DENSE_OPS)
-    monkeypatch.setitem(B.BACKENDS, "cuda", fits)  # a cuda backend that fits this device and dtype
-    dev, dt = torch.device("cpu"), torch.float32
-    assert B.select_backend("auto", dev, dt, 16, op="add_lora") == "cuda"  # the patch works for dense ops
-    assert B.select_backend("auto", dev, dt, 16, op="add_lora_moe") in ("triton", "torch")
-    with pytest.raises(RuntimeError, match="no MoE kernels"):
-        B.select_backend("cuda", dev, dt, 16, op="add_lora_moe")
-    monkeypatch.setenv("LORAKERN_BACKEND", "cuda")
-    with pytest.raises(RuntimeError, match="no MoE kernels"):
-        B.select_backend("auto", dev, dt, 16, op="add_lora_moe")
-
 
 # ------------------------------------------------------------------------------------------------ registration
 def _op_args(backend, generator, slots_form="int32"):
