@@ -16,6 +16,12 @@ namespace py = pybind11;
 #ifndef LORAKERN_ARCHS
 #define LORAKERN_ARCHS "unknown"
 #endif
+// The same binding is compiled for the CPU emulation of the kernels (csrc/emu/, module lorakern._C_emu).
+#ifdef LORAKERN_EMU
+#define LORAKERN_MODULE _C_emu
+#else
+#define LORAKERN_MODULE _C
+#endif
 
 namespace {
 
@@ -67,8 +73,16 @@ void dense_segment(const std::vector<int64_t>& a, int dtype, int mode, int k_spl
 
 }  // namespace
 
-PYBIND11_MODULE(_C, m) {
+PYBIND11_MODULE(LORAKERN_MODULE, m) {
+#ifdef LORAKERN_EMU
+  m.doc() = "lorakern CUDA kernels compiled for the CPU emulator (csrc/emu): same sources, host pointers, for tests";
+  m.def("set_schedule", &lk_emu::set_schedule, py::arg("order"), py::arg("seed") = 0,
+        "order in which a block's threads run between barriers: 0 forward, 1 reverse, 2 random(seed)");
+  m.attr("emulated") = true;
+#else
   m.doc() = "lorakern CUDA kernels (torch-free binding: raw pointers and a stream handle)";
+  m.attr("emulated") = false;
+#endif
   m.def("dense_gather", &dense_gather, py::arg("fields"), py::arg("dtype"), py::arg("mode"), py::arg("mt"),
         py::arg("vec"), py::arg("stream"));
   m.def("dense_segment", &dense_segment, py::arg("fields"), py::arg("dtype"), py::arg("mode"), py::arg("k_split"),

@@ -3,6 +3,11 @@
 Each backend states which devices and dtypes it handles and returns *sentences* explaining why it refuses a call.
 ``auto`` takes the first that fits in the order ``cuda → triton → torch``; ``LORAKERN_BACKEND`` overrides ``auto``.
 When nothing fits, the error lists every backend with its reasons (the xformers rule).
+
+``LORAKERN_CUDA_EMULATE=1`` (development and tests, like ``TRITON_INTERPRET=1`` for Triton): the ``cuda`` backend
+also takes CPU tensors and runs the very same CUDA kernel sources on the CPU emulator ``lorakern._C_emu``
+(csrc/emu/: one block at a time, its threads as fibers, barriers and warp collectives checked). It tests the
+kernels' logic without a GPU; it is slow and says nothing about GPU speed.
 """
 
 from __future__ import annotations
@@ -15,9 +20,14 @@ from typing import Callable, Optional
 import torch
 
 __all__ = ["Backend", "BACKENDS", "BACKEND_NAMES", "DENSE_OPS", "OP_FAMILY", "select_backend", "triton_interpret",
-           "cuda_extension"]
+           "cuda_extension", "cuda_emulator", "cuda_emulate"]
 
 BACKEND_NAMES = ("auto", "cuda", "triton", "torch")
+
+
+def cuda_emulate() -> bool:
+    """True when ``LORAKERN_CUDA_EMULATE=1``: the cuda backend runs CPU tensors on the kernel emulator."""
+    return os.environ.get("LORAKERN_CUDA_EMULATE", "0") == "1"
 
 
 def triton_interpret() -> bool:
@@ -46,6 +56,19 @@ def cuda_extension():
             f"({e}); reinstall with nvcc available and LORAKERN_SKIP_CUDA unset"
         )
     return _C
+
+
+@functools.lru_cache(maxsize=None)
+def cuda_emulator():
+    """``lorakern._C_emu`` (the CUDA kernels compiled for the CPU emulator), or the reason it is not there."""
+    try:
+        from lorakern import _C_emu  # type: ignore[attr-defined]
+    except ImportError as e:
+        return (
+            "the CPU emulation of the CUDA kernels (lorakern._C_emu) is not built or cannot be loaded "
+            f"({e}); reinstall with the CUDA toolkit's headers available and LORAKERN_SKIP_CUDA_EMU unset"
+        )
+    return _C_emu
 
 
 @dataclass(frozen=True)
@@ -91,11 +114,15 @@ def _triton_reasons(b, device, dtype):
 
 
 def _cuda_reasons(b, device, dtype):
+    if device.type == "cpu" and cuda_emulate():
+        emu = cuda_emulator()
+        return [emu] if isinstance(emu, str) else []
     ext = cuda_extension()
     if isinstance(ext, str):
         return [ext]
     if device.type != "cuda":
-        return [f"the tensors are on {device}, not on a CUDA device"]
+        return [f"the tensors are on {device}, not on a CUDA device (LORAKERN_CUDA_EMULATE=1 runs the kernels on "
+                "the CPU emulator)"]
     reasons = []
     cc = torch.cuda.get_device_capability(device)
     if cc < (8, 0):

@@ -10,6 +10,9 @@ tokens (the same heuristic as Triton's, ``lorakern.ops.lora.choose_path``) and t
 16-byte-aligned rows: a WMMA tensor-core shrink over 64-token tiles (split over K when the tiles alone would not
 fill the GPU) writing a float32 ``y``, then a WMMA expand that feeds ``y`` as a hi + lo pair. Otherwise (fp32,
 unaligned shapes) long segments run on the gather kernel, in passes of 4 tokens.
+
+CPU tensors (only under ``LORAKERN_CUDA_EMULATE=1``, see lorakern.backends) go to ``lorakern._C_emu``: the same
+kernel sources on the CPU emulator, with host pointers, no stream, and :data:`EMULATED_SMS` multiprocessors.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from __future__ import annotations
 import torch
 
 from lorakern._tables import slice_tables as _tables
-from lorakern.backends import cuda_extension
+from lorakern.backends import cuda_emulator, cuda_extension
 
 _DTYPES = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2}
 _FUSED, _SHRINK, _EXPAND = 0, 1, 2
@@ -30,11 +33,19 @@ _DENSE_FIELDS = (
 )
 
 
-def _ext():
-    ext = cuda_extension()
+#: multiprocessors the emulator pretends to have (few, so that test shapes with K >= 512 exercise split-K)
+EMULATED_SMS = 16
+
+
+def _ext(device):
+    ext = cuda_emulator() if device.type == "cpu" else cuda_extension()
     if isinstance(ext, str):
         raise RuntimeError(ext)
     return ext
+
+
+def _stream(device) -> int:
+    return 0 if device.type == "cpu" else torch.cuda.current_stream(device).cuda_stream
 
 
 def _aligned(t: torch.Tensor, vec: int, inner_contig: bool = True) -> bool:
@@ -56,13 +67,11 @@ def _fields(f):
 
 
 def _call(mode, dtype, mt, vec, device, **f):
-    stream = torch.cuda.current_stream(device).cuda_stream
-    _ext().dense_gather(_fields(f), _DTYPES[dtype], mode, mt, vec, stream)
+    _ext(device).dense_gather(_fields(f), _DTYPES[dtype], mode, mt, vec, _stream(device))
 
 
 def _call_segment(mode, dtype, k_split, device, **f):
-    stream = torch.cuda.current_stream(device).cuda_stream
-    _ext().dense_segment(_fields(f), _DTYPES[dtype], mode, k_split, stream)
+    _ext(device).dense_segment(_fields(f), _DTYPES[dtype], mode, k_split, _stream(device))
 
 
 _SEGMENT_DTYPES = (torch.float16, torch.bfloat16)
@@ -76,7 +85,8 @@ def _use_segment(plan_info, dtype, vec: bool) -> bool:
 def _k_split(device, ctas: int, K: int) -> int:
     """Split K over CTAs (atomic fp32 adds into y) only when the tiles alone would leave SMs idle."""
     if device not in _SM_COUNT:
-        _SM_COUNT[device] = torch.cuda.get_device_properties(device).multi_processor_count
+        _SM_COUNT[device] = (EMULATED_SMS if device.type == "cpu"
+                             else torch.cuda.get_device_properties(device).multi_processor_count)
     want = 2 * _SM_COUNT[device]
     if ctas >= want:
         return 1

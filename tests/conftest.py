@@ -35,22 +35,34 @@ def _cuda_backend_usable() -> bool:
     return not BACKENDS["cuda"].not_supported_reasons(DEVICE, torch.float16, 128)
 
 
+def _cuda_emulator_usable() -> bool:
+    """Without a GPU the cuda backend's kernels run on the CPU emulator (lorakern._C_emu), if it was built."""
+    from lorakern.backends import cuda_emulator
+
+    return not HAS_CUDA and not isinstance(cuda_emulator(), str)
+
+
+#: the cuda backend runs here: on the GPU, or (no GPU) its kernels on the CPU emulator, LORAKERN_CUDA_EMULATE=1
+CUDA_RUNS = _cuda_backend_usable() or _cuda_emulator_usable()
 #: backends under test on this machine
-BACKEND_LIST = ["torch", "triton"] + (["cuda"] if _cuda_backend_usable() else [])
-#: backend variants: the Triton backend once per forced code path (LORAKERN_TRITON_PATH)
-IMPLS = ["torch", "triton-gather", "triton-segment"] + (["cuda"] if "cuda" in BACKEND_LIST else [])
+BACKEND_LIST = ["torch", "triton"] + (["cuda"] if CUDA_RUNS else [])
+#: backend variants: each compiled backend once per forced code path (LORAKERN_TRITON_PATH)
+IMPLS = ["torch", "triton-gather", "triton-segment"] + (["cuda-gather", "cuda-segment"] if CUDA_RUNS else [])
 
 
 def set_impl(impl: str, monkeypatch) -> str:
-    """Activate a backend variant (``"triton-gather"`` forces that Triton path); returns the backend name.
+    """Activate a backend variant (``"triton-gather"`` forces that path); returns the backend name.
 
-    ``"triton"`` alone leaves the path to the plan (the env override is removed)."""
+    ``"triton"`` alone leaves the path to the plan (the env override is removed). ``"cuda…"`` without a GPU
+    turns on the CPU emulator of the CUDA kernels (``LORAKERN_CUDA_EMULATE=1``)."""
     backend, _, path = impl.partition("-")
     if path:
         monkeypatch.setenv("LORAKERN_TRITON_PATH", path)
     else:
         monkeypatch.delenv("LORAKERN_TRITON_PATH", raising=False)
     monkeypatch.delenv("LORAKERN_BACKEND", raising=False)
+    if backend == "cuda" and not HAS_CUDA:
+        monkeypatch.setenv("LORAKERN_CUDA_EMULATE", "1")
     return backend
 
 
@@ -89,6 +101,8 @@ def device() -> torch.device:
 def backend(request, monkeypatch) -> str:
     monkeypatch.delenv("LORAKERN_BACKEND", raising=False)
     monkeypatch.delenv("LORAKERN_TRITON_PATH", raising=False)
+    if request.param == "cuda" and not HAS_CUDA:
+        monkeypatch.setenv("LORAKERN_CUDA_EMULATE", "1")
     return request.param
 
 

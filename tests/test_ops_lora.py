@@ -46,6 +46,9 @@ CASES = {
     "slots_static_plan": dict(T=40, **SMALL, slots_form="static", none_frac=0.2),
     # static plan for 48 tokens, updated with 40: the last 8 run as -1
     "slots_static_plan_padded": dict(T=48, **SMALL, slots_form="static", static_pad=8),
+    # long K over few tiles: the cuda segment path splits K over CTAs (atomic adds into y)
+    "K1024_split_k": dict(T=70, K=1024, n_sizes=[64, 32], ranks=[80, 3, 64, 17], num_adapters=4, mix="zipf:1.5",
+                          none_frac=0.1),
     # thousands of distinct adapters in one batch
     "adapters_2048": dict(T=2048, K=32, n_sizes=[24], ranks="1-4", num_adapters=2048, mix="distinct"),
 }

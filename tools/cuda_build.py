@@ -7,6 +7,9 @@ Environment:
   LORAKERN_CUDA_ARCHS          semicolon/comma list, default "80;89;90a" (sm_80, sm_89, sm_90a)
   CUDA_HOME / CUDA_PATH        toolkit root (default: the nvcc on PATH, then /usr/local/cuda)
   LORAKERN_NVCC_THREADS        nvcc --threads (default 1)
+  LORAKERN_SKIP_CUDA_EMU=1     do not build ``lorakern._C_emu``, the same kernels compiled with the host C++
+                               compiler for the CPU emulator (csrc/emu/; needs only the toolkit's headers)
+  CXX                          host compiler of the emulation build (default c++)
 """
 
 from __future__ import annotations
@@ -34,6 +37,18 @@ def find_nvcc():
         return nvcc
     if Path("/usr/local/cuda/bin/nvcc").exists():
         return "/usr/local/cuda/bin/nvcc"
+    return None
+
+
+def cuda_include():
+    """The toolkit's include directory (cuda_fp16.h, ...), or None."""
+    nvcc = find_nvcc()
+    roots = [Path(nvcc).resolve().parent.parent] if nvcc else []
+    roots += [Path(os.environ[v]) for v in ("CUDA_HOME", "CUDA_PATH") if os.environ.get(v)]
+    roots.append(Path("/usr/local/cuda"))
+    for r in roots:
+        if (r / "include" / "cuda_fp16.h").exists():
+            return r / "include"
     return None
 
 
@@ -75,41 +90,60 @@ def _q(s: str) -> str:
     return s.replace(" ", "$ ").replace(":", "$:")
 
 
-def write_ninja(build_dir: Path, output: Path, arch_list) -> Path:
-    """A build.ninja compiling each source to an object and linking ``output`` (a Python extension)."""
-    nvcc = find_nvcc()
-    if nvcc is None:
-        raise RuntimeError("nvcc not found (set CUDA_HOME)")
+def _write_ninja(build_dir: Path, output: Path, compiler: str, flags: list, link: str, srcs: list) -> Path:
+    """A build.ninja compiling each of ``srcs`` to an object with ``compiler`` and linking ``output``."""
     build_dir.mkdir(parents=True, exist_ok=True)
-    flags = " ".join(compile_flags(arch_list))
     lines = [
         "ninja_required_version = 1.3",
-        f"nvcc = {nvcc}",
-        f"flags = {flags}",
-        "rule nvcc",
-        "  command = $nvcc $flags -MD -MF $out.d -c $in -o $out",
+        f"cc = {compiler}",
+        f"flags = {' '.join(flags)}",
+        "rule cc",
+        "  command = $cc $flags -MD -MF $out.d -c $in -o $out",
         "  depfile = $out.d",
         "  deps = gcc",
-        "  description = nvcc $in",
+        "  description = compile $in",
         "rule link",
-        "  command = $nvcc -shared -cudart static $in -o $out",
+        f"  command = {link} $in -o $out",
         "  description = link $out",
     ]
     objs = []
-    for src in sources():
+    for src in srcs:
         obj = build_dir / (Path(src).relative_to(CSRC).as_posix().replace("/", "_") + ".o")
         objs.append(_q(str(obj)))
-        lines.append(f"build {_q(str(obj))}: nvcc {_q(src)}")
+        lines.append(f"build {_q(str(obj))}: cc {_q(src)}")
     lines.append(f"build {_q(str(output))}: link {' '.join(objs)}")
     path = build_dir / "build.ninja"
     path.write_text("\n".join(lines) + "\n")
     return path
 
 
-def build(output: Path, build_dir: Path, jobs=None, log=None) -> str:
-    """Build the extension into ``output``; returns the compiler output (ptxas -v report included)."""
-    arch_list = archs()
-    ninja_file = write_ninja(build_dir, output, arch_list)
+def write_ninja(build_dir: Path, output: Path, arch_list) -> Path:
+    """The build.ninja of ``lorakern._C`` (nvcc, cudart linked statically)."""
+    nvcc = find_nvcc()
+    if nvcc is None:
+        raise RuntimeError("nvcc not found (set CUDA_HOME)")
+    return _write_ninja(build_dir, output, nvcc, compile_flags(arch_list), "$cc -shared -cudart static", sources())
+
+
+def emu_sources() -> list:
+    """The emulation build: every kernel .cu (compiled as C++), the binding and the emulator runtime."""
+    return sorted(str(p) for p in CSRC.rglob("*.cu")) + [str(CSRC / "bindings.cpp"), str(CSRC / "emu" / "emu_runtime.cpp")]
+
+
+def emu_flags(include: Path) -> list:
+    import pybind11
+
+    return [
+        "-O2", "-std=c++17", "-fPIC", "-fvisibility=hidden", "-x", "c++", "-DLORAKERN_EMU",
+        "-fno-strict-aliasing",  # the kernels read 16-byte vectors through uint4 casts, as CUDA code does
+        "-Wall", "-Wno-unknown-pragmas", "-Werror",
+        "-include", str(CSRC / "emu" / "cuda_emu.h"),
+        "-I", str(CSRC / "include"), "-I", str(CSRC / "dense"), "-I", str(CSRC / "emu"), "-isystem", str(include),
+        "-isystem", pybind11.get_include(), "-isystem", sysconfig.get_paths()["include"],
+    ]
+
+
+def _ninja(ninja_file: Path, build_dir: Path, jobs, log, what: str) -> str:
     ninja = shutil.which("ninja") or str(Path(sys.executable).parent / "ninja")
     cmd = [ninja, "-f", str(ninja_file), "-v"]
     if jobs:
@@ -119,8 +153,33 @@ def build(output: Path, build_dir: Path, jobs=None, log=None) -> str:
     if log is not None:
         Path(log).write_text(text)
     if r.returncode != 0:
-        raise RuntimeError(f"building lorakern._C failed (archs {arch_list}):\n{text[-6000:]}")
+        raise RuntimeError(f"building {what} failed:\n{text[-6000:]}")
     return text
+
+
+#: extra flags of the emulator's memcheck build: AddressSanitizer reports any out-of-bounds access of a kernel
+ASAN_FLAGS = ["-fsanitize=address", "-fno-omit-frame-pointer", "-O1", "-Wno-maybe-uninitialized"]  # (pybind11 under ASan)
+
+
+def build_emu(output: Path, build_dir: Path, jobs=None, log=None, srcs=None, extra=()) -> str:
+    """Build ``lorakern._C_emu`` (the kernels on the CPU emulator) into ``output`` with the host compiler.
+
+    ``srcs`` replaces :func:`emu_sources` (the emulator's own tests build csrc/emu/selftest.cpp this way);
+    ``extra`` flags go to the compiler and the linker (e.g. :data:`ASAN_FLAGS`)."""
+    include = cuda_include()
+    if include is None:
+        raise RuntimeError("the CUDA toolkit headers (cuda_fp16.h) were not found (set CUDA_HOME)")
+    cxx = os.environ.get("CXX", "c++")
+    ninja_file = _write_ninja(build_dir, output, cxx, emu_flags(include) + list(extra),
+                              " ".join([cxx, "-shared", *extra]), srcs or emu_sources())
+    return _ninja(ninja_file, build_dir, jobs, log, "lorakern._C_emu")
+
+
+def build(output: Path, build_dir: Path, jobs=None, log=None) -> str:
+    """Build the extension into ``output``; returns the compiler output (ptxas -v report included)."""
+    arch_list = archs()
+    ninja_file = write_ninja(build_dir, output, arch_list)
+    return _ninja(ninja_file, build_dir, jobs, log, f"lorakern._C (archs {arch_list})")
 
 
 def ptxas_warnings(text: str) -> list:

@@ -6,7 +6,28 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+// Hooks of the CPU emulation build (csrc/emu/cuda_emu.h, -DLORAKERN_EMU); nothing in a CUDA build.
+#ifndef LORAKERN_CHECK_VEC_ALIGN
+#define LORAKERN_CHECK_VEC_ALIGN(p) ((void)0)
+#endif
+#ifndef LORAKERN_SHARED_TRACK
+#define LORAKERN_SHARED_TRACK(name) ((void)0)
+#endif
+
 namespace lorakern {
+
+// Launch `kernel` on `stream` (or, in the emulation build, run it on the CPU); returns the launch error.
+template <typename... P, typename... A>
+cudaError_t launch_kernel(void (*kernel)(P...), dim3 grid, dim3 block, cudaStream_t stream, A... args) {
+#ifdef LORAKERN_EMU
+  (void)stream;
+  if (::lk_emu::launch(grid, block, [&] { kernel(args...); })) return cudaGetLastError();
+  return cudaSuccess;
+#else
+  kernel<<<grid, block, 0, stream>>>(args...);
+  return cudaGetLastError();
+#endif
+}
 
 // float <-> storage type, one table for every kernel (no body copied per dtype).
 template <typename T> struct Num;
@@ -24,7 +45,8 @@ template <> struct Num<__nv_bfloat16> {
 };
 
 // A 16-byte vector of T (8 halves / 8 bf16 / 4 floats) when VEC, a single element otherwise.
-template <typename T, bool VEC> struct Vec {
+// Aligned to 16 bytes when VEC: it is read and written as one uint4.
+template <typename T, bool VEC> struct alignas(VEC ? 16 : alignof(T)) Vec {
   static constexpr int N = VEC ? int(16 / sizeof(T)) : 1;
   T v[N];
 };
@@ -32,6 +54,7 @@ template <typename T, bool VEC> struct Vec {
 template <typename T, bool VEC>
 __device__ __forceinline__ void load_vec(Vec<T, VEC>& dst, const T* p) {
   if constexpr (VEC) {
+    LORAKERN_CHECK_VEC_ALIGN(p);
     *reinterpret_cast<uint4*>(dst.v) = __ldg(reinterpret_cast<const uint4*>(p));
   } else {
     dst.v[0] = p[0];
@@ -41,6 +64,7 @@ __device__ __forceinline__ void load_vec(Vec<T, VEC>& dst, const T* p) {
 template <typename T, bool VEC>
 __device__ __forceinline__ void store_vec(T* p, const Vec<T, VEC>& src) {
   if constexpr (VEC) {
+    LORAKERN_CHECK_VEC_ALIGN(p);
     *reinterpret_cast<uint4*>(p) = *reinterpret_cast<const uint4*>(src.v);
   } else {
     p[0] = src.v[0];
@@ -51,6 +75,7 @@ __device__ __forceinline__ void store_vec(T* p, const Vec<T, VEC>& src) {
 template <typename T, bool VEC>
 __device__ __forceinline__ void load_vec_rw(Vec<T, VEC>& dst, const T* p) {
   if constexpr (VEC) {
+    LORAKERN_CHECK_VEC_ALIGN(p);
     *reinterpret_cast<uint4*>(dst.v) = *reinterpret_cast<const uint4*>(p);
   } else {
     dst.v[0] = p[0];

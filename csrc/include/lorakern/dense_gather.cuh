@@ -35,6 +35,8 @@ __global__ void __launch_bounds__(kThreads, 2) dense_gather_kernel(const DensePa
   constexpr int W = V::N;
   __shared__ float y_s[MT][kMaxRank];
   __shared__ int64_t rows_s[kMaxRank];
+  LORAKERN_SHARED_TRACK(y_s);
+  LORAKERN_SHARED_TRACK(rows_s);
 
   const int tile = blockIdx.x, sl = blockIdx.y;
   const int start = p.tiles[3 * tile], len = p.tiles[3 * tile + 1], slot = p.tiles[3 * tile + 2];
@@ -144,8 +146,7 @@ template <typename T, int MT, bool VEC, Mode MODE>
 cudaError_t launch_dense_gather(const DenseParams& p, cudaStream_t stream) {
   if (p.num_tiles <= 0 || p.num_slices <= 0) return cudaSuccess;
   dim3 grid(static_cast<unsigned>(p.num_tiles), static_cast<unsigned>(p.num_slices));
-  dense_gather_kernel<T, MT, VEC, MODE><<<grid, kThreads, 0, stream>>>(p);
-  return cudaGetLastError();
+  return launch_kernel(dense_gather_kernel<T, MT, VEC, MODE>, grid, dim3(kThreads), stream, p);
 }
 
 }  // namespace lorakern

@@ -44,6 +44,11 @@ __global__ void __launch_bounds__(seg::kSegThreads) segment_shrink_kernel(const 
   __shared__ __align__(128) float ys[BM][LDY];
   __shared__ int64_t tok_s[BM];
   __shared__ int64_t rows_s[BR];
+  LORAKERN_SHARED_TRACK(xs);
+  LORAKERN_SHARED_TRACK(as);
+  LORAKERN_SHARED_TRACK(ys);
+  LORAKERN_SHARED_TRACK(tok_s);
+  LORAKERN_SHARED_TRACK(rows_s);
 
   const int tile = blockIdx.x, sl = blockIdx.y;
   const int r_tiles = (p.max_rank + BR - 1) / BR;
@@ -134,6 +139,12 @@ __global__ void __launch_bounds__(seg::kSegThreads) segment_expand_kernel(const 
   __shared__ __align__(128) T bs[RK][LDB];
   __shared__ __align__(128) float os[BM][LDO];
   __shared__ int64_t tok_s[BM];
+  LORAKERN_SHARED_TRACK(yhi);
+  LORAKERN_SHARED_TRACK(ylo);
+  LORAKERN_SHARED_TRACK(ylo2);
+  LORAKERN_SHARED_TRACK(bs);
+  LORAKERN_SHARED_TRACK(os);
+  LORAKERN_SHARED_TRACK(tok_s);
 
   constexpr bool kThreeTerms = std::is_same<T, __nv_bfloat16>::value;
   const int tile = blockIdx.x, sl = blockIdx.y, n0 = blockIdx.z * BN;
@@ -223,14 +234,12 @@ cudaError_t launch_dense_segment(const DenseParams& p, int mode, int k_split, cu
   if (mode == 1) {
     const int r_tiles = (p.max_rank + seg::BR - 1) / seg::BR;
     dim3 grid(p.num_tiles, p.num_slices, r_tiles * max(k_split, 1));
-    segment_shrink_kernel<T><<<grid, seg::kSegThreads, 0, stream>>>(p, max(k_split, 1));
+    return launch_kernel(segment_shrink_kernel<T>, grid, dim3(seg::kSegThreads), stream, p, max(k_split, 1));
   } else if (mode == 2) {
     dim3 grid(p.num_tiles, p.num_slices, (p.max_n + seg::BN - 1) / seg::BN);
-    segment_expand_kernel<T><<<grid, seg::kSegThreads, 0, stream>>>(p);
-  } else {
-    return cudaErrorInvalidValue;
+    return launch_kernel(segment_expand_kernel<T>, grid, dim3(seg::kSegThreads), stream, p);
   }
-  return cudaGetLastError();
+  return cudaErrorInvalidValue;
 }
 
 }  // namespace lorakern

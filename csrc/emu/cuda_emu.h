@@ -1,0 +1,206 @@
+// lorakern: a CPU emulation of the CUDA device constructs our kernels use, so that the very same kernel templates
+// (csrc/include/lorakern/*.cuh) compile with a host C++ compiler and run on the CPU: `lorakern._C_emu`, the
+// extension behind LORAKERN_CUDA_EMULATE=1. It exists to test the kernels' logic (indexing, page-table reads,
+// rank loops, tiling, split-K, epilogues, synchronisation) on machines without a GPU; it says nothing about speed
+// and does not model the GPU memory system.
+//
+// Force-included before every kernel source (g++ -include csrc/emu/cuda_emu.h -DLORAKERN_EMU). What it provides:
+//   * one block at a time; its threads are fibers (cooperative user-level threads on one OS thread); warps advance
+//     independently, in a chosen order (forward, reverse or seeded random, the default), so one warp can run far
+//     ahead of the others between barriers and a missing __syncthreads shows up as a poisoned or order-dependent
+//     result;
+//   * __syncthreads() as a barrier that checks every waiting thread reached the SAME barrier (divergence is an
+//     error, exited threads count as arrived, as on sm_70+);
+//   * warp collectives (__shfl_xor_sync, the WMMA *_sync calls) as warp barriers that require all 32 lanes (a full
+//     mask) and fail on a diverged or partially exited warp;
+//   * __shared__ = function-level static storage (blocks run one after another), filled with a NaN pattern
+//     before each block so that reading shared memory nobody wrote poisons the result;
+//   * nvcuda::wmma fragments holding the whole tile (layout is opaque in CUDA, so kernels cannot depend on it),
+//     fp32 accumulation; pointer-alignment and ldm rules of WMMA and of 16-byte vector accesses are checked;
+//   * atomicAdd, __ldg, min/max, cudaGetLastError/cudaGetErrorString.
+// An error stops the launch and is returned as cudaErrorLaunchFailure with the message in cudaGetErrorString.
+#pragma once
+
+#ifndef LORAKERN_EMU
+#error "cuda_emu.h is only for the CPU emulation build (-DLORAKERN_EMU)"
+#endif
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <cstring>
+#include <functional>
+#include <string>
+#include <type_traits>
+
+namespace lk_emu {
+
+// ---- the current thread's coordinates (one OS thread runs every fiber, so plain globals, set on each switch)
+extern uint3 g_thread_idx, g_block_idx;
+extern dim3 g_block_dim, g_grid_dim;
+
+[[noreturn]] void fail(const std::string& what);          // record an error and abandon the launch
+void sync_block(int line);                                // __syncthreads
+void sync_warp();                                         // a warp-collective rendezvous (all 32 lanes)
+void register_shared(void* p, size_t bytes);              // poison and track a __shared__ array
+int launch(dim3 grid, dim3 block, const std::function<void()>& body);  // 0 or an error
+uint64_t& warp_slot(int lane);                            // exchange slot of `lane` in the current warp
+cudaError_t last_error();
+const char* error_string(cudaError_t e);
+void set_schedule(int order, uint64_t seed);             // 0 forward, 1 reverse, 2 random(seed)
+
+inline unsigned flat_tid() {
+  return g_thread_idx.x + g_block_dim.x * (g_thread_idx.y + g_block_dim.y * g_thread_idx.z);
+}
+
+template <typename T>
+T shfl_xor(unsigned mask, T v, int lane_mask) {
+  static_assert(sizeof(T) <= 8, "shuffle of a value wider than 8 bytes");
+  if (mask != 0xffffffffu) fail("__shfl_xor_sync with a partial mask (the emulator supports full warps only)");
+  const int lane = static_cast<int>(flat_tid() & 31);
+  uint64_t bits = 0;
+  std::memcpy(&bits, &v, sizeof(T));
+  sync_warp();  // every lane is here (and finished reading the previous exchange)
+  warp_slot(lane) = bits;
+  sync_warp();  // every lane has deposited
+  const uint64_t got = warp_slot(lane ^ (lane_mask & 31));
+  T r;
+  std::memcpy(&r, &got, sizeof(T));
+  return r;
+}
+
+inline void check_align(const void* p, size_t a, const char* what) {
+  if (reinterpret_cast<uintptr_t>(p) % a)
+    fail(std::string("misaligned address: ") + what + " needs " + std::to_string(a) + "-byte alignment, got " +
+         std::to_string(reinterpret_cast<uintptr_t>(p)));
+}
+
+// Registers a __shared__ array on first use in a block: poisoned before the block's first read.
+struct SharedTag {
+  SharedTag(void* p, size_t n) { register_shared(p, n); }
+};
+
+}  // namespace lk_emu
+
+// ---- CUDA spellings
+#undef __shared__
+#define LK_EMU_CAT2(a, b) a##b
+#define LK_EMU_CAT(a, b) LK_EMU_CAT2(a, b)
+#define __shared__ static
+#ifndef __launch_bounds__
+#define __launch_bounds__(...)
+#endif
+#define threadIdx (::lk_emu::g_thread_idx)
+#define blockIdx (::lk_emu::g_block_idx)
+#define blockDim (::lk_emu::g_block_dim)
+#define gridDim (::lk_emu::g_grid_dim)
+#define __syncthreads() ::lk_emu::sync_block(__LINE__)
+#define __syncwarp(...) ::lk_emu::sync_warp()
+#define cudaGetLastError() ::lk_emu::last_error()
+#define cudaGetErrorString(e) ::lk_emu::error_string(e)
+
+template <typename T>
+inline T __shfl_xor_sync(unsigned mask, T v, int lane_mask, int width = 32) {
+  if (width != 32) ::lk_emu::fail("__shfl_xor_sync with width != 32 is not emulated");
+  return ::lk_emu::shfl_xor(mask, v, lane_mask);
+}
+template <typename T>
+inline T __ldg(const T* p) {
+  ::lk_emu::check_align(p, alignof(T) < sizeof(T) ? sizeof(T) : alignof(T), "__ldg");
+  return *p;
+}
+inline float atomicAdd(float* p, float v) {
+  ::lk_emu::check_align(p, 4, "atomicAdd");
+  const float old = *p;
+  *p = old + v;
+  return old;
+}
+inline int min(int a, int b) { return a < b ? a : b; }
+inline int max(int a, int b) { return a > b ? a : b; }
+inline unsigned min(unsigned a, unsigned b) { return a < b ? a : b; }
+inline unsigned max(unsigned a, unsigned b) { return a > b ? a : b; }
+inline long long min(long long a, long long b) { return a < b ? a : b; }
+inline long long max(long long a, long long b) { return a > b ? a : b; }
+inline long min(long a, long b) { return a < b ? a : b; }
+inline long max(long a, long b) { return a > b ? a : b; }
+
+// The kernels' 16-byte vector accesses go through this check (a misaligned uint4 access faults on a GPU).
+#define LORAKERN_CHECK_VEC_ALIGN(p) ::lk_emu::check_align((p), 16, "16-byte vector access")
+// __shared__ arrays are declared through this so the emulator can poison them per block.
+#define LORAKERN_SHARED_TRACK(name) \
+  static ::lk_emu::SharedTag LK_EMU_CAT(lk_emu_tag_, name)(&(name), sizeof(name)); (void)LK_EMU_CAT(lk_emu_tag_, name)
+
+// ---- WMMA, whole-tile fragments (the real fragment layout is opaque, so a kernel cannot depend on it)
+namespace nvcuda {
+namespace wmma {
+struct row_major {};
+struct col_major {};
+struct matrix_a {};
+struct matrix_b {};
+struct accumulator {};
+enum layout_t { mem_row_major, mem_col_major };
+
+template <typename Use, int M, int N, int K, typename T, typename Layout = void>
+struct fragment {
+  static constexpr int rows = std::is_same<Use, matrix_b>::value ? K : M;
+  static constexpr int cols = std::is_same<Use, matrix_a>::value ? K : N;
+  static constexpr int num_elements = rows * cols;  // per lane here (all of it); opaque on a GPU
+  float v[rows * cols];
+};
+
+namespace detail {
+template <typename T> inline float to_f(T v) { return static_cast<float>(v); }
+template <> inline float to_f(__half v) { return __half2float(v); }
+template <> inline float to_f(__nv_bfloat16 v) { return __bfloat162float(v); }
+inline void check_ptr_ldm(const void* p, unsigned ldm, size_t elem, const char* what) {
+  ::lk_emu::check_align(p, 32, what);  // 256-bit aligned pointer
+  if ((ldm * elem) % 16) ::lk_emu::fail(std::string(what) + ": ldm must be a multiple of 16 bytes");
+}
+}  // namespace detail
+
+template <typename Use, int M, int N, int K, typename T, typename L>
+inline void fill_fragment(fragment<Use, M, N, K, T, L>& f, float v) {
+  ::lk_emu::sync_warp();
+  for (float& e : f.v) e = v;
+}
+
+template <typename Use, int M, int N, int K, typename T, typename L, typename P>
+inline void load_matrix_sync(fragment<Use, M, N, K, T, L>& f, const P* p, unsigned ldm) {
+  static_assert(std::is_same<P, T>::value, "load_matrix_sync: pointer type differs from the fragment type");
+  static_assert(!std::is_same<Use, accumulator>::value, "accumulator loads need a layout argument");
+  ::lk_emu::sync_warp();
+  detail::check_ptr_ldm(p, ldm, sizeof(P), "wmma::load_matrix_sync");
+  using Fr = fragment<Use, M, N, K, T, L>;
+  constexpr bool row = std::is_same<L, row_major>::value;
+  for (int r = 0; r < Fr::rows; ++r)
+    for (int c = 0; c < Fr::cols; ++c)
+      f.v[r * Fr::cols + c] = detail::to_f(row ? p[size_t(r) * ldm + c] : p[size_t(c) * ldm + r]);
+}
+
+template <int M, int N, int K, typename TA, typename LA, typename LB>
+inline void mma_sync(fragment<accumulator, M, N, K, float>& d, const fragment<matrix_a, M, N, K, TA, LA>& a,
+                     const fragment<matrix_b, M, N, K, TA, LB>& b, const fragment<accumulator, M, N, K, float>& c) {
+  ::lk_emu::sync_warp();
+  float t[M * N];
+  for (int i = 0; i < M; ++i)
+    for (int j = 0; j < N; ++j) {
+      float s = c.v[i * N + j];
+      for (int k = 0; k < K; ++k) s += a.v[i * K + k] * b.v[k * N + j];
+      t[i * N + j] = s;
+    }
+  std::memcpy(d.v, t, sizeof(t));
+}
+
+template <int M, int N, int K>
+inline void store_matrix_sync(float* p, const fragment<accumulator, M, N, K, float>& f, unsigned ldm, layout_t l) {
+  ::lk_emu::sync_warp();
+  detail::check_ptr_ldm(p, ldm, sizeof(float), "wmma::store_matrix_sync");
+  if ((::lk_emu::flat_tid() & 31) != 0) return;  // one lane writes the tile (all lanes hold all of it)
+  for (int r = 0; r < M; ++r)
+    for (int c = 0; c < N; ++c)
+      (l == mem_row_major ? p[size_t(r) * ldm + c] : p[size_t(c) * ldm + r]) = f.v[r * N + c];
+}
+}  // namespace wmma
+}  // namespace nvcuda

@@ -1,0 +1,254 @@
+"""The CPU emulator of the CUDA kernels (csrc/emu/) checks what it claims to check.
+
+Without a GPU the cuda backend's tests run the real kernel sources on this emulator (``LORAKERN_CUDA_EMULATE=1``),
+so the emulator must (a) compute what CUDA computes and (b) report the defects it is meant to expose: races on
+shared memory that a schedule order reveals, divergent barriers, warp collectives with missing lanes, misaligned
+vector accesses. Each is shown here on a small kernel (csrc/emu/selftest.cpp) with a known answer or defect.
+"""
+
+import importlib.util
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import HAS_CUDA
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tools"))
+import cuda_build  # noqa: E402
+
+pytestmark = pytest.mark.skipif(cuda_build.cuda_include() is None, reason="no CUDA toolkit headers on this machine")
+
+
+@pytest.fixture(scope="module")
+def selftest(tmp_path_factory):
+    d = tmp_path_factory.mktemp("emu_selftest")
+    import sysconfig
+
+    out = d / ("emu_selftest" + sysconfig.get_config_var("EXT_SUFFIX"))
+    cuda_build.build_emu(out, d / "obj", srcs=[str(ROOT / "csrc/emu/selftest.cpp"),
+                                                str(ROOT / "csrc/emu/emu_runtime.cpp")])
+    spec = importlib.util.spec_from_file_location("emu_selftest", out)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+ORDERS = {"forward": 0, "reverse": 1, "random": 2}
+
+
+def expected_neighbour():
+    return [float((t + 1) % 64) + 100.0 * b for b in range(2) for t in range(64)]
+
+
+@pytest.mark.parametrize("order", ORDERS)
+def test_synchronised_exchange_is_right_in_every_order(selftest, order):
+    err, out = selftest.run("no_race", ORDERS[order], 7)
+    assert err == ""
+    assert out[:128] == expected_neighbour()
+
+
+def test_missing_barrier_is_exposed_by_some_order(selftest):
+    """The race reads shared memory its neighbour has not written yet in at least one schedule: the unwritten
+    shared memory is a NaN pattern, so the result is visibly wrong there."""
+    wrong = []
+    for name, order in ORDERS.items():
+        err, out = selftest.run("race", order, 3)
+        assert err == ""
+        if out[:128] != expected_neighbour():
+            wrong.append(name)
+            assert any(v != v for v in out[:128]), "an unsynchronised read should see the NaN poison"
+    assert wrong, "no schedule exposed the race"
+
+
+def test_divergent_barrier_is_an_error(selftest):
+    err, _ = selftest.run("divergent_barrier")
+    assert "divergent __syncthreads" in err
+
+
+def test_exited_warps_count_as_arrived(selftest):
+    err, out = selftest.run("early_exit_then_barrier")
+    assert err == ""
+    assert out[:128] == [1.0] * 128
+
+
+def test_warp_sum(selftest):
+    err, out = selftest.run("warp_sum")
+    assert err == ""
+    assert out[:32] == [float(sum(range(32)))] * 32
+    assert out[32:64] == [float(sum(range(32)) + 32 * 32)] * 32
+
+
+def test_shuffle_with_exited_lanes_is_an_error(selftest):
+    err, _ = selftest.run("shuffle_after_lanes_exit")
+    assert "some of its lanes exited" in err
+
+
+def test_shuffle_while_other_lanes_wait_at_a_barrier_is_an_error(selftest):
+    err, _ = selftest.run("shuffle_vs_barrier")
+    assert "deadlock" in err or "divergent" in err
+
+
+def test_misaligned_vector_access_is_an_error(selftest):
+    err, _ = selftest.run("misaligned_vector")
+    assert "misaligned address" in err and "16-byte" in err
+
+
+def test_wmma_matches_a_float64_product(selftest):
+    g = torch.Generator().manual_seed(5)
+    a = torch.randn(16, 16, generator=g).half().double()
+    b = torch.randn(16, 16, generator=g).half().double()
+    err, c = selftest.wmma(a.flatten().tolist(), b.t().contiguous().flatten().tolist())  # b column-major
+    assert err == ""
+    ref = a @ b + 1.0
+    torch.testing.assert_close(torch.tensor(c, dtype=torch.float64).view(16, 16), ref, rtol=1e-5, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------ the real kernels
+@pytest.mark.skipif(HAS_CUDA, reason="the emulator is for machines without a GPU")
+def test_cuda_backend_on_cpu_needs_the_emulate_switch(monkeypatch):
+    from lorakern.backends import BACKENDS, cuda_emulator
+
+    if isinstance(cuda_emulator(), str):
+        pytest.skip(cuda_emulator())
+    monkeypatch.delenv("LORAKERN_CUDA_EMULATE", raising=False)
+    reasons = BACKENDS["cuda"].not_supported_reasons(torch.device("cpu"), torch.float16, 16)
+    assert any("LORAKERN_CUDA_EMULATE" in r for r in reasons)
+    monkeypatch.setenv("LORAKERN_CUDA_EMULATE", "1")
+    assert BACKENDS["cuda"].not_supported_reasons(torch.device("cpu"), torch.float16, 16) == []
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="the emulator is for machines without a GPU")
+@pytest.mark.parametrize("order", ORDERS)
+def test_kernels_agree_in_every_schedule(order, monkeypatch):
+    """The dense kernels (both paths, split-K included) give the same bits whatever order a block's threads run
+    in: no result depends on an unsynchronised shared-memory access."""
+    from lorakern import cuda_backend
+    from lorakern.backends import cuda_emulator
+    from lorakern.workloads import make_lora, make_slots
+
+    emu = cuda_emulator()
+    if isinstance(emu, str):
+        pytest.skip(emu)
+    import lorakern
+
+    monkeypatch.setenv("LORAKERN_CUDA_EMULATE", "1")
+    g = torch.Generator().manual_seed(11)
+    K, ns, dt = 1024, [64, 32], torch.bfloat16  # K = 1024 with few CTAs: split-K on (16 emulated SMs)
+    pool = make_lora(6, K, ns, [16, 1, 64, 70, 8, 33], dtype=dt, generator=g)
+    x = torch.randn(40, K, generator=g).to(dt)
+    slots = make_slots("zipf:1.5", 40, 6, none_frac=0.1, generator=g)
+    results = []
+    try:
+        for seed in (0, 1):
+            emu.set_schedule(ORDERS[order], seed)
+            for path in ("gather", "segment"):
+                monkeypatch.setenv("LORAKERN_TRITON_PATH", path)
+                out = torch.zeros(40, sum(ns), dtype=dt)
+                lorakern.ops.add_lora(out, x, pool.lora_a, pool.lora_b, pool.page_table, pool.ranks, pool.scales,
+                                      slots, backend="cuda")
+                results.append((path, out))
+    finally:
+        emu.set_schedule(2, 0)
+    assert cuda_backend._k_split(torch.device("cpu"), 12, K) > 1  # <= 3 tiles x 2 slices x 2 rank tiles
+    for path in ("gather", "segment"):
+        outs = [o for p, o in results if p == path]
+        assert outs[0].abs().sum() > 0
+        for o in outs[1:]:
+            assert torch.equal(o.view(torch.int16), outs[0].view(torch.int16)), path
+
+
+# ------------------------------------------------------------------------------------------------ memcheck
+# The emulator built with AddressSanitizer is the CPU counterpart of compute-sanitizer's memcheck: every tensor is
+# its own heap block with redzones, so a kernel reading or writing past any input or output is reported. It runs in
+# a subprocess with libasan preloaded (ASan must be the first library loaded).
+def _libasan():
+    import shutil
+    import subprocess
+
+    cxx = os.environ.get("CXX", "c++")
+    if shutil.which(cxx) is None:
+        return None
+    r = subprocess.run([cxx, "-print-file-name=libasan.so"], capture_output=True, text=True)
+    path = r.stdout.strip()
+    return path if r.returncode == 0 and os.path.isabs(path) and os.path.exists(path) else None
+
+
+_MEMCHECK_SCRIPT = r'''
+import importlib.util, os, sys
+os.environ["LORAKERN_CUDA_EMULATE"] = "1"
+spec = importlib.util.spec_from_file_location(sys.argv[2], sys.argv[1])
+mod = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(mod)
+if sys.argv[2] == "emu_selftest":
+    print(mod.out_of_bounds(37))
+    sys.exit(0)
+sys.modules["lorakern._C_emu"] = mod
+sys.path.insert(0, sys.argv[3])
+import torch
+import conftest, test_ops_lora as T
+import lorakern
+assert lorakern.backends.cuda_emulator() is mod
+n = 0
+for name in sys.argv[4].split(","):
+    for dt in (torch.float16, torch.bfloat16, torch.float32):
+        for path in ("gather", "segment"):
+            os.environ["LORAKERN_TRITON_PATH"] = path
+            g = torch.Generator().manual_seed(n)
+            case = T._case(name, dt, g)
+            for op in ("add_lora", "lora_shrink", "lora_expand"):
+                conftest.run_case(op, "cuda", case, g)
+                n += 1
+print("memcheck runs:", n)
+'''
+
+MEMCHECK_CASES = ("ranks_1_to_128", "K100_N72", "slices_72_40_24", "slice_offsets_gaps", "mix_distinct",
+                  "rank0_adapters", "T1", "K1024_split_k", "slots_static_plan_padded", "x_transposed")
+
+
+@pytest.fixture(scope="module")
+def asan_build(tmp_path_factory):
+    lib = _libasan()
+    if lib is None:
+        pytest.skip("no libasan for the host compiler")
+    import sysconfig
+
+    d = tmp_path_factory.mktemp("emu_asan")
+    ext = sysconfig.get_config_var("EXT_SUFFIX")
+    kernels, selft = d / ("_C_emu" + ext), d / ("emu_selftest" + ext)
+    cuda_build.build_emu(kernels, d / "obj", extra=cuda_build.ASAN_FLAGS)
+    cuda_build.build_emu(selft, d / "obj_selftest", extra=cuda_build.ASAN_FLAGS,
+                         srcs=[str(ROOT / "csrc/emu/selftest.cpp"), str(ROOT / "csrc/emu/emu_runtime.cpp")])
+    script = d / "memcheck.py"
+    script.write_text(_MEMCHECK_SCRIPT)
+    return lib, kernels, selft, script
+
+
+def _run_asan(asan_build, module, name, cases=""):
+    import subprocess
+
+    lib, _, _, script = asan_build
+    env = dict(os.environ, LD_PRELOAD=lib, ASAN_OPTIONS="detect_leaks=0:abort_on_error=0:exitcode=23",
+               TRITON_INTERPRET="1", LORAKERN_CUDA_EMULATE="1")
+    return subprocess.run([sys.executable, str(script), str(module), name, str(ROOT / "tests"), cases],
+                          capture_output=True, text=True, env=env, timeout=900)
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="on a GPU, tests/test_cuda_sanitizer.py runs compute-sanitizer instead")
+def test_memcheck_catches_an_out_of_bounds_read(asan_build):
+    """Control: the ASan build does report a kernel reading one float past a heap buffer."""
+    r = _run_asan(asan_build, asan_build[2], "emu_selftest")
+    assert r.returncode == 23, r.stdout + r.stderr[-3000:]
+    assert "heap-buffer-overflow" in r.stderr and "read_past_end" in r.stderr
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="on a GPU, tests/test_cuda_sanitizer.py runs compute-sanitizer instead")
+def test_memcheck_dense_kernels_stay_in_bounds(asan_build):
+    """Both paths of every dense op, three dtypes, the adversarial shapes: no access outside any tensor, and
+    the results still match the float64 oracle."""
+    r = _run_asan(asan_build, asan_build[1], "_C_emu", ",".join(MEMCHECK_CASES))
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-6000:]
+    assert f"memcheck runs: {len(MEMCHECK_CASES) * 3 * 2 * 3}" in r.stdout
