@@ -1,0 +1,109 @@
+"""Mutation check of the CUDA kernels' tests: every listed defect, planted in a copy of the repository and run on
+the CPU emulator (lorakern._C_emu), must make the emulated cuda-backend tests fail. A mutation that survives
+means the tests cannot see that kind of bug.
+
+    python tools/kernel_mutations.py            # all mutations (~3-4 minutes on 2 cores)
+    python tools/kernel_mutations.py 3 11       # only these
+
+Needs the CUDA toolkit's headers and a host C++ compiler (as the emulator build does); no GPU.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+G = "csrc/include/lorakern/dense_gather.cuh"
+S = "csrc/include/lorakern/dense_segment.cuh"
+
+#: (what, file, original text, planted defect)
+MUTATIONS = [
+    ("gather: no barrier after the page-table read", G, "  __syncthreads();\n\n  for (int m0", "\n  for (int m0"),
+    ("gather: expand reads one rank row too many", G, "for (int j = 0; j < rank; ++j) {",
+     "for (int j = 0; j <= rank && j < kMaxRank; ++j) {"),
+    ("gather: shrink skips the last rank row", G, "for (int j = warp; j < rank; j += kWarps)",
+     "for (int j = warp; j < rank - 1; j += kWarps)"),
+    ("gather: no barrier before y_s is rewritten", G, "    __syncthreads();  // y_s is rewritten by the next pass\n",
+     "\n"),
+    ("gather: last token of a pass dropped", G, "const int mt = min(MT, len - m0);",
+     "const int mt = min(MT, len - m0) - (len - m0 > MT ? 0 : 1);"),
+    ("gather: scale ignored", G, "const float scale = p.scales ? p.scales[slot] : 1.0f;", "const float scale = 1.0f;"),
+    ("gather: slice offset ignored", G, "T* o = O + tok[m] * p.so_t + (off + n) * p.so_n;",
+     "T* o = O + tok[m] * p.so_t + n * p.so_n; (void)off;"),
+    ("segment: shrink reads page-table entries past the rank", S,
+     "rows_s[i] = i < nr ? p.page_table[slot * p.s_pt + r0 + i] : -1;",
+     "rows_s[i] = p.page_table[slot * p.s_pt + r0 + i];"),
+    ("segment: expand reads y past the rank", S, "(tok_s[m] >= 0 && rc + j < rank) ?", "(tok_s[m] >= 0) ?"),
+    ("segment: no lo term of the fp32 intermediate", S, "      wmma::mma_sync(acc[f], fl, fb, acc[f]);\n", ""),
+    ("segment: split-K partial sums stored, not added", S,
+     "if (k_split > 1) atomicAdd(dst, ys[m][j]); else *dst = ys[m][j];", "*dst = ys[m][j];"),
+    ("segment: no barrier after the x/A tile load", S, "      store_vec(&as[j][c], v);\n    }\n    __syncthreads();",
+     "      store_vec(&as[j][c], v);\n    }"),
+    ("segment: no barrier after the accumulator store", S,
+     "wmma::store_matrix_sync(&os[fm * 16][(fn0 + f) * 16], acc[f], LDO, wmma::mem_row_major);\n  __syncthreads();",
+     "wmma::store_matrix_sync(&os[fm * 16][(fn0 + f) * 16], acc[f], LDO, wmma::mem_row_major);"),
+    ("segment: epilogue writes rows past the segment", S, "if (m < len && n0 + c < n_i) {",
+     "if (tok_s[m] >= 0 || n0 + c < n_i) {"),
+    ("segment: last K tile skipped", S, "for (int k0 = k_begin; k0 < k_end; k0 += BK) {",
+     "for (int k0 = k_begin; k0 + BK < k_end; k0 += BK) {"),
+]
+
+TESTS = ["tests/test_ops_lora.py", "-k", "cuda and not 2048"]
+
+
+def main(argv) -> int:
+    sys.path.insert(0, str(ROOT / "tools"))
+    import cuda_build
+
+    files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
+                           capture_output=True, text=True, check=True).stdout.split()
+    ext = sysconfig.get_config_var("EXT_SUFFIX")
+    survivors = []
+    with tempfile.TemporaryDirectory(prefix="lorakern-mut-") as tmp:
+        work = Path(tmp) / "repo"
+        for f in files:
+            if (ROOT / f).is_file():
+                (work / f).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(ROOT / f, work / f)
+        for i, (what, rel, old, new) in enumerate(MUTATIONS):
+            if argv and str(i) not in argv:
+                continue
+            path = work / rel
+            orig = path.read_text()
+            if orig.count(old) != 1:
+                print(f"[{i}] {what}: the original text is not found exactly once (update MUTATIONS)")
+                survivors.append(what)
+                continue
+            path.write_text(orig.replace(old, new))
+            try:
+                cuda_build.CSRC = work / "csrc"
+                so = work / "lorakern" / f"_C_emu{ext}"
+                try:
+                    cuda_build.build_emu(so, Path(tmp) / f"obj{i}")
+                except RuntimeError as e:
+                    print(f"[{i}] {what}: the mutant does not compile ({str(e).splitlines()[-2:]})")
+                    survivors.append(what)
+                    continue
+                t = time.time()
+                r = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *TESTS],
+                                   cwd=work, capture_output=True, text=True)
+                failed = [ln for ln in r.stdout.splitlines() if ln.startswith("FAILED")]
+                verdict = ("caught: " + (failed[0][7:] if failed else f"crashed (rc {r.returncode})")
+                           if r.returncode != 0 else "SURVIVED")
+                print(f"[{i}] {what}: {verdict} ({time.time() - t:.0f} s)", flush=True)
+                if r.returncode == 0:
+                    survivors.append(what)
+            finally:
+                path.write_text(orig)
+    print(f"{len(survivors)} mutation(s) survived" + (": " + "; ".join(survivors) if survivors else ""))
+    return 1 if survivors else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
