@@ -23,8 +23,14 @@ class NvccBuildExt(build_ext):
         out = Path(self.get_ext_fullpath(ext.name)).resolve()
         out.parent.mkdir(parents=True, exist_ok=True)
         if ext.name == "lorakern._C_emu":
+            # optional (tests of the cuda backend without a GPU): a failed build is reported, not fatal
             print("lorakern: building the CPU emulation of the CUDA kernels (lorakern._C_emu)", flush=True)
-            cuda_build.build_emu(out, Path(self.build_temp).resolve() / "lorakern_C_emu")
+            try:
+                cuda_build.build_emu(out, Path(self.build_temp).resolve() / "lorakern_C_emu")
+            except Exception as e:  # noqa: BLE001
+                print(f"lorakern: WARNING: the CPU emulation was not built ({str(e)[-2000:]}); without a GPU the "
+                      "cuda backend's tests will be skipped", flush=True)
+                out.write_bytes(b"")  # an empty file: setuptools finds its output, Python fails to import it
             return
         build_dir = Path(self.build_temp).resolve() / "lorakern_C"
         print(f"lorakern: building the CUDA extension for sm_{', sm_'.join(cuda_build.archs())}", flush=True)

@@ -175,7 +175,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="tiny CPU-friendly shapes (the default without CUDA)")
     p.add_argument("--device", choices=("cpu", "cuda"), default=None)
-    p.add_argument("--backends", nargs="+", default=None, help="lorakern backends (default: triton torch)")
+    p.add_argument("--backends", nargs="+", default=None, help="lorakern backends (default: cuda triton torch)")
     p.add_argument("--T", nargs="+", type=int, default=None, help="token counts (default: by mode)")
     p.add_argument("--mixes", nargs="+", default=None, help="distinct | uniform:<n> | identical")
     p.add_argument("--budget", type=float, default=1.0, help="seconds of timing per row (default 1.0)")
@@ -190,7 +190,7 @@ def main(argv=None) -> int:
         shapes["T"] = tuple(args.T)
     if args.mixes:
         shapes["mixes"] = tuple(args.mixes)
-    backends = args.backends or ["triton", "torch"]
+    backends = args.backends or ["cuda", "triton", "torch"]
     rows, peak = run(shapes, device, backends, args.budget, log=lambda m: print(m, file=sys.stderr))
     print(format_rows(rows))
     if args.json:

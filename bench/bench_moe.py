@@ -220,9 +220,10 @@ def bench_kernel(quick: bool) -> list:
         print("(b) fused add_lora_moe kernel: no CUDA GPU on this machine — no GB/s measured (run this script on a "
               "GPU for the kernel table)")
         return []
+    from lorakern.backends import BACKENDS
     from lorakern.bench.harness import measure, peak_copy_gbps
+    from lorakern.moe_grouping import group_pairs
     from lorakern.ops import add_lora_moe
-    from lorakern.triton.moe import group_pairs
 
     dev = torch.device("cuda")
     cfg = QWEN3_30B_A3B
@@ -231,10 +232,17 @@ def bench_kernel(quick: bool) -> list:
     rows_out = []
     g = torch.Generator().manual_seed(0)
     dt = torch.bfloat16
-    print(f"(b) fused add_lora_moe (Triton) on {torch.cuda.get_device_name(dev)}, bf16, E={E}, top-{topk}; "
-          f"peak copy {peak:.0f} GB/s")
-    print(f"    {'proj':8s} {'T':>5s} {'adapters':>8s} {'rank':>4s} {'groups':>6s} {'median_us':>10s} {'GB/s':>8s} "
-          f"{'%peak':>6s}")
+    backends = []
+    for be in ("triton", "cuda"):  # the first is the reference of the result check
+        why = BACKENDS[be].not_supported_reasons(dev, torch.bfloat16, 64, op="add_lora_moe")
+        if why:
+            print(f"(b) {be}: skipped ({'; '.join(why)})")
+        else:
+            backends.append(be)
+    print(f"(b) fused add_lora_moe ({', '.join(backends)}) on {torch.cuda.get_device_name(dev)}, bf16, E={E}, "
+          f"top-{topk}; peak copy {peak:.0f} GB/s; each backend's result checked against the first's")
+    print(f"    {'backend':8s} {'proj':8s} {'T':>5s} {'adapters':>8s} {'rank':>4s} {'groups':>6s} {'median_us':>10s} "
+          f"{'GB/s':>8s} {'%peak':>6s}")
     for T in ((16, 64) if quick else (1, 16, 64, 256, 1024)):
         for n_ad, rank in ((T, 16), (4, 16), (T, 64)):
             for proj, K, ns in (("gate_up", H, [I, I]), ("down", I, [H])):
@@ -256,18 +264,31 @@ def bench_kernel(quick: bool) -> list:
                 esz = 2
                 nbytes = groups * rank * (K + sum(ns)) * esz + x.numel() * esz + 2 * out.numel() * esz
 
-                def fn():
-                    add_lora_moe(out, x, ids, la, lb, pt, rk, sc, plan, topk_weights=w if proj == "down" else None,
-                                 backend="triton")
+                first = None
+                for be in backends:
+                    def fn(be=be):
+                        add_lora_moe(out, x, ids, la, lb, pt, rk, sc, plan,
+                                     topk_weights=w if proj == "down" else None, backend=be)
 
-                tm = measure(fn, device=dev, warmup=5, reps=50)
-                gbps = nbytes / (tm.median_us * 1e-6) / 1e9
-                print(f"    {proj:8s} {T:5d} {n_ad:8d} {rank:4d} {groups:6d} {tm.median_us:10.1f} {gbps:8.1f} "
-                      f"{100 * gbps / peak:6.1f}")
-                rows_out.append(dict(op="add_lora_moe", backend="triton", workload=f"{proj}-uniform", dtype="bf16",
-                                     T=T, K=K, N=ns, slices=len(ns), ranks=rank, adapters=n_ad,
-                                     median_us=tm.median_us, p20_us=tm.p20_us, p80_us=tm.p80_us, bytes=nbytes,
-                                     gbps=gbps, pct_peak=100 * gbps / peak))
+                    out.zero_()
+                    fn()
+                    got = out.float().clone()
+                    if first is None:
+                        first = got
+                    err = float((got - first).abs().max() / first.abs().max().clamp_min(1e-30))
+                    common = dict(op="add_lora_moe", backend=be, workload=f"{proj}-uniform", dtype="bf16", T=T, K=K,
+                                  N=ns, slices=len(ns), ranks=rank, adapters=n_ad, bytes=nbytes)
+                    if err > 2e-2:
+                        print(f"    {be:8s} {proj:8s} {T:5d} {n_ad:8d} {rank:4d} {groups:6d}   skipped: wrong result "
+                              f"(max relative difference {err:.3g} from {backends[0]})")
+                        rows_out.append(dict(common, skipped=f"wrong result: {err:.3g} from {backends[0]}"))
+                        continue
+                    tm = measure(fn, device=dev, warmup=5, reps=50)
+                    gbps = nbytes / (tm.median_us * 1e-6) / 1e9
+                    print(f"    {be:8s} {proj:8s} {T:5d} {n_ad:8d} {rank:4d} {groups:6d} {tm.median_us:10.1f} "
+                          f"{gbps:8.1f} {100 * gbps / peak:6.1f}")
+                    rows_out.append(dict(common, median_us=tm.median_us, p20_us=tm.p20_us, p80_us=tm.p80_us,
+                                         gbps=gbps, pct_peak=100 * gbps / peak))
     return rows_out
 
 

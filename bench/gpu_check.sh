@@ -81,7 +81,9 @@ run_extra() { [ "$STEPS" = extra ] || [ "$STEPS" = all ]; }
 if [ "${SKIP_INSTALL:-0}" = 1 ]; then
     log "=== install: skipped (SKIP_INSTALL=1)"
 else
-    step install "${INSTALL_TIMEOUT:-120}" "$PY" -m pip install --no-build-isolation --no-deps -e .
+    # the CPU emulation of the kernels (lorakern._C_emu) is for machines without a GPU: not built here
+    step install "${INSTALL_TIMEOUT:-120}" env LORAKERN_SKIP_CUDA_EMU=1 "$PY" -m pip install --no-build-isolation \
+        --no-deps -e .
 fi
 step nvidia-smi 30 bash -c "nvidia-smi > '$OUT/nvidia-smi.txt' 2>&1; rc=\$?; cat '$OUT/nvidia-smi.txt'; exit \$rc"
 step versions 60 "$PY" -c "

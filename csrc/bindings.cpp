@@ -29,8 +29,9 @@ template <typename P>
 P ptr(int64_t v) { return reinterpret_cast<P>(static_cast<uintptr_t>(v)); }
 
 // Field order of `a` (all int64), documented in lorakern/cuda_backend.py (_DENSE_FIELDS).
+constexpr size_t kFields = 37;
+
 lorakern::DenseParams unpack(const std::vector<int64_t>& a) {
-  constexpr size_t kFields = 28;
   if (a.size() != kFields) throw std::invalid_argument("expected " + std::to_string(kFields) + " fields");
   lorakern::DenseParams p{};
   size_t i = 0;
@@ -54,6 +55,13 @@ lorakern::DenseParams unpack(const std::vector<int64_t>& a) {
   p.max_rank = static_cast<int>(a[i++]);
   p.max_n = static_cast<int>(a[i++]);
   i += 1;  // reserved
+  p.E = static_cast<int>(a[i++]);
+  p.topk = static_cast<int>(a[i++]);
+  p.sx_p = a[i++]; p.so_p = a[i++];
+  p.a_e_strides = ptr<const int64_t*>(a[i++]); p.b_e_strides = ptr<const int64_t*>(a[i++]);
+  p.topk_w = ptr<const float*>(a[i++]);
+  p.sw_t = a[i++]; p.sw_k = a[i++];
+  if (p.E < 1 || p.topk < 1) throw std::invalid_argument("E and topk must be >= 1");
   return p;
 }
 
@@ -89,5 +97,6 @@ PYBIND11_MODULE(LORAKERN_MODULE, m) {
         py::arg("stream"));
   m.def("supports_dense_ops", []() { return true; });
   m.def("archs", []() { return std::string(LORAKERN_ARCHS); });
-  m.attr("max_rank") = 128;  // lorakern::kMaxRank (dense_gather.cuh)
+  m.attr("max_rank") = 128;
+  m.attr("num_fields") = kFields;  // lorakern::kMaxRank (dense_gather.cuh)
 }

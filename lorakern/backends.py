@@ -146,7 +146,7 @@ OP_FAMILY = {"add_lora": "dense", "lora_shrink": "dense", "lora_expand": "dense"
 DENSE_OPS = frozenset({"add_lora", "lora_shrink", "lora_expand"})
 
 BACKENDS = {
-    "cuda": Backend("cuda", _FLOATS, _cuda_reasons, max_rank=128, ops=DENSE_OPS),
+    "cuda": Backend("cuda", _FLOATS, _cuda_reasons, max_rank=128, ops=frozenset(OP_FAMILY)),
     "triton": Backend("triton", _FLOATS, _triton_reasons),
     "torch": Backend("torch", _FLOATS + (torch.float64,), _torch_reasons),
 }

@@ -21,16 +21,19 @@ import torch
 
 from lorakern._tables import slice_tables as _tables
 from lorakern.backends import cuda_emulator, cuda_extension
+from lorakern.moe_grouping import group_pairs, moe_tables
 
 _DTYPES = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2}
-_FUSED, _SHRINK, _EXPAND = 0, 1, 2
+_FUSED, _SHRINK, _EXPAND, _MOE = 0, 1, 2, 3
 
 #: order of the int64 fields the binding reads (csrc/bindings.cpp, DenseParams)
 _DENSE_FIELDS = (
     "x", "sx_t", "sx_k", "a_ptrs", "a_strides", "b_ptrs", "b_strides", "n_sizes", "offsets",
     "page_table", "s_pt", "ranks", "scales", "tiles", "token_ids", "y", "sy_s", "sy_t", "sy_r",
     "out", "so_t", "so_n", "num_tiles", "num_slices", "K", "max_rank", "max_n", "_reserved",
+    "E", "topk", "sx_p", "so_p", "a_e_strides", "b_e_strides", "topk_w", "sw_t", "sw_k",
 )
+_FIELD_DEFAULTS = {"E": 1, "topk": 1}
 
 
 #: multiprocessors the emulator pretends to have (few, so that test shapes with K >= 512 exercise split-K)
@@ -63,7 +66,7 @@ def _vec_ok(elsize: int, tensors, offsets=()) -> bool:
 
 
 def _fields(f):
-    return [int(f.get(name, 0)) for name in _DENSE_FIELDS]
+    return [int(f.get(name, _FIELD_DEFAULTS.get(name, 0))) for name in _DENSE_FIELDS]
 
 
 def _call(mode, dtype, mt, vec, device, **f):
@@ -181,3 +184,84 @@ def lora_expand(out, y, lora_b, page_table, ranks, scales, token_ids, tiles_gath
           out=out.data_ptr(), so_t=out.stride(0), so_n=out.stride(1),
           **_common(page_table, ranks, scales, tiles_gather, token_ids, grid_n, len(lora_b)))
 
+
+
+#: (token, expert) pairs per tile of add_lora_moe: the gather kernel's tile
+MOE_BLOCK_M = 16
+
+
+def add_lora_moe(out, x, topk_ids, lora_a, lora_b, page_table, ranks, scales, slots, topk_weights, slice_offsets):
+    """out [T, topk, N_total] += scale · w · (x @ A_e.T) @ B_e.T on the gather kernel in its MoE mode: one launch,
+    one CTA per (tile of pairs of one (adapter, expert) group, slice), the rank-r intermediate in shared memory.
+    Arguments validated by :func:`lorakern.ops.add_lora_moe`; the grouping is the Triton backend's
+    (:func:`lorakern.moe_grouping.group_pairs`: fixed sizes, no host synchronisation)."""
+    T, topk = topk_ids.shape
+    num_slots, max_rank = page_table.shape
+    if T * topk == 0 or max_rank == 0:
+        return
+    E = lora_a[0].shape[1]
+    pair_ids, tiles, _, n_max = group_pairs(slots, topk_ids, E, num_slots, MOE_BLOCK_M)
+    if n_max == 0:
+        return
+    tab = moe_tables(lora_a, lora_b, slice_offsets)
+    if x.dim() == 3:
+        sx_t, sx_p, sx_k = x.stride()
+    else:
+        (sx_t, sx_k), sx_p = x.stride(), 0
+    w = None
+    if topk_weights is not None:
+        w = topk_weights if topk_weights.dtype == torch.float32 else topk_weights.float()
+    vec = _vec_ok(x.element_size(), [x, out, *lora_a, *lora_b], slice_offsets)
+    # Pairs per pass. The group sizes are on the device; this guess needs no host read: pairs sparse among the
+    # possible (adapter, expert) groups (decode) -> mostly one pair per group -> 1; otherwise 4. To tune on a GPU.
+    mt = 1 if 4 * T * topk <= num_slots * E else 4
+    _call(_MOE, x.dtype, mt, vec, x.device,
+          x=x.data_ptr(), sx_t=sx_t, sx_k=sx_k, sx_p=sx_p, a_ptrs=tab[0].data_ptr(), a_strides=tab[1].data_ptr(),
+          a_e_strides=tab[2].data_ptr(), b_ptrs=tab[3].data_ptr(), b_strides=tab[4].data_ptr(),
+          b_e_strides=tab[5].data_ptr(), n_sizes=tab[6].data_ptr(), offsets=tab[7].data_ptr(),
+          out=out.data_ptr(), so_t=out.stride(0), so_p=out.stride(1), so_n=out.stride(2), K=x.shape[-1], E=E,
+          topk=topk, topk_w=w.data_ptr() if w is not None else 0, sw_t=w.stride(0) if w is not None else 0,
+          sw_k=w.stride(1) if w is not None else 0, max_n=max(b.shape[2] for b in lora_b),
+          **_common(page_table, ranks, scales, tiles, pair_ids, n_max, len(lora_a)))
+
+
+# ------------------------------------------------------------------------------------------------ MLA
+# The absorbed MLA LoRA ops are the MoE mode with the heads as "experts": pair (t, h) of tile key slot·H + h;
+# the head selects where each rank row's head slice starts (stride Dn + Dv in lora_b, 0 in lora_a), x and out
+# rows are [T, H, ·] rows. No kernel of its own: the same gather kernel, rank-r intermediate in shared memory.
+_HEAD_IDS: dict = {}
+
+
+def _head_ids(T: int, H: int, device) -> torch.Tensor:
+    """int32 [T, H] with row t = 0..H-1 (a stride-0 view), one object per shape so that a layer's q and o calls
+    share one grouping (group_pairs caches per object)."""
+    key = (T, H, str(device))
+    ids = _HEAD_IDS.get(key)
+    if ids is None:
+        if len(_HEAD_IDS) > 64:
+            _HEAD_IDS.clear()
+        ids = _HEAD_IDS[key] = torch.arange(H, dtype=torch.int32, device=device).expand(T, H)
+    return ids
+
+
+def mla_absorbed_q(q_latent, q_nope, lora_a, lora_b, page_table, ranks, scales, slots):
+    """q_latent [T, H, C] += scale · (q_nope[t, h] @ B_K^h) @ A: shrink through the first Dn of head h of lora_b's
+    rows, expand through lora_a's rows. Arguments validated by :func:`lorakern.ops.mla_absorbed_q`."""
+    T, H, Dn = q_nope.shape
+    rows = lora_b.shape[0]
+    b_k = lora_b.unflatten(1, (H, lora_b.shape[1] // H))[:, :, :Dn]  # [rows, H, Dn], head stride Dn + Dv
+    a_h = lora_a.unsqueeze(1).expand(rows, H, lora_a.shape[1])      # [rows, H, C], head stride 0
+    add_lora_moe(q_latent, q_nope, _head_ids(T, H, q_nope.device), [b_k], [a_h], page_table, ranks, scales, slots,
+                 None, [0])
+
+
+def mla_absorbed_o(out, o_latent, lora_a, lora_b, page_table, ranks, scales, slots):
+    """out [T, H, Dv] += scale · (o_latent[t, h] @ A.T) @ B_V^h.T: shrink through lora_a's rows, expand through
+    the last Dv of head h of lora_b's rows. Arguments validated by :func:`lorakern.ops.mla_absorbed_o`."""
+    T, H, C = o_latent.shape
+    Dv = out.shape[2]
+    rows = lora_a.shape[0]
+    b_v = lora_b.unflatten(1, (H, lora_b.shape[1] // H))[:, :, -Dv:]  # [rows, H, Dv]
+    a_h = lora_a.unsqueeze(1).expand(rows, H, C)
+    add_lora_moe(out, o_latent, _head_ids(T, H, o_latent.device), [a_h], [b_v], page_table, ranks, scales, slots,
+                 None, [0])

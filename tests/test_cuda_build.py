@@ -43,13 +43,15 @@ def test_extension_imports_without_gpu_and_matches_packing(built):
     spec.loader.exec_module(ext)
     assert ext.supports_dense_ops()
     assert ext.archs().split(",") == cuda_build.archs()
-    from lorakern.cuda_backend import _DENSE_FIELDS
+    from lorakern.cuda_backend import _DENSE_FIELDS, _fields
 
-    assert len(_DENSE_FIELDS) == 28
+    assert ext.num_fields == len(_DENSE_FIELDS)
     # num_tiles = 0: the launcher returns before any CUDA call, so this runs without a GPU
-    ext.dense_gather([0] * len(_DENSE_FIELDS), 1, 0, 1, True, 0)
+    ext.dense_gather(_fields({}), 1, 0, 1, True, 0)
     with pytest.raises(ValueError, match="fields"):
-        ext.dense_gather([0] * (len(_DENSE_FIELDS) - 1), 1, 0, 1, True, 0)
+        ext.dense_gather(_fields({})[:-1], 1, 0, 1, True, 0)
+    with pytest.raises(ValueError, match="topk"):
+        ext.dense_gather(_fields({"topk": 0}), 1, 3, 1, True, 0)
 
 
 def test_vector_path_alignment_rules():

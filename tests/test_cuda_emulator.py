@@ -202,6 +202,17 @@ for name in sys.argv[4].split(","):
             for op in ("add_lora", "lora_shrink", "lora_expand"):
                 conftest.run_case(op, "cuda", case, g)
                 n += 1
+# the MoE mode (pairs, expert strides, routing weights) and the MLA ops on it (heads as experts, stride-0 views)
+import test_moe, test_mla
+for dt in (torch.float16, torch.bfloat16, torch.float32):
+    for form in ("shared", "per_expert"):
+        test_moe.test_moe_op("cuda", dt, form, torch.Generator().manual_seed(n))
+        n += 1
+    for name in ("mixed_ranks_0_64", "odd_C72_Dn12_Dv20_H3", "strided_views", "H12"):
+        for op in ("q", "o"):
+            test_mla.run(test_mla.make_mla_case(torch.Generator().manual_seed(n), dtype=dt, **test_mla.CASES[name]),
+                         op, "cuda", torch.Generator().manual_seed(n))
+            n += 1
 print("memcheck runs:", n)
 '''
 
@@ -246,9 +257,9 @@ def test_memcheck_catches_an_out_of_bounds_read(asan_build):
 
 
 @pytest.mark.skipif(HAS_CUDA, reason="on a GPU, tests/test_cuda_sanitizer.py runs compute-sanitizer instead")
-def test_memcheck_dense_kernels_stay_in_bounds(asan_build):
-    """Both paths of every dense op, three dtypes, the adversarial shapes: no access outside any tensor, and
-    the results still match the float64 oracle."""
+def test_memcheck_kernels_stay_in_bounds(asan_build):
+    """Both paths of every dense op, three dtypes, the adversarial shapes, then the MoE op and the MLA ops: no
+    access outside any tensor, and the results still match the float64 oracle."""
     r = _run_asan(asan_build, asan_build[1], "_C_emu", ",".join(MEMCHECK_CASES))
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-6000:]
-    assert f"memcheck runs: {len(MEMCHECK_CASES) * 3 * 2 * 3}" in r.stdout
+    assert f"memcheck runs: {len(MEMCHECK_CASES) * 3 * 2 * 3 + 3 * (2 + 4 * 2)}" in r.stdout

@@ -17,13 +17,21 @@ import pytest
 import torch
 
 import lorakern
-from conftest import DEVICE, DTYPES, HAS_CUDA, assert_bits_equal, assert_close_lora
+from conftest import CUDA_RUNS, DEVICE, DTYPES, HAS_CUDA, assert_bits_equal, assert_close_lora
 from lorakern import reference_mla
 from lorakern.ops import mla as mla_ops
 from lorakern.workloads import RandomLoRA, make_lora, make_slots
 
-BACKENDS = ("torch", "triton")
+BACKENDS = ("torch", "triton") + (("cuda",) if CUDA_RUNS else ())
+COMPILED = BACKENDS[1:]
 OPS = ("q", "o")
+
+
+@pytest.fixture(autouse=True)
+def _cuda_on_the_emulator(monkeypatch):
+    """Without a GPU, the cuda backend runs its kernels on the CPU emulator (and ``auto`` may pick it)."""
+    if not HAS_CUDA and CUDA_RUNS:
+        monkeypatch.setenv("LORAKERN_CUDA_EMULATE", "1")
 BASE = dict(H=4, C=64, Dn=16, Dv=16)
 
 CASES = {
@@ -66,7 +74,7 @@ def _matrix():
     for ci, name in enumerate(CASES):
         for oi, op in enumerate(OPS):
             for bi, be in enumerate(BACKENDS):
-                if _INTERP and be == "triton" and name not in CORE:
+                if _INTERP and be != "torch" and name not in CORE:
                     dts = [DTYPES[(ci + oi) % len(DTYPES)]]
                 else:
                     dts = list(DTYPES)
@@ -360,9 +368,8 @@ def test_backend_errors(op, generator, monkeypatch):
         _call(op, dst, src, case, "bogus")
     with pytest.raises(RuntimeError, match="triton"):
         _call(op, dst, src, case, "triton")  # float64
-    if not HAS_CUDA:
-        with pytest.raises(RuntimeError, match="cuda"):
-            _call(op, dst, src, case, "cuda")
+    with pytest.raises(RuntimeError, match="cuda"):
+        _call(op, dst, src, case, "cuda")  # float64
     assert_bits_equal(dst, before, "destination after rejected calls")
     _call(op, dst, src, case, "auto")  # float64 on auto: the torch backend
     ref, ref_abs = oracle(case, op, before, src)
@@ -410,17 +417,19 @@ def test_torch_compile_fullgraph(op, generator):
 @pytest.mark.gpu
 @pytest.mark.parametrize("op", OPS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_deepseek_v3_shapes_gpu(op, dtype, generator):
+@pytest.mark.parametrize("backend", COMPILED)
+def test_deepseek_v3_shapes_gpu(backend, op, dtype, generator):
     """DeepSeek-V3 head shapes (H=128, C=512, Dn=Dv=128), 64 decode tokens on distinct adapters of mixed rank,
     native (not upcast) half-precision tensor-core path against the float64 oracle."""
     case = make_mla_case(generator, T=64, H=128, C=512, Dn=128, Dv=128, ranks=[16, 8, 64, 1, 32, 0, 16, 128],
                          num_adapters=64, mix="distinct", none_frac=0.1, dtype=dtype)
-    run(case, op, "triton", generator)
+    run(case, op, backend, generator)
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("op", OPS)
-def test_cuda_graph_replays_another_mix_gpu(op, generator):
+@pytest.mark.parametrize("backend", COMPILED)
+def test_cuda_graph_replays_another_mix_gpu(backend, op, generator):
     """Captured once with a static plan and one adapter mix, replayed after plan.update with a mix of more
     adapters and other ranks: every replay matches the oracle (the grid is sized for the worst case)."""
     T, dtype = 48, torch.bfloat16
@@ -435,10 +444,10 @@ def test_cuda_graph_replays_another_mix_gpu(op, generator):
     dst, src = _inputs(case, op, generator)
     dst0 = dst.clone()
     plan.update(mixes[0])
-    _call(op, dst, src, case, "triton")  # compile and validate outside the capture
+    _call(op, dst, src, case, backend)  # compile and validate outside the capture
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        _call(op, dst, src, case, "triton")
+        _call(op, dst, src, case, backend)
     for s in mixes + mixes[:1]:
         plan.update(s)
         case.slots = pad(s)

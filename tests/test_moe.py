@@ -15,12 +15,20 @@ import pytest
 import torch
 
 import lorakern
-from conftest import DEVICE, assert_bits_equal, assert_close_lora, make_slots_arg
+from conftest import CUDA_RUNS, DEVICE, HAS_CUDA, assert_bits_equal, assert_close_lora, make_slots_arg
 from lorakern.ops import add_lora_moe
 from lorakern.ops import moe as moe_ops
 from lorakern.triton import moe as moe_triton
 
-BACKENDS = ["torch", "triton"]
+BACKENDS = ["torch", "triton"] + (["cuda"] if CUDA_RUNS else [])
+MANY_GROUPS_BACKENDS = ["triton"] + (["cuda"] if CUDA_RUNS else [])
+
+
+@pytest.fixture(autouse=True)
+def _cuda_on_the_emulator(monkeypatch):
+    """Without a GPU, the cuda backend runs its kernels on the CPU emulator (and ``auto`` may pick it)."""
+    if not HAS_CUDA and CUDA_RUNS:
+        monkeypatch.setenv("LORAKERN_CUDA_EMULATE", "1")
 
 
 # ------------------------------------------------------------------------------------------------ cases
@@ -194,7 +202,7 @@ def test_moe_op(backend, dtype, form, generator):
                                      "missing_experts_and_slices"])
 def test_moe_variants(backend, variant, generator):
     g = generator
-    dtype = torch.float16 if backend == "triton" else torch.float32
+    dtype = {"triton": torch.float16, "cuda": torch.bfloat16}.get(backend, torch.float32)
     E, K, topk, T = 6, 36, 2, 9
     n_sizes = [20] if variant == "down_one_slice" else [24, 12]
     kw = {}
@@ -244,9 +252,10 @@ def test_moe_large_torch(generator):
     run(L, x.to(DEVICE), ids, slots, backend="torch", dtype=torch.float64, weights=w.to(DEVICE), g=g)
 
 
-def test_moe_triton_many_groups(generator):
-    """Triton: E=64, top-k=8, 24 tokens over 12 adapters — ~190 distinct (adapter, expert) groups, tiles of one
-    and of several pairs (a hot adapter), ranks across rank tiles."""
+@pytest.mark.parametrize("backend", MANY_GROUPS_BACKENDS)
+def test_moe_many_groups(backend, generator):
+    """E=64, top-k=8, 24 tokens over 12 adapters — ~190 distinct (adapter, expert) groups, tiles of one and of
+    several pairs (a hot adapter), ranks across rank tiles."""
     g = generator
     E, K, topk, T = 64, 32, 8, 24
     L = make_moe_lora(g, E=E, K=K, n_sizes=[16, 16], ranks=[1, 2, 4, 8, 16, 24, 3, 5, 7, 9, 11, 33],
@@ -255,7 +264,7 @@ def test_moe_triton_many_groups(generator):
     slots = torch.randint(-1, 12, (T,), generator=g, dtype=torch.int32)
     slots[:8] = 4  # one adapter with many pairs: tiles of several pairs of one expert
     x = _x(g, T, topk, K, "shared", torch.bfloat16)
-    run(L, x, ids, slots, backend="triton", dtype=torch.bfloat16, weights=w.to(DEVICE), g=g)
+    run(L, x, ids, slots, backend=backend, dtype=torch.bfloat16, weights=w.to(DEVICE), g=g)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -276,14 +285,17 @@ def test_backends_agree_and_auto_runs(generator, monkeypatch):
     ids, w = make_routing(g, 7, 2, 5)
     slots = torch.tensor([0, 1, -1, 1, 0, 0, 1], dtype=torch.int32, device=DEVICE)
     x = _x(g, 7, 2, 24, "shared", torch.float32)
-    outs = []
-    for be in ("torch", "triton", "auto"):
+    outs = {}
+    for be in (*BACKENDS, "auto"):
         out = torch.zeros(7, 2, 16, device=DEVICE)
         add_lora_moe(out, x, ids.to(DEVICE), L.lora_a, L.lora_b, L.page_table, L.ranks, L.scales, slots,
                      topk_weights=w.to(DEVICE), backend=be)
-        outs.append(out.cpu())
-    torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(outs[1], outs[2], rtol=0, atol=0)  # auto = triton here
+        outs[be] = out.cpu()
+    for be in BACKENDS[1:]:
+        torch.testing.assert_close(outs[be], outs["torch"], rtol=1e-5, atol=1e-5)
+    auto = lorakern.select_backend("auto", DEVICE, torch.float32, op="add_lora_moe")
+    assert auto == BACKENDS[-1]  # the first that fits: cuda when it runs here, else triton
+    torch.testing.assert_close(outs["auto"], outs[auto], rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -527,7 +539,7 @@ def test_expert_error_names_topk_ids(generator):
 
 
 def test_backend_errors(generator, monkeypatch):
-    """Unknown backend → ValueError; cuda (no MoE kernels) → RuntimeError; float64 on triton → RuntimeError;
+    """Unknown backend → ValueError; float64 on cuda or triton → RuntimeError;
     auto with float64 → the torch backend; nothing written by a rejected call."""
     monkeypatch.delenv("LORAKERN_BACKEND", raising=False)
     L, kw = _good(generator, torch.float64)
@@ -610,20 +622,22 @@ def test_group_pairs_tiles_cover_every_lora_pair_once(generator):
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("form", ["shared", "per_expert"])
-def test_qwen3_moe_shapes_gpu(dtype, form, generator):
+@pytest.mark.parametrize("backend", MANY_GROUPS_BACKENDS)
+def test_qwen3_moe_shapes_gpu(backend, dtype, form, generator):
     """Qwen3-30B-A3B expert shapes (E=128, top-8, hidden 2048, moe_intermediate 768), 64 tokens, 16 adapters of
-    mixed ranks, compiled Triton kernel vs the float64 oracle."""
+    mixed ranks, compiled kernels vs the float64 oracle."""
     g = generator
     E, topk, T = 128, 8, 64
     K, ns = (2048, [768, 768]) if form == "shared" else (768, [2048])
     L = make_moe_lora(g, E=E, K=K, n_sizes=ns, ranks=[1, 8, 16, 32, 64, 4, 2, 16] * 2, dtype=dtype)
     ids, w = make_routing(g, T, topk, E)
     slots = torch.randint(-1, 16, (T,), generator=g, dtype=torch.int32)
-    run(L, _x(g, T, topk, K, form, dtype), ids, slots, backend="triton", dtype=dtype, weights=w.to(DEVICE), g=g)
+    run(L, _x(g, T, topk, K, form, dtype), ids, slots, backend=backend, dtype=dtype, weights=w.to(DEVICE), g=g)
 
 
 @pytest.mark.gpu
-def test_cuda_graph_replays_another_routing_and_mix_gpu(generator):
+@pytest.mark.parametrize("backend", MANY_GROUPS_BACKENDS)
+def test_cuda_graph_replays_another_routing_and_mix_gpu(backend, generator):
     """Captured once with one routing and adapter mix, replayed with others (more adapters, other experts):
     every replay matches the eager result."""
     g = generator
@@ -638,7 +652,7 @@ def test_cuda_graph_replays_another_routing_and_mix_gpu(generator):
     def step():
         out.zero_()
         add_lora_moe(out, x, ids_buf, L.lora_a, L.lora_b, L.page_table, L.ranks, L.scales, plan,
-                     topk_weights=w_buf, backend="triton")
+                     topk_weights=w_buf, backend=backend)
 
     ids, w = make_routing(g, T, topk, E)
     ids_buf.copy_(ids)
@@ -660,6 +674,6 @@ def test_cuda_graph_replays_another_routing_and_mix_gpu(generator):
         got = out.clone()
         eager = torch.zeros_like(out)
         add_lora_moe(eager, x, ids.cuda(), L.lora_a, L.lora_b, L.page_table, L.ranks, L.scales, slots,
-                     topk_weights=w.cuda(), backend="triton")
+                     topk_weights=w.cuda(), backend=backend)
         assert_bits_equal(got, eager, f"replay {mix} vs eager")
 

@@ -52,9 +52,13 @@ MUTATIONS = [
      "if (tok_s[m] >= 0 || n0 + c < n_i) {"),
     ("segment: last K tile skipped", S, "for (int k0 = k_begin; k0 < k_end; k0 += BK) {",
      "for (int k0 = k_begin; k0 + BK < k_end; k0 += BK) {"),
+    ("moe: B rows of expert 0 for every expert", G, "+ (kMoe ? expert * p.b_e_strides[sl] : 0);", ";"),
+    ("moe: routing weight ignored", G, "wt[m] = scale * (p.topk_w && m < mt ? p.topk_w[t * p.sw_t + k * p.sw_k] : 1.0f);",
+     "wt[m] = scale; (void)k;"),
+    ("moe: x row of the token, not of the pair", G, "xrow[m] = t * p.sx_t + k * p.sx_p;", "xrow[m] = t * p.sx_t;"),
 ]
 
-TESTS = ["tests/test_ops_lora.py", "-k", "cuda and not 2048"]
+TESTS = ["tests/test_ops_lora.py", "tests/test_moe.py", "-k", "cuda and not 2048"]
 
 
 def main(argv) -> int:

@@ -1,6 +1,6 @@
 // lorakern: the instantiation matrix of the dense gather kernels for one dtype (included by dense_<dtype>.cu, one
 // small translation unit per dtype so that a 2-core build compiles them in parallel).
-//   gather  fused: MT in {1, 4} x VEC in {true, false};  shrink, expand: MT = 4 x VEC in {true, false}.
+//   gather  fused, MoE: MT in {1, 4} x VEC in {true, false};  shrink, expand: MT = 4 x VEC in {true, false}.
 //   segment (fp16 / bf16 only): shrink, expand.
 #pragma once
 
@@ -23,6 +23,11 @@ cudaError_t dense_gather_t(const DenseParams& p, int mode, int mt, bool vec, cud
   } else if (mode == 2 && mt == 4) {
     return vec ? launch_dense_gather<T, 4, true, Mode::kExpand>(p, s)
                : launch_dense_gather<T, 4, false, Mode::kExpand>(p, s);
+  } else if (mode == 3) {
+    if (mt == 1) return vec ? launch_dense_gather<T, 1, true, Mode::kMoe>(p, s)
+                            : launch_dense_gather<T, 1, false, Mode::kMoe>(p, s);
+    if (mt == 4) return vec ? launch_dense_gather<T, 4, true, Mode::kMoe>(p, s)
+                            : launch_dense_gather<T, 4, false, Mode::kMoe>(p, s);
   }
   return cudaErrorInvalidValue;
 }

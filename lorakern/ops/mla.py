@@ -25,7 +25,9 @@ one. Inputs may be strided views (e.g. ``q_nope = q[..., :Dn]``, a transposed bm
 need unit stride along their width (a copy is made otherwise).
 
 Errors as for the dense ops: wrong dtype → ``TypeError``, wrong shape or value → ``ValueError``, a backend that
-cannot run → ``RuntimeError``; all raised before anything is written. The ``cuda`` backend has no MLA kernels.
+cannot run → ``RuntimeError``; all raised before anything is written. Backends: ``torch``
+(:mod:`lorakern.reference_mla`), ``triton`` (:mod:`lorakern.triton.mla`) and ``cuda`` (the dense gather kernel in
+its MoE mode with the heads as experts: :func:`lorakern.cuda_backend.mla_absorbed_q`).
 """
 
 from __future__ import annotations
@@ -47,7 +49,9 @@ _NO_PLAN = torch.empty(0, dtype=torch.int32)
 
 def _plan_args(slots, backend: str, num_slots: int, device):
     """(slots tensor, token_ids, decode tiles, plan_info = [grid programs, max slot or -2]) for the operator."""
-    if backend == "torch":
+    if backend in ("torch", "cuda"):  # cuda groups (token, head) pairs itself (lorakern.moe_grouping)
+        if backend == "cuda" and isinstance(slots, LoRAPlan) and slots.device != device:
+            raise ValueError(f"slots: the LoRAPlan lives on {slots.device}, but the tensors are on {device}")
         s = slots.slots if isinstance(slots, LoRAPlan) else slots
         max_slot = slots.stats.max_slot if isinstance(slots, LoRAPlan) and slots.stats is not None else -2
         e = _NO_PLAN.to(device)
@@ -142,6 +146,10 @@ def _mla_absorbed_q_op(
 
         tk.mla_absorbed_q(q_latent, q_nope, lora_a, lora_b, page_table, ranks, scales, token_ids, tiles,
                           plan_info[0])
+    elif backend == "cuda":
+        from lorakern import cuda_backend
+
+        cuda_backend.mla_absorbed_q(q_latent, q_nope, lora_a, lora_b, page_table, ranks, scales, slots)
     else:
         raise RuntimeError(f"mla_absorbed_q: backend {backend!r} has no implementation of this op")
 
@@ -175,6 +183,10 @@ def _mla_absorbed_o_op(
         from lorakern.triton import mla as tk
 
         tk.mla_absorbed_o(out, o_latent, lora_a, lora_b, page_table, ranks, scales, token_ids, tiles, plan_info[0])
+    elif backend == "cuda":
+        from lorakern import cuda_backend
+
+        cuda_backend.mla_absorbed_o(out, o_latent, lora_a, lora_b, page_table, ranks, scales, slots)
     else:
         raise RuntimeError(f"mla_absorbed_o: backend {backend!r} has no implementation of this op")
 

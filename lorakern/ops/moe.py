@@ -27,9 +27,10 @@ All floating tensors but ``topk_weights`` share one dtype (fp16 / bf16 / fp32; f
 packed rank row holds that rank component of every expert (DESIGN.md §2), so an adapter's expert LoRA moves into
 the pool as a few large copies; :class:`lorakern.pool.AdapterPool` MoE targets give exactly these views.
 
-Backends: ``torch`` (:mod:`lorakern.reference_moe`) and ``triton`` (:mod:`lorakern.triton.moe`: one launch for all
-tokens, experts, adapters and slices, grouped by ``(adapter, expert)`` on the device). The CUDA extension has no MoE
-kernels: ``auto`` passes over it, naming it raises ``RuntimeError``.
+Backends: ``torch`` (:mod:`lorakern.reference_moe`), ``triton`` (:mod:`lorakern.triton.moe`) and ``cuda``
+(:func:`lorakern.cuda_backend.add_lora_moe`: the dense gather kernel in its MoE mode): each one launch for all
+tokens, experts, adapters and slices, grouped by ``(adapter, expert)`` on the device
+(:mod:`lorakern.moe_grouping`).
 
 Errors as for the dense ops: wrong dtype → ``TypeError``; wrong shape, slot / row / expert id out of range →
 ``ValueError``; a backend that cannot run → ``RuntimeError``; all raised before anything is written. Value checks
@@ -148,11 +149,13 @@ def _add_lora_moe_op(
     if backend == "torch":
         reference_moe.add_lora_moe(out, x, topk_ids, lora_a, lora_b, page_table, ranks, scales, slots, topk_weights,
                                    slice_offsets)
-    elif backend == "triton":
-        from lorakern.triton import moe as tk
-
-        tk.add_lora_moe(out, x, topk_ids, lora_a, lora_b, page_table, ranks, scales, slots, topk_weights,
-                        slice_offsets)
+    elif backend in ("triton", "cuda"):
+        if backend == "triton":
+            from lorakern.triton import moe as kernels
+        else:
+            from lorakern import cuda_backend as kernels
+        kernels.add_lora_moe(out, x, topk_ids, lora_a, lora_b, page_table, ranks, scales, slots, topk_weights,
+                             slice_offsets)
     else:
         raise RuntimeError(f"add_lora_moe: backend {backend!r} has no implementation of this op")
 

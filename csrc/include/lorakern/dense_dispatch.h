@@ -28,11 +28,21 @@ struct DenseParams {
   int num_tiles, num_slices, K;
   int max_rank;             // page_table width
   int max_n;                // max_i N_i
+  // MoE (add_lora_moe, gather kernel with MOE = true): tiles hold key = slot * E + expert, token_ids hold pair
+  // ids p = t * topk + k; x row of a pair: t * sx_t + k * sx_p (sx_p = 0: x shared by the token's experts), out
+  // row: t * so_t + k * so_p; expert e's rows start e * a_e_strides[i] (b_e_strides[i]) elements into slice i.
+  int E, topk;
+  int64_t sx_p, so_p;
+  const int64_t* a_e_strides;  // [S]
+  const int64_t* b_e_strides;  // [S]
+  const float* topk_w;         // [T, topk] float32 or nullptr (= 1.0)
+  int64_t sw_t, sw_k;
 };
 
 enum class DType : int { kF16 = 0, kBF16 = 1, kF32 = 2 };
 
-// mode: 0 fused (shrink + expand), 1 shrink, 2 expand; mt: tokens per pass (1 or 4; 1 only for fused);
+// mode: 0 fused (shrink + expand), 1 shrink, 2 expand, 3 fused MoE (add_lora_moe); mt: tokens per pass (1 or 4;
+// 1 only for the fused modes);
 // vec: 16-byte vector loads (the caller checked alignment). Returns cudaErrorInvalidValue for a combination that
 // was not instantiated.
 cudaError_t dense_gather_f16(const DenseParams& p, int mode, int mt, bool vec, cudaStream_t stream);

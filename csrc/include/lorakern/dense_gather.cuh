@@ -12,7 +12,9 @@
 //           `out` once (read, add, round once, write).
 //
 // MODE: FUSED keeps the rank-r intermediate in shared memory (one launch, shrink + expand, all slices via
-// gridDim.y); SHRINK writes it to `y` (float32 [S, T, max_rank]); EXPAND reads it from `y`.
+// gridDim.y); SHRINK writes it to `y` (float32 [S, T, max_rank]); EXPAND reads it from `y`. MOE is FUSED over
+// (token, expert) pairs for add_lora_moe: a tile is pairs of one (adapter, expert) group (key = slot * E + e), the
+// expert selects where the rank rows start, each pair has its own x row, out row and routing weight.
 // Page-table entries at or beyond a slot's rank are never read.
 #pragma once
 
@@ -25,7 +27,7 @@ constexpr int kMaxRank = 128;   // rank limit of this path (declared by the Pyth
 constexpr int kThreads = 256;   // 8 warps
 constexpr int kWarps = kThreads / 32;
 
-enum class Mode : int { kFused = 0, kShrink = 1, kExpand = 2 };
+enum class Mode : int { kFused = 0, kShrink = 1, kExpand = 2, kMoe = 3 };
 
 // DenseParams: see dense_dispatch.h
 
@@ -38,18 +40,22 @@ __global__ void __launch_bounds__(kThreads, 2) dense_gather_kernel(const DensePa
   LORAKERN_SHARED_TRACK(y_s);
   LORAKERN_SHARED_TRACK(rows_s);
 
+  constexpr bool kMoe = MODE == Mode::kMoe;
+  constexpr bool kFusedLike = MODE == Mode::kFused || kMoe;
   const int tile = blockIdx.x, sl = blockIdx.y;
-  const int start = p.tiles[3 * tile], len = p.tiles[3 * tile + 1], slot = p.tiles[3 * tile + 2];
-  if (len <= 0 || slot < 0) return;
+  const int start = p.tiles[3 * tile], len = p.tiles[3 * tile + 1], key = p.tiles[3 * tile + 2];
+  if (len <= 0 || key < 0) return;
+  const int slot = kMoe ? key / p.E : key;
+  const int64_t expert = kMoe ? key % p.E : 0;
   const int rank = min(p.ranks[slot], kMaxRank);
   if (rank <= 0) return;
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   for (int j = tid; j < rank; j += kThreads) rows_s[j] = p.page_table[slot * p.s_pt + j];  // j < rank only
 
-  const T* A = reinterpret_cast<const T*>(p.a_ptrs[sl]);
+  const T* A = reinterpret_cast<const T*>(p.a_ptrs[sl]) + (kMoe ? expert * p.a_e_strides[sl] : 0);
   const int64_t sa = p.a_strides[sl];
-  const T* B = reinterpret_cast<const T*>(p.b_ptrs[sl]);
+  const T* B = reinterpret_cast<const T*>(p.b_ptrs[sl]) + (kMoe ? expert * p.b_e_strides[sl] : 0);
   const int64_t sb = p.b_strides[sl];
   const int n_i = static_cast<int>(p.n_sizes[sl]);
   const int64_t off = p.offsets[sl];
@@ -60,9 +66,23 @@ __global__ void __launch_bounds__(kThreads, 2) dense_gather_kernel(const DensePa
 
   for (int m0 = 0; m0 < len; m0 += MT) {
     const int mt = min(MT, len - m0);
-    int64_t tok[MT];
+    int64_t tok[MT];  // token (pair for MoE) ids
+    int64_t xrow[MT], orow[MT];
+    float wt[MT];
 #pragma unroll
-    for (int m = 0; m < MT; ++m) tok[m] = m < mt ? p.token_ids[start + m0 + m] : 0;
+    for (int m = 0; m < MT; ++m) {
+      tok[m] = m < mt ? p.token_ids[start + m0 + m] : 0;
+      if constexpr (kMoe) {
+        const int64_t t = tok[m] / p.topk, k = tok[m] % p.topk;
+        xrow[m] = t * p.sx_t + k * p.sx_p;
+        orow[m] = t * p.so_t + k * p.so_p;
+        wt[m] = scale * (p.topk_w && m < mt ? p.topk_w[t * p.sw_t + k * p.sw_k] : 1.0f);
+      } else {
+        xrow[m] = tok[m] * p.sx_t;
+        orow[m] = tok[m] * p.so_t;
+        wt[m] = scale;
+      }
+    }
 
     if constexpr (MODE != Mode::kExpand) {
       // ---- shrink: y[m][j] = x[tok_m] . A[row_j], warps over the real rank, lanes over K
@@ -79,7 +99,7 @@ __global__ void __launch_bounds__(kThreads, 2) dense_gather_kernel(const DensePa
           for (int m = 0; m < MT; ++m) {
             if (m < mt) {
               V xv;
-              load_vec(xv, X + tok[m] * p.sx_t + k * p.sx_k);
+              load_vec(xv, X + xrow[m] + k * p.sx_k);
 #pragma unroll
               for (int e = 0; e < W; ++e) acc[m] += Num<T>::to_f(xv.v[e]) * Num<T>::to_f(av.v[e]);
             }
@@ -89,7 +109,7 @@ __global__ void __launch_bounds__(kThreads, 2) dense_gather_kernel(const DensePa
         for (int m = 0; m < MT; ++m) {
           const float s = warp_sum(acc[m]);
           if (lane == 0) {
-            if constexpr (MODE == Mode::kFused) {
+            if constexpr (kFusedLike) {
               y_s[m][j] = s;
             } else {
               if (m < mt) p.y[sl * p.sy_s + tok[m] * p.sy_t + j * p.sy_r] = s;
@@ -127,11 +147,11 @@ __global__ void __launch_bounds__(kThreads, 2) dense_gather_kernel(const DensePa
 #pragma unroll
         for (int m = 0; m < MT; ++m) {
           if (m < mt) {
-            T* o = O + tok[m] * p.so_t + (off + n) * p.so_n;
+            T* o = O + orow[m] + (off + n) * p.so_n;
             V ov;
             load_vec_rw(ov, o);
 #pragma unroll
-            for (int e = 0; e < W; ++e) ov.v[e] = Num<T>::from_f(Num<T>::to_f(ov.v[e]) + scale * acc[m][e]);
+            for (int e = 0; e < W; ++e) ov.v[e] = Num<T>::from_f(Num<T>::to_f(ov.v[e]) + wt[m] * acc[m][e]);
             store_vec(o, ov);
           }
         }

@@ -1,0 +1,114 @@
+"""(token, expert) pair grouping and per-slice tables of the packed MoE LoRA op, shared by the Triton and CUDA
+backends (pure torch, on the device, no host synchronisation).
+
+Pair ``p = t·topk + k`` gets the key ``slot·E + e`` (a sentinel when ``slots[t] = -1``, or when ``e`` is out of
+range, which the op rejects before launching unless a CUDA graph is being captured — then those pairs are
+skipped, never read out of bounds). One stable ``torch.sort`` of the keys, then segment starts, counts and a work
+list of tiles ``(start, length, key)`` — blocks of at most ``block_m`` sorted pairs of one group — are computed
+with torch ops into buffers whose sizes depend only on ``T``, ``topk``, ``E`` and the number of slots, never on the
+data, so a CUDA graph captured with one routing and adapter mix replays correctly with any other. Tiles past the
+device-side count have length 0 (kernels exit on them).
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections import OrderedDict
+
+import torch
+
+from lorakern.ops.moe import version_of
+
+__all__ = ["group_pairs", "max_tiles", "moe_tables"]
+
+_SENTINEL = torch.iinfo(torch.int32).max
+
+
+def max_tiles(num_pairs: int, num_groups_bound: int, block_m: int) -> int:
+    """Upper bound on the tile count: ``sum_g ceil(c_g / BM) <= P / BM + groups`` and ``<= P``."""
+    return min(num_pairs, -(-num_pairs // block_m) + min(num_groups_bound, num_pairs))
+
+
+_GROUP_CACHE: "OrderedDict[tuple, tuple]" = OrderedDict()
+
+
+def group_pairs(slots: torch.Tensor, topk_ids: torch.Tensor, num_experts: int, num_slots: int, block_m: int):
+    """(pair ids sorted by (slot, expert) int32 [P], tiles int32 [max_tiles, 3] of (start, length, slot·E + e),
+    tile count int32 [1]) — torch ops on the device, sizes fixed by the shapes, no host synchronisation.
+
+    Outside CUDA-graph capture the result is cached per (``slots``, ``topk_ids``) object and version, so the down
+    projection of a layer reuses the grouping of its gate_up projection."""
+    dev = topk_ids.device
+    capturing = dev.type == "cuda" and torch.cuda.is_current_stream_capturing()
+    key = (id(slots), id(topk_ids), num_experts, num_slots, block_m)
+    vers = (version_of(slots), version_of(topk_ids))
+    cacheable = not capturing and None not in vers  # inference tensors have no version counter
+    if cacheable:
+        hit = _GROUP_CACHE.get(key)
+        if hit is not None:
+            sref, iref, hv, val = hit
+            if sref() is slots and iref() is topk_ids and hv == vers:
+                _GROUP_CACHE.move_to_end(key)
+                return val
+    T, topk = topk_ids.shape
+    P = T * topk
+    E = num_experts
+    i32 = dict(dtype=torch.int32, device=dev)
+    n_max = max_tiles(P, num_slots * E, block_m)
+    if P == 0:
+        return torch.zeros(0, **i32), torch.zeros(1, 3, **i32), torch.zeros(1, **i32), 0
+    tiles = torch.zeros(max(n_max, 1), 3, **i32)
+    s = slots.to(torch.int32)[:, None].expand(T, topk).reshape(-1)
+    e = topk_ids.to(torch.int32).reshape(-1)
+    live = (s >= 0) & (e >= 0) & (e < E)
+    k = torch.where(live, s * E + e, torch.full_like(s, _SENTINEL))
+    sorted_key, order = torch.sort(k, stable=True)
+    pair_ids = order.to(torch.int32)
+    pos = torch.arange(P, **i32)
+    is_start = torch.ones(P, dtype=torch.bool, device=dev)
+    is_start[1:] = sorted_key[1:] != sorted_key[:-1]
+    seg = torch.cumsum(is_start.to(torch.int32), 0, dtype=torch.int32) - 1  # segment of each sorted pair
+    seg_start = torch.full((P + 1,), P, **i32)
+    seg_start[:P].scatter_reduce_(0, seg.long(), pos, reduce="amin", include_self=True)
+    seg_key = torch.full((P,), _SENTINEL, **i32).scatter_(0, seg.long(), sorted_key)
+    counts = seg_start[1:] - seg_start[:-1]
+    ntiles = torch.where(seg_key != _SENTINEL, (counts + (block_m - 1)) // block_m, torch.zeros_like(counts))
+    incl = torch.cumsum(ntiles, 0, dtype=torch.int32)
+    excl = incl - ntiles
+    idx = torch.arange(tiles.shape[0], **i32)
+    sg = torch.searchsorted(incl, idx, right=True).clamp_(max=P - 1)
+    local = idx - excl[sg]
+    valid = idx < incl[-1]
+    zero = torch.zeros_like(idx)
+    tiles[:, 0] = torch.where(valid, seg_start[sg] + local * block_m, zero)
+    tiles[:, 1] = torch.where(valid, torch.clamp(counts[sg] - local * block_m, min=0, max=block_m), zero)
+    tiles[:, 2] = torch.where(valid, seg_key[sg], zero)
+    val = (pair_ids, tiles, incl[-1:].clone(), n_max)
+    if cacheable:
+        _GROUP_CACHE[key] = (weakref.ref(slots), weakref.ref(topk_ids), vers, val)
+        if len(_GROUP_CACHE) > 8:
+            _GROUP_CACHE.popitem(last=False)
+    return val
+
+
+_TABLES: "OrderedDict[tuple, torch.Tensor]" = OrderedDict()
+
+
+def moe_tables(lora_a, lora_b, offsets):
+    """int64 device table [8, S]: A pointers, A row strides, A expert strides, B pointers, B row strides, B expert
+    strides, widths N_i, output offsets. Cached by content: no host-to-device copy after the first call (CUDA
+    graphs capture the cached table)."""
+    dev = lora_a[0].device
+    cols = [[t.data_ptr() for t in lora_a], [t.stride(0) for t in lora_a], [t.stride(1) for t in lora_a],
+            [t.data_ptr() for t in lora_b], [t.stride(0) for t in lora_b], [t.stride(1) for t in lora_b],
+            [t.shape[2] for t in lora_b], list(offsets)]
+    key = (dev, tuple(tuple(c) for c in cols))
+    hit = _TABLES.get(key)
+    if hit is not None:
+        _TABLES.move_to_end(key)
+        return hit
+    tab = torch.tensor(cols, dtype=torch.int64, device=dev)
+    _TABLES[key] = tab
+    if len(_TABLES) > 512:
+        _TABLES.popitem(last=False)
+    return tab
