@@ -21,7 +21,7 @@ import torch
 
 from lorakern._tables import slice_tables as _tables
 from lorakern.backends import cuda_emulator, cuda_extension
-from lorakern.moe_grouping import group_pairs, moe_tables
+from lorakern.moe_grouping import group_pairs, moe_tables, pair_operands
 
 _DTYPES = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2}
 _FUSED, _SHRINK, _EXPAND, _MOE = 0, 1, 2, 3
@@ -204,13 +204,7 @@ def add_lora_moe(out, x, topk_ids, lora_a, lora_b, page_table, ranks, scales, sl
     if n_max == 0:
         return
     tab = moe_tables(lora_a, lora_b, slice_offsets)
-    if x.dim() == 3:
-        sx_t, sx_p, sx_k = x.stride()
-    else:
-        (sx_t, sx_k), sx_p = x.stride(), 0
-    w = None
-    if topk_weights is not None:
-        w = topk_weights if topk_weights.dtype == torch.float32 else topk_weights.float()
+    sx_t, sx_p, sx_k, w = pair_operands(x, topk_weights)
     vec = _vec_ok(x.element_size(), [x, out, *lora_a, *lora_b], slice_offsets)
     # Pairs per pass. The group sizes are on the device; this guess needs no host read: pairs sparse among the
     # possible (adapter, expert) groups (decode) -> mostly one pair per group -> 1; otherwise 4. To tune on a GPU.

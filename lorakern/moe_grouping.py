@@ -19,7 +19,7 @@ import torch
 
 from lorakern.ops.moe import version_of
 
-__all__ = ["group_pairs", "max_tiles", "moe_tables"]
+__all__ = ["group_pairs", "max_tiles", "moe_tables", "pair_operands"]
 
 _SENTINEL = torch.iinfo(torch.int32).max
 
@@ -112,3 +112,16 @@ def moe_tables(lora_a, lora_b, offsets):
     if len(_TABLES) > 512:
         _TABLES.popitem(last=False)
     return tab
+
+
+def pair_operands(x: torch.Tensor, topk_weights):
+    """``(sx_t, sx_p, sx_k, w)``: the strides that address the x row of pair ``(t, k)`` (``sx_p = 0`` when ``x``
+    is ``[T, K]``, shared by the token's experts) and the routed weights as float32 (or None)."""
+    if x.dim() == 3:
+        sx_t, sx_p, sx_k = x.stride()
+    else:
+        (sx_t, sx_k), sx_p = x.stride(), 0
+    w = None
+    if topk_weights is not None:
+        w = topk_weights if topk_weights.dtype == torch.float32 else topk_weights.float()
+    return sx_t, sx_p, sx_k, w

@@ -40,6 +40,21 @@ def selftest(tmp_path_factory):
 ORDERS = {"forward": 0, "reverse": 1, "random": 2}
 
 
+def test_ucontext_fallback_switch(tmp_path):
+    """The portable fiber switch (ucontext: non-x86-64 hosts) behaves as the x86-64 one."""
+    import sysconfig
+
+    out = tmp_path / ("emu_selftest" + sysconfig.get_config_var("EXT_SUFFIX"))
+    cuda_build.build_emu(out, tmp_path / "obj", extra=["-DLK_EMU_UCONTEXT"],
+                         srcs=[str(ROOT / "csrc/emu/selftest.cpp"), str(ROOT / "csrc/emu/emu_runtime.cpp")])
+    spec = importlib.util.spec_from_file_location("emu_selftest", out)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod.run("no_race")[0] == "" and mod.run("no_race")[1][:128] == expected_neighbour()
+    assert mod.run("warp_sum")[1][:32] == [float(sum(range(32)))] * 32
+    assert "divergent __syncthreads" in mod.run("divergent_barrier")[0]
+
+
 def expected_neighbour():
     return [float((t + 1) % 64) + 100.0 * b for b in range(2) for t in range(64)]
 

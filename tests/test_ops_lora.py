@@ -7,6 +7,8 @@ accumulating ops, NaN for lora_shrink's ``out=``) and every element is checked (
 Runtime budget: the Triton interpreter costs milliseconds of Python per program, so on the CPU the Triton
 variants run every dtype on a core set of cases (CORE) and one dtype per (case, op, path) elsewhere, rotating so
 that each dtype meets each op and path; the torch backend (and every backend on a GPU) runs the full matrix.
+The cuda backend on the CPU emulator runs the full matrix too, except the 2,048-adapter case on its forced
+segment path (2,048 one-token blocks of 256 emulated threads): add_lora in fp16 only.
 """
 
 import pytest
@@ -64,12 +66,15 @@ def _dname(dt):
 
 
 def _matrix(op):
-    """(case, dtype, impl) params for ``op``, trimmed for the Triton interpreter as the module docstring says."""
+    """(case, dtype, impl) params for ``op``, trimmed for the CPU interpreters as the module docstring says."""
     params = []
     for ci, name in enumerate(CASES):
         for pi, impl in enumerate(IMPLS):
             interp_triton = _INTERP and impl.startswith("triton")
-            if name == BIG and interp_triton:
+            if name == BIG and _INTERP and impl == "cuda-segment":
+                # on the CPU emulator: 2048 one-token 64-token tiles, each a full block of 256 fibers
+                dts = [torch.float16] if op == "add_lora" else []
+            elif name == BIG and interp_triton:
                 # the interpreter runs one program per adapter (~10 ms each): one op, one path, one dtype
                 dts = [torch.float16] if (op == "add_lora" and impl == "triton-gather") else []
             elif interp_triton and (name not in CORE or op == "composite"):

@@ -47,6 +47,7 @@ void sync_warp();                                         // a warp-collective r
 void register_shared(void* p, size_t bytes);              // poison and track a __shared__ array
 int launch(dim3 grid, dim3 block, const std::function<void()>& body);  // 0 or an error
 uint64_t& warp_slot(int lane);                            // exchange slot of `lane` in the current warp
+float* warp_scratch();                                    // 256 floats shared by the current warp's lanes
 cudaError_t last_error();
 const char* error_string(cudaError_t e);
 void set_schedule(int order, uint64_t seed);             // 0 forward, 1 reverse, 2 random(seed)
@@ -182,15 +183,19 @@ inline void load_matrix_sync(fragment<Use, M, N, K, T, L>& f, const P* p, unsign
 template <int M, int N, int K, typename TA, typename LA, typename LB>
 inline void mma_sync(fragment<accumulator, M, N, K, float>& d, const fragment<matrix_a, M, N, K, TA, LA>& a,
                      const fragment<matrix_b, M, N, K, TA, LB>& b, const fragment<accumulator, M, N, K, float>& c) {
+  static_assert(M * N <= 256, "accumulator tile larger than the warp scratch");
   ::lk_emu::sync_warp();
-  float t[M * N];
-  for (int i = 0; i < M; ++i)
-    for (int j = 0; j < N; ++j) {
-      float s = c.v[i * N + j];
-      for (int k = 0; k < K; ++k) s += a.v[i * K + k] * b.v[k * N + j];
-      t[i * N + j] = s;
-    }
-  std::memcpy(d.v, t, sizeof(t));
+  float* t = ::lk_emu::warp_scratch();
+  if ((::lk_emu::flat_tid() & 31) == 0) {  // every lane holds the same tiles: one lane computes for the warp
+    for (int i = 0; i < M; ++i)
+      for (int j = 0; j < N; ++j) {
+        float s = c.v[i * N + j];
+        for (int k = 0; k < K; ++k) s += a.v[i * K + k] * b.v[k * N + j];
+        t[i * N + j] = s;
+      }
+  }
+  ::lk_emu::sync_warp();
+  std::memcpy(d.v, t, sizeof(float) * M * N);
 }
 
 template <int M, int N, int K>

@@ -16,7 +16,11 @@
 
 #include "cuda_emu.h"
 
-#if !defined(__x86_64__)
+// The fiber switch: hand-written on x86-64 (no system call), ucontext elsewhere (or with -DLK_EMU_UCONTEXT).
+#if defined(__x86_64__) && !defined(LK_EMU_UCONTEXT)
+#define LK_EMU_ASM_SWITCH 1
+#else
+#define LK_EMU_ASM_SWITCH 0
 #include <ucontext.h>
 #endif
 
@@ -41,15 +45,20 @@ enum State { kReady, kAtBlock, kAtWarp, kDone };
 
 constexpr size_t kStackBytes = 256 * 1024;
 
+// A suspended context: the saved stack pointer (x86-64 switch) or a ucontext.
+struct Ctx {
+#if LK_EMU_ASM_SWITCH
+  void* sp = nullptr;
+#else
+  ucontext_t uc;
+#endif
+};
+
 struct Fiber {
   std::vector<char> stack;
   State state = kDone;
   int line = 0;  // the __syncthreads it waits at
-#if defined(__x86_64__)
-  void* sp = nullptr;
-#else
-  ucontext_t ctx;
-#endif
+  Ctx ctx;
   void* asan_fake = nullptr;
 };
 
@@ -60,11 +69,8 @@ struct Launch {
   bool failed = false;
   std::string error;
   std::vector<uint64_t> slots;  // warp exchange slots, 32 per warp
-#if defined(__x86_64__)
-  void* sched_sp = nullptr;
-#else
-  ucontext_t sched_ctx;
-#endif
+  std::vector<float> scratch;   // 256 floats per warp (WMMA results)
+  Ctx sched;
   void* asan_fake = nullptr;             // the scheduler's
   const void* sched_bottom = nullptr;    // the scheduler's stack, learned by the first fiber switched to
   size_t sched_size = 0;
@@ -77,7 +83,7 @@ std::vector<std::pair<void*, size_t>> g_shared;  // every __shared__ array seen,
 int g_order = 2;  // 0 forward, 1 reverse, 2 random (default: seeded, so every run is reproducible)
 uint64_t g_seed = 0;
 
-#if defined(__x86_64__)
+#if LK_EMU_ASM_SWITCH
 // void lk_emu_switch(void** save_sp, void* load_sp): saves the callee-saved state on the current stack, stores
 // the stack pointer in *save_sp, loads load_sp and restores the state saved there.
 extern "C" void lk_emu_switch(void** save_sp, void* load_sp);
@@ -123,20 +129,27 @@ lk_emu_trampoline:
 )");
 #endif
 
+// Suspend into `save` and resume `load` (whose stack is [bottom, bottom + size) for ASan; `fake_save` null when
+// the suspended stack is dead); after coming back, tell ASan with `*fake_restore`.
+void swap(Ctx& save, Ctx& load, void** fake_save, const void* bottom, size_t size, void** fake_restore) {
+#if LK_ASAN
+  __sanitizer_start_switch_fiber(fake_save, bottom, size);
+#else
+  (void)fake_save, (void)bottom, (void)size, (void)fake_restore;
+#endif
+#if LK_EMU_ASM_SWITCH
+  lk_emu_switch(&save.sp, load.sp);
+#else
+  swapcontext(&save.uc, &load.uc);
+#endif
+#if LK_ASAN
+  __sanitizer_finish_switch_fiber(*fake_restore, nullptr, nullptr);
+#endif
+}
+
 void to_scheduler() {
   Fiber& f = g.fibers[g.current];
-#if LK_ASAN
-  // a finished fiber's stack is dead: a null save slot tells ASan so
-  __sanitizer_start_switch_fiber(f.state == kDone ? nullptr : &f.asan_fake, g.sched_bottom, g.sched_size);
-#endif
-#if defined(__x86_64__)
-  lk_emu_switch(&f.sp, g.sched_sp);
-#else
-  swapcontext(&f.ctx, &g.sched_ctx);
-#endif
-#if LK_ASAN
-  __sanitizer_finish_switch_fiber(f.asan_fake, nullptr, nullptr);
-#endif
+  swap(f.ctx, g.sched, f.state == kDone ? nullptr : &f.asan_fake, g.sched_bottom, g.sched_size, &f.asan_fake);
 }
 
 void to_fiber(int i) {
@@ -144,17 +157,7 @@ void to_fiber(int i) {
   const unsigned bx = g_block_dim.x, by = g_block_dim.y;
   g_thread_idx = make_uint3(i % bx, (i / bx) % by, i / (bx * by));
   Fiber& f = g.fibers[i];
-#if LK_ASAN
-  __sanitizer_start_switch_fiber(&g.asan_fake, f.stack.data(), f.stack.size());
-#endif
-#if defined(__x86_64__)
-  lk_emu_switch(&g.sched_sp, f.sp);
-#else
-  swapcontext(&g.sched_ctx, &f.ctx);
-#endif
-#if LK_ASAN
-  __sanitizer_finish_switch_fiber(g.asan_fake, nullptr, nullptr);
-#endif
+  swap(g.sched, f.ctx, &g.asan_fake, f.stack.data(), f.stack.size(), &g.asan_fake);
 }
 
 }  // namespace
@@ -176,7 +179,7 @@ extern "C" __attribute__((used)) void lk_emu_fiber_main() {
 
 namespace {
 
-#if !defined(__x86_64__)
+#if !LK_EMU_ASM_SWITCH
 void fiber_entry_uc() { lk_emu_fiber_main(); }
 #endif
 
@@ -187,7 +190,7 @@ void start_fiber(Fiber& f) {
 #endif
   f.state = kReady;
   f.line = 0;
-#if defined(__x86_64__)
+#if LK_EMU_ASM_SWITCH
   // Initial frame read by lk_emu_switch: [mxcsr|fpucw][r15 r14 r13 r12 rbx rbp][ret = trampoline][pad]; the
   // trampoline's call then runs with a 16-byte aligned stack.
   uintptr_t top = reinterpret_cast<uintptr_t>(f.stack.data() + f.stack.size()) & ~uintptr_t(15);
@@ -197,13 +200,13 @@ void start_fiber(Fiber& f) {
   std::memcpy(reinterpret_cast<char*>(sp), &mxcsr, 4);
   std::memcpy(reinterpret_cast<char*>(sp) + 4, &fpucw, 2);
   sp[7] = reinterpret_cast<uint64_t>(&lk_emu_trampoline);
-  f.sp = sp;
+  f.ctx.sp = sp;
 #else
-  getcontext(&f.ctx);
-  f.ctx.uc_stack.ss_sp = f.stack.data();
-  f.ctx.uc_stack.ss_size = f.stack.size();
-  f.ctx.uc_link = nullptr;
-  makecontext(&f.ctx, fiber_entry_uc, 0);
+  getcontext(&f.ctx.uc);
+  f.ctx.uc.uc_stack.ss_sp = f.stack.data();
+  f.ctx.uc.uc_stack.ss_size = f.stack.size();
+  f.ctx.uc.uc_link = nullptr;
+  makecontext(&f.ctx.uc, fiber_entry_uc, 0);
 #endif
 }
 
@@ -326,6 +329,8 @@ void sync_warp() {
 
 uint64_t& warp_slot(int lane) { return g.slots[(flat_tid() & ~31u) + lane]; }
 
+float* warp_scratch() { return g.scratch.data() + 256 * (flat_tid() >> 5); }
+
 void register_shared(void* p, size_t bytes) {
   g_shared.emplace_back(p, bytes);
   std::memset(p, 0xFF, bytes);
@@ -340,6 +345,7 @@ int launch(dim3 grid, dim3 block, const std::function<void()>& body) {
   }
   if (static_cast<int>(g.fibers.size()) < n) g.fibers.resize(n);
   g.slots.assign(((n + 31) / 32) * 32, 0);
+  g.scratch.assign(((n + 31) / 32) * 256, 0.f);
   g.body = &body;
   g.failed = false;
   g.error.clear();

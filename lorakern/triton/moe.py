@@ -36,7 +36,7 @@ import triton
 import triton.language as tl
 
 from lorakern.backends import triton_interpret
-from lorakern.moe_grouping import group_pairs, max_tiles, moe_tables
+from lorakern.moe_grouping import group_pairs, max_tiles, moe_tables, pair_operands
 from lorakern.triton.lora import BLOCK_R, _flags, _mma, _mma_f32_lhs, _rank_rows, _slot_scale
 
 __all__ = ["add_lora_moe", "group_pairs", "cfg", "max_tiles"]
@@ -153,13 +153,7 @@ def add_lora_moe(out, x, topk_ids, lora_a, lora_b, page_table, ranks, scales, sl
     tab = moe_tables(lora_a, lora_b, slice_offsets)
     # float32 rank-r intermediate per pair; only rows of LoRA pairs below each slot's rank are written and read
     y = torch.empty((S, P, max_rank), dtype=torch.float32, device=x.device)
-    if x.dim() == 3:
-        sx_t, sx_p, sx_k = x.stride()
-    else:
-        (sx_t, sx_k), sx_p = x.stride(), 0
-    w = None
-    if topk_weights is not None:
-        w = topk_weights if topk_weights.dtype == torch.float32 else topk_weights.float()
+    sx_t, sx_p, sx_k, w = pair_operands(x, topk_weights)
     upcast, ieee = _flags(x.dtype)
     _moe_kernel[(grid_n, S)](
         x, sx_t, sx_p, sx_k, tab[0], tab[1], tab[2], tab[3], tab[4], tab[5], tab[6], tab[7],

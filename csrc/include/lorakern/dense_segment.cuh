@@ -9,7 +9,7 @@
 //       to y (float32 [S, T, max_rank]); with K splits the partial sums are added atomically into a zeroed y.
 //   segment_expand_kernel  grid (tiles, slices, N tiles of 128):
 //       out[tokens, off + n] += scale * Y[tokens, :rank] @ B[rows, n], the rank loop stops at the real rank in
-//       steps of 16. The fp32 Y enters the tensor cores as a sum of terms of the weight dtype (hi + lo for fp16,
+//       steps of RK = 32 (rows past the rank are never loaded). The fp32 Y enters the tensor cores as a sum of terms of the weight dtype (hi + lo for fp16,
 //       hi + mid + lo for bf16), so the intermediate keeps ~fp32 precision. The epilogue reads, adds and writes out once (16-byte vectors).
 //
 // Requirements checked by the host (else the gather path runs): 16-byte aligned rows, K and every N_i multiples
@@ -26,29 +26,43 @@
 namespace lorakern {
 
 namespace seg {
-constexpr int BM = 64, BR = 64, BK = 32, BN = 128, RK = 16;
+// BK = 128: every K step moves 64 tokens x 128 + 64 rank rows x 128 elements (32 KB in bf16) with 8 independent
+// 16-byte loads per thread, so few, wide, latency-bound steps; RK = 32 rank rows per expand step for the same reason.
+constexpr int BM = 64, BR = 64, BK = 128, BN = 128, RK = 32;
 constexpr int kSegThreads = 256;
 constexpr int LDX = BK + 8;   // smem leading dims: multiples of 8 halves, padded against bank conflicts
 constexpr int LDY = BR + 4;   // floats
 constexpr int LDR = RK + 8;
 constexpr int LDB = BN + 8;
 constexpr int LDO = BN + 4;
+
+// Shared memory of each kernel: the K-loop (or rank-loop) tiles and the fp32 accumulator tile written after the
+// loop share one buffer (the accumulator is stored only once the loop's last reads are behind a barrier).
+template <typename T> struct ShrinkSmem {
+  static constexpr int kTiles = 2 * BM * LDX * int(sizeof(T));  // xs [BM][LDX], as [BR][LDX]
+  static constexpr int kAcc = BM * LDY * int(sizeof(float));    // ys [BM][LDY]
+  static constexpr int kBytes = kTiles > kAcc ? kTiles : kAcc;
+};
+template <typename T> struct ExpandSmem {
+  static constexpr int kTiles = (3 * BM * LDR + RK * LDB) * int(sizeof(T));  // yhi, ylo, ylo2 [BM][LDR], bs [RK][LDB]
+  static constexpr int kAcc = BM * LDO * int(sizeof(float));                 // os [BM][LDO]
+  static constexpr int kBytes = kTiles > kAcc ? kTiles : kAcc;
+};
 }  // namespace seg
 
 template <typename T>
 __global__ void __launch_bounds__(seg::kSegThreads) segment_shrink_kernel(const DenseParams p, int k_split) {
   using namespace nvcuda;
   using namespace seg;
-  __shared__ __align__(128) T xs[BM][LDX];
-  __shared__ __align__(128) T as[BR][LDX];
-  __shared__ __align__(128) float ys[BM][LDY];
+  __shared__ __align__(128) unsigned char smem[ShrinkSmem<T>::kBytes];
   __shared__ int64_t tok_s[BM];
   __shared__ int64_t rows_s[BR];
-  LORAKERN_SHARED_TRACK(xs);
-  LORAKERN_SHARED_TRACK(as);
-  LORAKERN_SHARED_TRACK(ys);
+  LORAKERN_SHARED_TRACK(smem);
   LORAKERN_SHARED_TRACK(tok_s);
   LORAKERN_SHARED_TRACK(rows_s);
+  auto xs = reinterpret_cast<T(*)[LDX]>(smem);
+  auto as = reinterpret_cast<T(*)[LDX]>(smem + BM * LDX * sizeof(T));
+  auto ys = reinterpret_cast<float(*)[LDY]>(smem);  // after the K loop
 
   const int tile = blockIdx.x, sl = blockIdx.y;
   const int r_tiles = (p.max_rank + BR - 1) / BR;
@@ -71,7 +85,9 @@ __global__ void __launch_bounds__(seg::kSegThreads) segment_shrink_kernel(const 
   const T* X = reinterpret_cast<const T*>(p.x);
   const T* A = reinterpret_cast<const T*>(p.a_ptrs[sl]);
   const int64_t sa = p.a_strides[sl];
-  constexpr int V = 8;  // 16-byte vectors of 8 halves
+  constexpr int V = 8;                                // 16-byte vectors of 8 halves
+  constexpr int kLoads = BM * (BK / V) / kSegThreads;  // vectors per thread per operand and K step
+  static_assert(BM == BR && BM * (BK / V) % kSegThreads == 0, "tile shapes");
 
   // 8 warps over the 4 x 4 fragments of the 64 x 64 output: warp w owns row block w / 2, columns 2 * (w % 2) + {0, 1}
   const int fm = warp >> 1, fn0 = (warp & 1) * 2;
@@ -80,27 +96,30 @@ __global__ void __launch_bounds__(seg::kSegThreads) segment_shrink_kernel(const 
   wmma::fill_fragment(acc[1], 0.f);
 
   for (int k0 = k_begin; k0 < k_end; k0 += BK) {
-    for (int i = tid; i < BM * (BK / V); i += kSegThreads) {  // gathered x rows (zeros past the tile / K)
-      const int m = i / (BK / V), c = (i % (BK / V)) * V;
-      Vec<T, true> v;
+    // all loads of the step first (x rows gathered through token_ids, A rank rows through the page table, < rank
+    // only; zeros past the tile, the rank or K), then the stores: 2 * kLoads 16-byte loads in flight per thread
+    Vec<T, true> vx[kLoads], va[kLoads];
+#pragma unroll
+    for (int l = 0; l < kLoads; ++l) {
+      const int i = tid + l * kSegThreads, m = i / (BK / V), c = (i % (BK / V)) * V;
       if (tok_s[m] >= 0 && k0 + c < k_end) {
-        load_vec(v, X + tok_s[m] * p.sx_t + k0 + c);
+        load_vec(vx[l], X + tok_s[m] * p.sx_t + k0 + c);
       } else {
 #pragma unroll
-        for (int e = 0; e < V; ++e) v.v[e] = Num<T>::from_f(0.f);
+        for (int e = 0; e < V; ++e) vx[l].v[e] = Num<T>::from_f(0.f);
       }
-      store_vec(&xs[m][c], v);
+      if (rows_s[m] >= 0 && k0 + c < k_end) {
+        load_vec(va[l], A + rows_s[m] * sa + k0 + c);
+      } else {
+#pragma unroll
+        for (int e = 0; e < V; ++e) va[l].v[e] = Num<T>::from_f(0.f);
+      }
     }
-    for (int i = tid; i < BR * (BK / V); i += kSegThreads) {  // A rank rows through the page table (< rank only)
-      const int j = i / (BK / V), c = (i % (BK / V)) * V;
-      Vec<T, true> v;
-      if (rows_s[j] >= 0 && k0 + c < k_end) {
-        load_vec(v, A + rows_s[j] * sa + k0 + c);
-      } else {
 #pragma unroll
-        for (int e = 0; e < V; ++e) v.v[e] = Num<T>::from_f(0.f);
-      }
-      store_vec(&as[j][c], v);
+    for (int l = 0; l < kLoads; ++l) {
+      const int i = tid + l * kSegThreads, m = i / (BK / V), c = (i % (BK / V)) * V;
+      store_vec(&xs[m][c], vx[l]);
+      store_vec(&as[m][c], va[l]);
     }
     __syncthreads();
 #pragma unroll
@@ -114,7 +133,7 @@ __global__ void __launch_bounds__(seg::kSegThreads) segment_shrink_kernel(const 
         wmma::mma_sync(acc[f], fa, fb, acc[f]);
       }
     }
-    __syncthreads();
+    __syncthreads();  // the tiles are rewritten by the next step (and ys aliases them)
   }
 #pragma unroll
   for (int f = 0; f < 2; ++f) wmma::store_matrix_sync(&ys[fm * 16][(fn0 + f) * 16], acc[f], LDY, wmma::mem_row_major);
@@ -133,20 +152,17 @@ template <typename T>
 __global__ void __launch_bounds__(seg::kSegThreads) segment_expand_kernel(const DenseParams p) {
   using namespace nvcuda;
   using namespace seg;
-  __shared__ __align__(128) T yhi[BM][LDR];
-  __shared__ __align__(128) T ylo[BM][LDR];
-  __shared__ __align__(128) T ylo2[BM][LDR];  // third term, bf16 only (7-bit mantissa: 3 x 8 bits ~ fp32)
-  __shared__ __align__(128) T bs[RK][LDB];
-  __shared__ __align__(128) float os[BM][LDO];
+  __shared__ __align__(128) unsigned char smem[ExpandSmem<T>::kBytes];
   __shared__ int64_t tok_s[BM];
-  LORAKERN_SHARED_TRACK(yhi);
-  LORAKERN_SHARED_TRACK(ylo);
-  LORAKERN_SHARED_TRACK(ylo2);
-  LORAKERN_SHARED_TRACK(bs);
-  LORAKERN_SHARED_TRACK(os);
+  LORAKERN_SHARED_TRACK(smem);
   LORAKERN_SHARED_TRACK(tok_s);
+  auto yhi = reinterpret_cast<T(*)[LDR]>(smem);
+  auto ylo = reinterpret_cast<T(*)[LDR]>(smem + BM * LDR * sizeof(T));
+  auto ylo2 = reinterpret_cast<T(*)[LDR]>(smem + 2 * BM * LDR * sizeof(T));  // third term, bf16 only
+  auto bs = reinterpret_cast<T(*)[LDB]>(smem + 3 * BM * LDR * sizeof(T));
+  auto os = reinterpret_cast<float(*)[LDO]>(smem);  // after the rank loop
 
-  constexpr bool kThreeTerms = std::is_same<T, __nv_bfloat16>::value;
+  constexpr bool kThreeTerms = std::is_same<T, __nv_bfloat16>::value;  // bf16: 3 x 8 bits ~ fp32's 24
   const int tile = blockIdx.x, sl = blockIdx.y, n0 = blockIdx.z * BN;
   const int start = p.tiles[3 * tile], len = p.tiles[3 * tile + 1], slot = p.tiles[3 * tile + 2];
   if (len <= 0 || slot < 0) return;
@@ -169,7 +185,7 @@ __global__ void __launch_bounds__(seg::kSegThreads) segment_expand_kernel(const 
 #pragma unroll
   for (int f = 0; f < 4; ++f) wmma::fill_fragment(acc[f], 0.f);
 
-  for (int rc = 0; rc < rank; rc += RK) {  // the slot's real rank, 16 at a time
+  for (int rc = 0; rc < rank; rc += RK) {  // the slot's real rank, RK rows at a time
     for (int i = tid; i < BM * RK; i += kSegThreads) {
       const int m = i / RK, j = i % RK;
       const float v = (tok_s[m] >= 0 && rc + j < rank) ? Y[tok_s[m] * p.sy_t + (rc + j) * p.sy_r] : 0.f;
@@ -193,19 +209,22 @@ __global__ void __launch_bounds__(seg::kSegThreads) segment_expand_kernel(const 
       store_vec(&bs[j][c], v);
     }
     __syncthreads();
-    wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> fh, fl, fl2;
-    wmma::load_matrix_sync(fh, &yhi[fm * 16][0], LDR);
-    wmma::load_matrix_sync(fl, &ylo[fm * 16][0], LDR);
-    if constexpr (kThreeTerms) wmma::load_matrix_sync(fl2, &ylo2[fm * 16][0], LDR);
 #pragma unroll
-    for (int f = 0; f < 4; ++f) {
-      wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> fb;
-      wmma::load_matrix_sync(fb, &bs[0][(fn0 + f) * 16], LDB);
-      wmma::mma_sync(acc[f], fh, fb, acc[f]);
-      wmma::mma_sync(acc[f], fl, fb, acc[f]);
-      if constexpr (kThreeTerms) wmma::mma_sync(acc[f], fl2, fb, acc[f]);
+    for (int kk = 0; kk < RK; kk += 16) {
+      wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> fh, fl, fl2;
+      wmma::load_matrix_sync(fh, &yhi[fm * 16][kk], LDR);
+      wmma::load_matrix_sync(fl, &ylo[fm * 16][kk], LDR);
+      if constexpr (kThreeTerms) wmma::load_matrix_sync(fl2, &ylo2[fm * 16][kk], LDR);
+#pragma unroll
+      for (int f = 0; f < 4; ++f) {
+        wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> fb;
+        wmma::load_matrix_sync(fb, &bs[kk][(fn0 + f) * 16], LDB);
+        wmma::mma_sync(acc[f], fh, fb, acc[f]);
+        wmma::mma_sync(acc[f], fl, fb, acc[f]);
+        if constexpr (kThreeTerms) wmma::mma_sync(acc[f], fl2, fb, acc[f]);
+      }
     }
-    __syncthreads();
+    __syncthreads();  // the tiles are rewritten by the next step (and os aliases them)
   }
 #pragma unroll
   for (int f = 0; f < 4; ++f) wmma::store_matrix_sync(&os[fm * 16][(fn0 + f) * 16], acc[f], LDO, wmma::mem_row_major);
