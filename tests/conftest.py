@@ -53,16 +53,14 @@ IMPLS = ["torch", "triton-gather", "triton-segment"] + (["cuda-gather", "cuda-se
 def set_impl(impl: str, monkeypatch) -> str:
     """Activate a backend variant (``"triton-gather"`` forces that path); returns the backend name.
 
-    ``"triton"`` alone leaves the path to the plan (the env override is removed). ``"cuda…"`` without a GPU
-    turns on the CPU emulator of the CUDA kernels (``LORAKERN_CUDA_EMULATE=1``)."""
+    ``"triton"`` alone leaves the path to the plan (the env override is removed). (``"cuda…"`` without a GPU runs
+    on the CPU emulator: see :func:`_cuda_on_the_emulator`.)"""
     backend, _, path = impl.partition("-")
     if path:
         monkeypatch.setenv("LORAKERN_TRITON_PATH", path)
     else:
         monkeypatch.delenv("LORAKERN_TRITON_PATH", raising=False)
     monkeypatch.delenv("LORAKERN_BACKEND", raising=False)
-    if backend == "cuda" and not HAS_CUDA:
-        monkeypatch.setenv("LORAKERN_CUDA_EMULATE", "1")
     return backend
 
 
@@ -70,6 +68,7 @@ def set_impl(impl: str, monkeypatch) -> str:
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA GPU (skipped without one)")
     config.addinivalue_line("markers", "slow: long-running; excluded from CI with -m 'not slow'")
+    config.addinivalue_line("markers", "cuda_emulate: without a GPU, run the cuda backend on the CPU emulator")
 
 
 def pytest_collection_modifyitems(config, items):
@@ -101,9 +100,21 @@ def device() -> torch.device:
 def backend(request, monkeypatch) -> str:
     monkeypatch.delenv("LORAKERN_BACKEND", raising=False)
     monkeypatch.delenv("LORAKERN_TRITON_PATH", raising=False)
-    if request.param == "cuda" and not HAS_CUDA:
-        monkeypatch.setenv("LORAKERN_CUDA_EMULATE", "1")
     return request.param
+
+
+@pytest.fixture(autouse=True)
+def _cuda_on_the_emulator(request, monkeypatch):
+    """Without a GPU, the cuda backend's kernels run on the CPU emulator (``LORAKERN_CUDA_EMULATE=1``) in a test
+    parametrized with it (a ``backend``/``impl`` parameter starting with "cuda") or marked ``cuda_emulate`` (for
+    tests that loop over the backends themselves; ``auto`` may then pick cuda)."""
+    if HAS_CUDA or not CUDA_RUNS:
+        return
+    cs = getattr(request.node, "callspec", None)
+    params = cs.params if cs is not None else {}
+    if request.node.get_closest_marker("cuda_emulate") is not None or any(
+            str(params.get(k, "")).startswith("cuda") for k in ("backend", "impl")):
+        monkeypatch.setenv("LORAKERN_CUDA_EMULATE", "1")
 
 
 # ------------------------------------------------------------------------------------------------ tolerance

@@ -1,7 +1,7 @@
 """lorakern.attach on a tiny LlamaForCausalLM: the layout mirrors the wrapped modules, the model is the base model
 bit for bit outside an adapter context, and a mixed batch equals PEFT applying each adapter alone — padded, packed
-(position_ids), and through the engine's per-token form — on the torch backend and on Triton (interpreter on the
-CPU). Tolerances: see test_hf_common."""
+(position_ids), and through the engine's per-token form — on the torch backend, on Triton (interpreter on the
+CPU) and on cuda (the CPU emulator without a GPU). Tolerances: see test_hf_common."""
 
 import copy
 
@@ -9,11 +9,12 @@ import pytest
 import torch
 
 import lorakern
+from conftest import BACKEND_LIST
 from lorakern.pool import AdapterCatalog, AdapterMismatchError, PoolCapacityError, UnknownAdapterError
 from test_hf_common import (ALL, ATOL, LAYERS, MIN_EFFECT, RTOL, VOCAB, attached, hf_setup, peft_ref,  # noqa: F401
                             save_peft_adapter)
 
-BACKENDS = ["torch", "triton"]
+BACKENDS = BACKEND_LIST  # cuda too where it runs (without a GPU: its kernels on the CPU emulator)
 
 # PEFT triggers a transformers deprecation notice (is_gradient_checkpointing) that is none of our business
 pytestmark = pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing:FutureWarning")

@@ -4,6 +4,7 @@ padding) inside ``lm.adapters([...])`` gives every sequence the tokens PEFT gene
 import pytest
 import torch
 
+from conftest import BACKEND_LIST
 from test_hf_common import VOCAB, attached, hf_setup, peft_ref  # noqa: F401
 
 # PEFT triggers a transformers deprecation notice (is_gradient_checkpointing) that is none of our business
@@ -22,7 +23,7 @@ def _left_padded(seqs, pad=0):
     return ids, mask
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("backend", BACKEND_LIST)
 @torch.no_grad()
 def test_generate_mixed_batch_matches_peft_alone(hf_setup, peft_ref, backend):
     base, dirs = hf_setup

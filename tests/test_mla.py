@@ -27,11 +27,8 @@ COMPILED = BACKENDS[1:]
 OPS = ("q", "o")
 
 
-@pytest.fixture(autouse=True)
-def _cuda_on_the_emulator(monkeypatch):
-    """Without a GPU, the cuda backend runs its kernels on the CPU emulator (and ``auto`` may pick it)."""
-    if not HAS_CUDA and CUDA_RUNS:
-        monkeypatch.setenv("LORAKERN_CUDA_EMULATE", "1")
+#: the tests that loop over BACKENDS themselves run cuda on the CPU emulator when there is no GPU
+pytestmark = pytest.mark.cuda_emulate
 BASE = dict(H=4, C=64, Dn=16, Dv=16)
 
 CASES = {

@@ -24,11 +24,8 @@ BACKENDS = ["torch", "triton"] + (["cuda"] if CUDA_RUNS else [])
 MANY_GROUPS_BACKENDS = ["triton"] + (["cuda"] if CUDA_RUNS else [])
 
 
-@pytest.fixture(autouse=True)
-def _cuda_on_the_emulator(monkeypatch):
-    """Without a GPU, the cuda backend runs its kernels on the CPU emulator (and ``auto`` may pick it)."""
-    if not HAS_CUDA and CUDA_RUNS:
-        monkeypatch.setenv("LORAKERN_CUDA_EMULATE", "1")
+#: the tests that loop over BACKENDS themselves run cuda on the CPU emulator when there is no GPU
+pytestmark = pytest.mark.cuda_emulate
 
 
 # ------------------------------------------------------------------------------------------------ cases

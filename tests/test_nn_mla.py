@@ -6,18 +6,13 @@ a random adapter on any single projection changes the output on both paths (no p
 import pytest
 import torch
 
-from conftest import CUDA_RUNS, DEVICE, HAS_CUDA, assert_bits_equal
+from conftest import CUDA_RUNS, DEVICE, assert_bits_equal
 from lorakern.nn import MLAAttention, MLAConfig, MLALoRA
 
 CONFIGS = {"q_lora_rank48": MLAConfig(), "q_proj": MLAConfig(q_lora_rank=None, num_heads=3, kv_lora_rank=40,
                                                              qk_nope_head_dim=12, v_head_dim=20)}
 BACKENDS = ("torch", "triton") + (("cuda",) if CUDA_RUNS else ())
 
-
-@pytest.fixture(autouse=True)
-def _cuda_on_the_emulator(monkeypatch):
-    if not HAS_CUDA and CUDA_RUNS:  # without a GPU the cuda backend's kernels run on the CPU emulator
-        monkeypatch.setenv("LORAKERN_CUDA_EMULATE", "1")
 # four sequences: adapters of rank 4, none, rank 1, rank 16; the pool also holds a rank-0 adapter (slot 3)
 SLOTS = [0, -1, 2, 1]
 RANKS = [4, 16, 1, 0]

@@ -9,10 +9,10 @@ import pytest
 import torch
 
 import lorakern
-from conftest import DEVICE, check_accumulated, make_case, oracle_add, random_out
+from conftest import BACKEND_LIST, DEVICE, check_accumulated, make_case, oracle_add, random_out
 from lorakern.ops.lora import _plan_args, _rows
 
-OPCHECK_BACKENDS = ["torch", "triton"]
+OPCHECK_BACKENDS = BACKEND_LIST
 
 
 def _op_args(backend, slots_form, generator, dtype=torch.float32):
