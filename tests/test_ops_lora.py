@@ -194,6 +194,47 @@ def test_static_plan_refilled_with_another_mix(impl, generator, monkeypatch):
     assert len(torch.unique(s2[s2 >= 0])) > len(torch.unique(s1[s1 >= 0]))
 
 
+@pytest.mark.parametrize("impl", IMPLS)
+def test_fp16_intermediate_beyond_fp16_range(impl, generator, monkeypatch):
+    """fp16 with a rank intermediate |y| up to ~1e5 (> 65504, the fp16 maximum) and a small B, so the result is
+    well inside fp16: the float32 intermediate must never pass through fp16 unscaled (the tensor-core expand feeds
+    it as fp16 terms), on every path."""
+    backend = set_impl(impl, monkeypatch)
+    dt = torch.float16
+    case = make_case(generator, T=70, K=64, n_sizes=[48, 32], ranks=[16, 5, 70], num_adapters=3, mix="skewed",
+                     none_frac=0.1, dtype=dt)
+    L = case.lora
+    case.x.mul_(1000)
+    for a in L.lora_a:
+        a.mul_(10)
+    for b in L.lora_b:
+        b.mul_(1e-3)
+    y = run_case("lora_shrink", backend, case, generator)
+    assert float(y.abs().max()) > 65504
+    run_case("add_lora", backend, case, generator)
+    # y growing along the rank (x 8 every 32 ranks, up to ~1e6): a scale chosen on the first ranks must grow
+    grow = 8.0 ** (torch.arange(L.max_rank) // 32)
+    y = torch.randn(case.S, case.T, L.max_rank, generator=generator) * 1e4 * grow
+    run_case("lora_expand", backend, case, generator, y=y.to(DEVICE))
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="on a GPU the previous test runs this path natively")
+@pytest.mark.parametrize("impl", ["triton-gather", "triton-segment"])
+def test_fp16_split_path_of_triton_on_the_interpreter(impl, generator, monkeypatch):
+    """The interpreter upcasts every dot, so the GPU's fp16 path (the float32 y fed to the tensor cores as two
+    scaled fp16 terms) is forced here: the previous test, with the Triton kernels' native fp16 dots."""
+    from lorakern.triton import lora as tl_lora, mla as tl_mla, moe as tl_moe
+
+    flags = tl_lora._flags
+
+    def native_fp16(dtype):
+        return (False, False) if dtype == torch.float16 else flags(dtype)
+
+    for mod in (tl_lora, tl_mla, tl_moe):
+        monkeypatch.setattr(mod, "_flags", native_fp16)
+    test_fp16_intermediate_beyond_fp16_range(impl, generator, monkeypatch)
+
+
 class _LaunchRecorder:
     """Stands in for the compiled extension: records every launch (its packed fields) and forwards it."""
 

@@ -29,6 +29,8 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <math.h>  // the CUDA math functions the kernels call (fmaxf, frexpf, ...) in the global namespace
+
 #include <cstdint>
 #include <cstring>
 #include <functional>
@@ -148,7 +150,7 @@ struct fragment {
   static constexpr int rows = std::is_same<Use, matrix_b>::value ? K : M;
   static constexpr int cols = std::is_same<Use, matrix_a>::value ? K : N;
   static constexpr int num_elements = rows * cols;  // per lane here (all of it); opaque on a GPU
-  float v[rows * cols];
+  float x[rows * cols];
 };
 
 namespace detail {
@@ -164,7 +166,7 @@ inline void check_ptr_ldm(const void* p, unsigned ldm, size_t elem, const char* 
 template <typename Use, int M, int N, int K, typename T, typename L>
 inline void fill_fragment(fragment<Use, M, N, K, T, L>& f, float v) {
   ::lk_emu::sync_warp();
-  for (float& e : f.v) e = v;
+  for (float& e : f.x) e = v;
 }
 
 template <typename Use, int M, int N, int K, typename T, typename L, typename P>
@@ -177,7 +179,7 @@ inline void load_matrix_sync(fragment<Use, M, N, K, T, L>& f, const P* p, unsign
   constexpr bool row = std::is_same<L, row_major>::value;
   for (int r = 0; r < Fr::rows; ++r)
     for (int c = 0; c < Fr::cols; ++c)
-      f.v[r * Fr::cols + c] = detail::to_f(row ? p[size_t(r) * ldm + c] : p[size_t(c) * ldm + r]);
+      f.x[r * Fr::cols + c] = detail::to_f(row ? p[size_t(r) * ldm + c] : p[size_t(c) * ldm + r]);
 }
 
 template <int M, int N, int K, typename TA, typename LA, typename LB>
@@ -189,13 +191,13 @@ inline void mma_sync(fragment<accumulator, M, N, K, float>& d, const fragment<ma
   if ((::lk_emu::flat_tid() & 31) == 0) {  // every lane holds the same tiles: one lane computes for the warp
     for (int i = 0; i < M; ++i)
       for (int j = 0; j < N; ++j) {
-        float s = c.v[i * N + j];
-        for (int k = 0; k < K; ++k) s += a.v[i * K + k] * b.v[k * N + j];
+        float s = c.x[i * N + j];
+        for (int k = 0; k < K; ++k) s += a.x[i * K + k] * b.x[k * N + j];
         t[i * N + j] = s;
       }
   }
   ::lk_emu::sync_warp();
-  std::memcpy(d.v, t, sizeof(float) * M * N);
+  std::memcpy(d.x, t, sizeof(float) * M * N);
 }
 
 template <int M, int N, int K>
@@ -205,7 +207,7 @@ inline void store_matrix_sync(float* p, const fragment<accumulator, M, N, K, flo
   if ((::lk_emu::flat_tid() & 31) != 0) return;  // one lane writes the tile (all lanes hold all of it)
   for (int r = 0; r < M; ++r)
     for (int c = 0; c < N; ++c)
-      (l == mem_row_major ? p[size_t(r) * ldm + c] : p[size_t(c) * ldm + r]) = f.v[r * N + c];
+      (l == mem_row_major ? p[size_t(r) * ldm + c] : p[size_t(c) * ldm + r]) = f.x[r * N + c];
 }
 }  // namespace wmma
 }  // namespace nvcuda

@@ -66,18 +66,26 @@ def _mma_f32_lhs(y, b, acc, UPCAST: tl.constexpr, IEEE: tl.constexpr):
         return tl.dot(y, b.to(tl.float32), acc)
     elif IEEE:
         return tl.dot(y, b, acc, input_precision="ieee")
+    elif b.dtype == tl.float16:
+        # y = s * (hi + mid) in fp16 (22 significant bits in two terms). fp16 tops out at 65504, below what a
+        # float32 y may hold, so each row is first divided by a power of two s (exact) with |y / s| <= 2^14
+        # (s = 1 unless some |y| of the row exceeds 2^14), and the row's product is multiplied back by s.
+        amax = tl.max(tl.abs(y), axis=1)
+        s = tl.where(amax > 16384.0, tl.exp2(tl.ceil(tl.log2(tl.maximum(amax, 1.0))) - 14.0), 1.0)
+        ys = y / s[:, None]
+        hi = ys.to(b.dtype)
+        mid = (ys - hi.to(tl.float32)).to(b.dtype)
+        return acc + s[:, None] * tl.dot(mid, b, tl.dot(hi, b))
     else:
-        # y = hi + mid (+ lo) in the weight dtype: fp16 keeps 22 significant bits in two terms, bf16 needs a
-        # third term for 24; the extra MMAs are free in a memory-bound op.
+        # bf16 (fp32's range): y = hi + mid + lo, three terms for fp32's 24 significant bits; the extra MMAs are
+        # free in a memory-bound op.
         hi = y.to(b.dtype)
         r1 = y - hi.to(tl.float32)
         mid = r1.to(b.dtype)
         acc = tl.dot(hi, b, acc)
         acc = tl.dot(mid, b, acc)
-        if b.dtype == tl.bfloat16:
-            lo = (r1 - mid.to(tl.float32)).to(b.dtype)
-            acc = tl.dot(lo, b, acc)
-        return acc
+        lo = (r1 - mid.to(tl.float32)).to(b.dtype)
+        return tl.dot(lo, b, acc)
 
 
 @triton.jit

@@ -44,9 +44,12 @@ template <typename T> struct ShrinkSmem {
   static constexpr int kBytes = kTiles > kAcc ? kTiles : kAcc;
 };
 template <typename T> struct ExpandSmem {
-  static constexpr int kTiles = (3 * BM * LDR + RK * LDB) * int(sizeof(T));  // yhi, ylo, ylo2 [BM][LDR], bs [RK][LDB]
+  // yhi, ylo, ylo2 [BM][LDR], bs [RK][LDB] (T), then the fp32 y stage [BM][RK] (fp16: scaled before the split)
+  static constexpr int kYStage = (3 * BM * LDR + RK * LDB) * int(sizeof(T));
+  static constexpr int kTiles = kYStage + BM * RK * int(sizeof(float));
   static constexpr int kAcc = BM * LDO * int(sizeof(float));                 // os [BM][LDO]
   static constexpr int kBytes = kTiles > kAcc ? kTiles : kAcc;
+  static_assert(kYStage % 16 == 0, "y stage alignment");
 };
 }  // namespace seg
 
@@ -160,9 +163,16 @@ __global__ void __launch_bounds__(seg::kSegThreads) segment_expand_kernel(const 
   auto ylo = reinterpret_cast<T(*)[LDR]>(smem + BM * LDR * sizeof(T));
   auto ylo2 = reinterpret_cast<T(*)[LDR]>(smem + 2 * BM * LDR * sizeof(T));  // third term, bf16 only
   auto bs = reinterpret_cast<T(*)[LDB]>(smem + 3 * BM * LDR * sizeof(T));
+  auto ystage = reinterpret_cast<float(*)[RK]>(smem + ExpandSmem<T>::kYStage);
   auto os = reinterpret_cast<float(*)[LDO]>(smem);  // after the rank loop
+  __shared__ float wmax_s[kSegThreads / 32];
+  LORAKERN_SHARED_TRACK(wmax_s);
 
   constexpr bool kThreeTerms = std::is_same<T, __nv_bfloat16>::value;  // bf16: 3 x 8 bits ~ fp32's 24
+  // fp16 tops out at 65504, below what a float32 y may hold: y enters the split divided by a power of two S (exact)
+  // with |y / S| <= 2^14; S only grows along the rank loop (the accumulator is rescaled when it does) and the
+  // epilogue multiplies by it. S = 1 unless some |y| > 2^14.
+  constexpr bool kScaled = std::is_same<T, __half>::value;
   const int tile = blockIdx.x, sl = blockIdx.y, n0 = blockIdx.z * BN;
   const int start = p.tiles[3 * tile], len = p.tiles[3 * tile + 1], slot = p.tiles[3 * tile + 2];
   if (len <= 0 || slot < 0) return;
@@ -170,7 +180,7 @@ __global__ void __launch_bounds__(seg::kSegThreads) segment_expand_kernel(const 
   const int rank = p.ranks[slot];
   if (n0 >= n_i || rank <= 0) return;
 
-  const int tid = threadIdx.x, warp = tid >> 5;
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
   for (int i = tid; i < BM; i += kSegThreads) tok_s[i] = i < len ? p.token_ids[start + i] : -1;
   __syncthreads();
 
@@ -185,10 +195,40 @@ __global__ void __launch_bounds__(seg::kSegThreads) segment_expand_kernel(const 
 #pragma unroll
   for (int f = 0; f < 4; ++f) wmma::fill_fragment(acc[f], 0.f);
 
+  float S = 1.f, inv_S = 1.f;  // fp16's scale (see kScaled)
   for (int rc = 0; rc < rank; rc += RK) {  // the slot's real rank, RK rows at a time
+    if constexpr (kScaled) {
+      float amax = 0.f;
+      for (int i = tid; i < BM * RK; i += kSegThreads) {
+        const int m = i / RK, j = i % RK;
+        const float v = (tok_s[m] >= 0 && rc + j < rank) ? Y[tok_s[m] * p.sy_t + (rc + j) * p.sy_r] : 0.f;
+        ystage[m][j] = v;
+        amax = fmaxf(amax, fabsf(v));
+      }
+      amax = warp_max(amax);
+      if (lane == 0) wmax_s[warp] = amax;
+      __syncthreads();
+#pragma unroll
+      for (int w = 0; w < kSegThreads / 32; ++w) amax = fmaxf(amax, wmax_s[w]);
+      int e = 0;
+      frexpf(amax, &e);  // amax < 2^e
+      if (e > 14 && ldexpf(1.f, e - 14) > S) {  // block-uniform: every thread computed the same amax
+        const float grow = ldexpf(1.f, e - 14) * inv_S;
+#pragma unroll
+        for (int f = 0; f < 4; ++f)
+          for (int i = 0; i < acc[f].num_elements; ++i) acc[f].x[i] /= grow;  // any fragment layout: uniform
+        S = ldexpf(1.f, e - 14);
+        inv_S = ldexpf(1.f, 14 - e);
+      }
+    }
     for (int i = tid; i < BM * RK; i += kSegThreads) {
       const int m = i / RK, j = i % RK;
-      const float v = (tok_s[m] >= 0 && rc + j < rank) ? Y[tok_s[m] * p.sy_t + (rc + j) * p.sy_r] : 0.f;
+      float v;
+      if constexpr (kScaled) {
+        v = ystage[m][j] * inv_S;  // a power of two: exact
+      } else {
+        v = (tok_s[m] >= 0 && rc + j < rank) ? Y[tok_s[m] * p.sy_t + (rc + j) * p.sy_r] : 0.f;
+      }
       const T hi = Num<T>::from_f(v);
       const float r1 = v - Num<T>::to_f(hi);
       const T lo = Num<T>::from_f(r1);
@@ -230,7 +270,7 @@ __global__ void __launch_bounds__(seg::kSegThreads) segment_expand_kernel(const 
   for (int f = 0; f < 4; ++f) wmma::store_matrix_sync(&os[fm * 16][(fn0 + f) * 16], acc[f], LDO, wmma::mem_row_major);
   __syncthreads();
 
-  const float scale = p.scales ? p.scales[slot] : 1.0f;
+  const float scale = (p.scales ? p.scales[slot] : 1.0f) * S;
   const int64_t off = p.offsets[sl];
   T* O = reinterpret_cast<T*>(p.out);
   for (int i = tid; i < BM * (BN / V); i += kSegThreads) {
