@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import CUDA_RUNS, HAS_CUDA
 from lorakern import reference
 from lorakern.bench import baselines as B
 from lorakern.bench import cases as C
@@ -246,6 +247,25 @@ def test_backend_refusal_is_a_skipped_row():
     rows = C.run_case(case, "cpu", backends=("cuda",), baselines=(), peers=(), timing=C.TimingConfig(1, 2, 1.0, 1))
     assert len(rows) == 1 and rows[0]["backend"] == "cuda"
     assert rows[0]["median_us"] is None and rows[0]["skipped"]
+
+
+@pytest.mark.skipif(not CUDA_RUNS or HAS_CUDA, reason="needs the CPU emulator of the CUDA kernels")
+def test_forced_path_variants_are_rows_of_their_own(monkeypatch):
+    """``cuda-gather`` / ``cuda-segment`` (and the triton ones): the backend with its path forced, checked and
+    timed as rows of their own; the plain backend after them runs with the path left to the plan again."""
+    monkeypatch.setenv("LORAKERN_CUDA_EMULATE", "1")
+    monkeypatch.delenv("LORAKERN_TRITON_PATH", raising=False)
+    case = C.Case("t", "zipf:1.5", 24, 32, (16, 8), "4", 4, torch.float16)
+    seen = []
+    from lorakern import cuda_backend
+
+    real = cuda_backend._use_segment
+    monkeypatch.setattr(cuda_backend, "_use_segment", lambda info, *a: seen.append(info[2]) or real(info, *a))
+    rows = C.run_case(case, "cpu", backends=("cuda-segment", "cuda"), baselines=(), peers=(),
+                      timing=C.TimingConfig(0, 1, 1.0, 1))
+    assert [r["backend"] for r in rows] == ["cuda-segment", "cuda"]
+    assert all(r["median_us"] is not None and "emulator" in (r.get("note") or "") for r in rows), rows
+    assert 1 in seen and seen[-1] == 0  # segment forced first, then the plan's choice (gather at 6 tokens/adapter)
 
 
 def test_case_lists():

@@ -26,6 +26,8 @@ of ``out``); a wrong result becomes a skipped row with the error, never a timing
 
 from __future__ import annotations
 
+import os
+
 import traceback
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
@@ -40,9 +42,11 @@ from lorakern.plan import LoRAPlan
 from lorakern.workloads import make_lora, make_slots
 
 __all__ = ["Case", "quick_cases", "full_cases", "run_case", "TimingConfig", "QUICK_TIMING", "FULL_TIMING",
-           "LORAKERN_BACKENDS", "BASELINE_NAMES", "PEER_NAMES", "TOLERANCE"]
+           "LORAKERN_BACKENDS", "PATH_VARIANTS", "BASELINE_NAMES", "PEER_NAMES", "TOLERANCE"]
 
 LORAKERN_BACKENDS = ("cuda", "triton", "torch")
+#: opt-in variants: a compiled backend with its code path forced (LORAKERN_TRITON_PATH), to compare the paths
+PATH_VARIANTS = ("cuda-gather", "cuda-segment", "triton-gather", "triton-segment")
 BASELINE_NAMES = tuple(B.BASELINES)
 PEER_NAMES = tuple(B.PEERS)
 
@@ -52,6 +56,7 @@ PEER_NAMES = tuple(B.PEERS)
 TOLERANCE = {torch.float32: 1e-4, torch.float64: 1e-10, torch.float16: 5e-3, torch.bfloat16: 3e-2}
 
 _INTERPRET_NOTE = "TRITON_INTERPRET=1: Triton's CPU interpreter, not a kernel timing"
+_EMULATOR_NOTE = "LORAKERN_CUDA_EMULATE=1: the CUDA kernels on the CPU emulator, not a kernel timing"
 
 
 @dataclass(frozen=True)
@@ -188,17 +193,23 @@ def _implementations(case: Case, inp: _Inputs, out: torch.Tensor, device: torch.
     p = inp.pool
     max_rank = p.max_rank
     for name in backends:
-        reasons = BACKENDS[name].not_supported_reasons(device, case.dtype, max_rank)
-        note = _INTERPRET_NOTE if (name == "triton" and device.type == "cpu") else None
+        base, _, path = name.partition("-")  # "cuda-segment": the cuda backend on its segment path
+        reasons = BACKENDS[base].not_supported_reasons(device, case.dtype, max_rank)
+        note = {"triton": _INTERPRET_NOTE, "cuda": _EMULATOR_NOTE}.get(base) if device.type == "cpu" else None
         if reasons:
             yield name, None, "; ".join(reasons), None
             continue
-        if name == "triton" and device.type == "cpu" and quick and not smallest:
+        if base == "triton" and device.type == "cpu" and quick and not smallest:
             yield name, None, "Triton's CPU interpreter is slow: --quick runs it at the smallest case only", note
             continue
 
-        def fn(name=name):
-            ops.add_lora(out, inp.x, p.lora_a, p.lora_b, p.page_table, p.ranks, p.scales, inp.plan, backend=name)
+        def fn(base=base, path=path):
+            if os.environ.get("LORAKERN_TRITON_PATH", "") != path:  # cheap when unchanged (timed calls)
+                if path:
+                    os.environ["LORAKERN_TRITON_PATH"] = path
+                else:
+                    os.environ.pop("LORAKERN_TRITON_PATH", None)
+            ops.add_lora(out, inp.x, p.lora_a, p.lora_b, p.page_table, p.ranks, p.scales, inp.plan, backend=base)
 
         yield name, fn, None, note
     for name in baselines:

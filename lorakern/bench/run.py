@@ -29,9 +29,10 @@ def default_out_dir() -> Path:
     return p if p.is_dir() else Path("lorakern-results")
 
 
-def _names(values, allowed, what):
+def _names(values, allowed, what, extra=()):
     if values is None:
         return list(allowed)
+    allowed = tuple(allowed) + tuple(extra)
     names = []
     for v in values:
         names += [s.strip() for s in v.split(",") if s.strip()]
@@ -52,7 +53,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="where to run (default: cuda when available, else cpu)")
     p.add_argument("--backends", nargs="+", metavar="NAME", default=None,
                    help=f"lorakern backends to time, comma or space separated (default: "
-                        f"{','.join(C.LORAKERN_BACKENDS)}); 'none' for none")
+                        f"{','.join(C.LORAKERN_BACKENDS)}; also {','.join(C.PATH_VARIANTS)}: a path forced); "
+                        f"'none' for none")
     p.add_argument("--baselines", nargs="+", metavar="NAME", default=None,
                    help=f"baselines and peers (default: {','.join(C.BASELINE_NAMES + C.PEER_NAMES)}); "
                         f"'none' for none")
@@ -89,7 +91,7 @@ def main(args: argparse.Namespace) -> int:
     if not quick and device.type != "cuda":
         log("note: no CUDA device: running the --quick CPU shapes (the full shapes are sized for a GPU)")
         quick = True
-    backends = _names(args.backends, C.LORAKERN_BACKENDS, "backend")
+    backends = _names(args.backends, C.LORAKERN_BACKENDS, "backend", extra=C.PATH_VARIANTS)
     others = _names(args.baselines, C.BASELINE_NAMES + C.PEER_NAMES, "baseline")
     baselines = [n for n in others if n in C.BASELINE_NAMES]
     peers = [n for n in others if n in C.PEER_NAMES]
