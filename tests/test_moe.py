@@ -615,6 +615,36 @@ def test_group_pairs_tiles_cover_every_lora_pair_once(generator):
     assert sorted(seen) == want
 
 
+@pytest.mark.skipif(not CUDA_RUNS, reason="the cuda backend does not run here")
+def test_cuda_launches_do_not_depend_on_routing_or_mix(generator, monkeypatch):
+    """What a CUDA graph needs from the cuda backend's MoE launch: with a static plan, grid, kernel variant
+    (pairs per pass, vector width), sizes and strides are the same for any routing and adapter mix (the tile and
+    pair buffers are made by the grouping inside the call, so a captured graph replays their allocation)."""
+    from lorakern import cuda_backend
+
+    log = []
+    real = cuda_backend._call
+    monkeypatch.setattr(cuda_backend, "_call", lambda *a, **f: log.append((a, f)) or real(*a, **f))
+    g = generator
+    E, topk, T, K, ns = 12, 3, 20, 32, [16, 16]
+    L = make_moe_lora(g, E=E, K=K, n_sizes=ns, ranks=[1, 4, 16, 24, 8, 2], dtype=torch.bfloat16)
+    x = torch.randn(T, K, generator=g).to(torch.bfloat16).to(DEVICE)
+    plan = lorakern.LoRAPlan.static(T, DEVICE)
+    out = torch.zeros(T, topk, sum(ns), dtype=torch.bfloat16, device=DEVICE)
+    launches = []
+    for mix in range(3):
+        ids, w = make_routing(g, T, topk, E, skew=mix == 1)
+        slots = (torch.zeros(T, dtype=torch.int32) if mix == 0 else
+                 torch.randint(-1, 6, (T,), generator=g, dtype=torch.int32)).to(DEVICE)
+        plan.update(slots)
+        log.clear()
+        add_lora_moe(out, x, ids.to(DEVICE), L.lora_a, L.lora_b, L.page_table, L.ranks, L.scales, plan,
+                     topk_weights=w.to(DEVICE), backend="cuda")
+        (args, fields), = log
+        launches.append((args, {k: v for k, v in fields.items() if k not in ("tiles", "token_ids", "topk_w")}))
+    assert launches[0] == launches[1] == launches[2]
+
+
 # ------------------------------------------------------------------------------------------------ GPU
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
