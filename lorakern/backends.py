@@ -13,6 +13,7 @@ kernels' logic without a GPU; it is slow and says nothing about GPU speed.
 from __future__ import annotations
 
 import functools
+import importlib
 import os
 from dataclasses import dataclass, field
 from typing import Callable, Optional
@@ -45,30 +46,25 @@ def _triton_import_error() -> Optional[str]:
     return None
 
 
+def _extension(name: str, what: str, how: str):
+    """``lorakern.<name>``, or the reason it cannot be loaded (a string)."""
+    try:
+        return importlib.import_module(f"lorakern.{name}")
+    except ImportError as e:
+        return f"{what} (lorakern.{name}) is not built or cannot be loaded ({e}); {how}"
+
+
 @functools.lru_cache(maxsize=None)
 def cuda_extension():
     """The compiled extension module ``lorakern._C``, or the reason it is not there (a string)."""
-    try:
-        from lorakern import _C  # type: ignore[attr-defined]
-    except ImportError as e:
-        return (
-            "the compiled CUDA extension lorakern._C is not built or cannot be loaded "
-            f"({e}); reinstall with nvcc available and LORAKERN_SKIP_CUDA unset"
-        )
-    return _C
+    return _extension("_C", "the compiled CUDA extension", "reinstall with nvcc available and LORAKERN_SKIP_CUDA unset")
 
 
 @functools.lru_cache(maxsize=None)
 def cuda_emulator():
     """``lorakern._C_emu`` (the CUDA kernels compiled for the CPU emulator), or the reason it is not there."""
-    try:
-        from lorakern import _C_emu  # type: ignore[attr-defined]
-    except ImportError as e:
-        return (
-            "the CPU emulation of the CUDA kernels (lorakern._C_emu) is not built or cannot be loaded "
-            f"({e}); reinstall with the CUDA toolkit's headers available and LORAKERN_SKIP_CUDA_EMU unset"
-        )
-    return _C_emu
+    return _extension("_C_emu", "the CPU emulation of the CUDA kernels",
+                      "reinstall with the CUDA toolkit's headers available and LORAKERN_SKIP_CUDA_EMU unset")
 
 
 @dataclass(frozen=True)
