@@ -13,7 +13,6 @@ kernels' logic without a GPU; it is slow and says nothing about GPU speed.
 from __future__ import annotations
 
 import functools
-import importlib
 import os
 from dataclasses import dataclass, field
 from typing import Callable, Optional
@@ -46,25 +45,30 @@ def _triton_import_error() -> Optional[str]:
     return None
 
 
-def _extension(name: str, what: str, how: str):
-    """``lorakern.<name>``, or the reason it cannot be loaded (a string)."""
-    try:
-        return importlib.import_module(f"lorakern.{name}")
-    except ImportError as e:
-        return f"{what} (lorakern.{name}) is not built or cannot be loaded ({e}); {how}"
-
-
 @functools.lru_cache(maxsize=None)
 def cuda_extension():
     """The compiled extension module ``lorakern._C``, or the reason it is not there (a string)."""
-    return _extension("_C", "the compiled CUDA extension", "reinstall with nvcc available and LORAKERN_SKIP_CUDA unset")
+    try:
+        from lorakern import _C  # type: ignore[attr-defined]
+    except ImportError as e:
+        return (
+            "the compiled CUDA extension lorakern._C is not built or cannot be loaded "
+            f"({e}); reinstall with nvcc available and LORAKERN_SKIP_CUDA unset"
+        )
+    return _C
 
 
 @functools.lru_cache(maxsize=None)
 def cuda_emulator():
     """``lorakern._C_emu`` (the CUDA kernels compiled for the CPU emulator), or the reason it is not there."""
-    return _extension("_C_emu", "the CPU emulation of the CUDA kernels",
-                      "reinstall with the CUDA toolkit's headers available and LORAKERN_SKIP_CUDA_EMU unset")
+    try:
+        from lorakern import _C_emu  # type: ignore[attr-defined]
+    except ImportError as e:
+        return (
+            "the CPU emulation of the CUDA kernels (lorakern._C_emu) is not built or cannot be loaded "
+            f"({e}); reinstall with the CUDA toolkit's headers available and LORAKERN_SKIP_CUDA_EMU unset"
+        )
+    return _C_emu
 
 
 @dataclass(frozen=True)
