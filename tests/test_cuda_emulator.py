@@ -136,44 +136,74 @@ def test_cuda_backend_on_cpu_needs_the_emulate_switch(monkeypatch):
     assert BACKENDS["cuda"].not_supported_reasons(torch.device("cpu"), torch.float16, 16) == []
 
 
-@pytest.mark.skipif(HAS_CUDA, reason="the emulator is for machines without a GPU")
-@pytest.mark.parametrize("order", ORDERS)
-def test_kernels_agree_in_every_schedule(order, monkeypatch):
-    """The dense kernels (both paths, split-K included) give the same bits whatever order a block's threads run
-    in: no result depends on an unsynchronised shared-memory access."""
-    from lorakern import cuda_backend
-    from lorakern.backends import cuda_emulator
-    from lorakern.workloads import make_lora, make_slots
-
-    emu = cuda_emulator()
-    if isinstance(emu, str):
-        pytest.skip(emu)
+def _every_kernel(g):
+    """One call of every op on the cuda backend (dense on both paths with split-K, shrink and expand apart, MoE
+    with per-pair x and weights, both MLA sides), each on fresh outputs; returns the outputs as raw bits."""
     import lorakern
+    from lorakern.workloads import make_lora, make_slots
+    from test_mla import CASES as MLA_CASES, make_mla_case
+    from test_moe import make_moe_lora, make_routing
 
-    monkeypatch.setenv("LORAKERN_CUDA_EMULATE", "1")
-    g = torch.Generator().manual_seed(11)
+    outs = []
     K, ns, dt = 1024, [64, 32], torch.bfloat16  # K = 1024 with few CTAs: split-K on (16 emulated SMs)
     pool = make_lora(6, K, ns, [16, 1, 64, 70, 8, 33], dtype=dt, generator=g)
     x = torch.randn(40, K, generator=g).to(dt)
     slots = make_slots("zipf:1.5", 40, 6, none_frac=0.1, generator=g)
-    results = []
+    args = (pool.page_table, pool.ranks)
+    for path in ("gather", "segment"):
+        os.environ["LORAKERN_TRITON_PATH"] = path
+        out = torch.zeros(40, sum(ns), dtype=dt)
+        lorakern.ops.add_lora(out, x, pool.lora_a, pool.lora_b, *args, pool.scales, slots, backend="cuda")
+        y = lorakern.ops.lora_shrink(x, pool.lora_a, *args, slots, backend="cuda")
+        lorakern.ops.lora_expand(out, y, pool.lora_b, *args, pool.scales, slots, backend="cuda")
+        outs += [out.view(torch.int16), y.view(torch.int32)]
+    os.environ.pop("LORAKERN_TRITON_PATH", None)
+    L = make_moe_lora(g, E=6, K=48, n_sizes=[24, 16], ranks=[3, 20, 1, 16], dtype=dt)
+    ids, w = make_routing(g, 12, 3, 6)
+    s = torch.randint(-1, 4, (12,), generator=g, dtype=torch.int32)
+    out = torch.zeros(12, 3, 40, dtype=dt)
+    xm = torch.randn(12, 3, 48, generator=g).to(dt)
+    lorakern.ops.add_lora_moe(out, xm, ids, L.lora_a, L.lora_b, L.page_table, L.ranks, L.scales, s,
+                              topk_weights=w, backend="cuda")
+    outs.append(out.view(torch.int16))
+    case = make_mla_case(g, dtype=dt, **MLA_CASES["odd_C72_Dn12_Dv20_H3"])
+    Lm = case.lora
+    q_lat = torch.zeros(case.T, case.H, case.C, dtype=dt)
+    lorakern.ops.mla_absorbed_q(q_lat, torch.randn(case.T, case.H, case.Dn, generator=g).to(dt), case.a, case.b,
+                                Lm.page_table, Lm.ranks, Lm.scales, case.slots_arg, backend="cuda")
+    o = torch.zeros(case.T, case.H, case.Dv, dtype=dt)
+    lorakern.ops.mla_absorbed_o(o, torch.randn(case.T, case.H, case.C, generator=g).to(dt), case.a, case.b,
+                                Lm.page_table, Lm.ranks, Lm.scales, case.slots_arg, backend="cuda")
+    outs += [q_lat.view(torch.int16), o.view(torch.int16)]
+    return outs
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="the emulator is for machines without a GPU")
+def test_kernels_agree_in_every_schedule(monkeypatch):
+    """Every kernel (dense both paths with split-K, shrink, expand, MoE, MLA q/o) gives the same bits whatever
+    order the threads of a block run in — forward, reverse, three random schedules: no result depends on an
+    unsynchronised shared-memory access."""
+    from lorakern import cuda_backend
+    from lorakern.backends import cuda_emulator
+
+    emu = cuda_emulator()
+    if isinstance(emu, str):
+        pytest.skip(emu)
+    monkeypatch.setenv("LORAKERN_CUDA_EMULATE", "1")
+    monkeypatch.delenv("LORAKERN_TRITON_PATH", raising=False)
+    runs = []
     try:
-        for seed in (0, 1):
-            emu.set_schedule(ORDERS[order], seed)
-            for path in ("gather", "segment"):
-                monkeypatch.setenv("LORAKERN_TRITON_PATH", path)
-                out = torch.zeros(40, sum(ns), dtype=dt)
-                lorakern.ops.add_lora(out, x, pool.lora_a, pool.lora_b, pool.page_table, pool.ranks, pool.scales,
-                                      slots, backend="cuda")
-                results.append((path, out))
+        for order, seed in ((0, 0), (1, 0), (2, 0), (2, 1), (2, 2)):
+            emu.set_schedule(order, seed)
+            runs.append(_every_kernel(torch.Generator().manual_seed(11)))
     finally:
         emu.set_schedule(2, 0)
-    assert cuda_backend._k_split(torch.device("cpu"), 12, K) > 1  # <= 3 tiles x 2 slices x 2 rank tiles
-    for path in ("gather", "segment"):
-        outs = [o for p, o in results if p == path]
-        assert outs[0].abs().sum() > 0
-        for o in outs[1:]:
-            assert torch.equal(o.view(torch.int16), outs[0].view(torch.int16)), path
+        os.environ.pop("LORAKERN_TRITON_PATH", None)
+    assert cuda_backend._k_split(torch.device("cpu"), 12, 1024) > 1  # <= 3 tiles x 2 slices x 2 rank tiles
+    for k, ref in enumerate(runs[0]):
+        assert ref.abs().sum() > 0, k
+        for r, run in enumerate(runs[1:], 1):
+            assert torch.equal(run[k], ref), f"output {k} differs in schedule {r}"
 
 
 # ------------------------------------------------------------------------------------------------ memcheck
