@@ -10,6 +10,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <exception>
+#include <memory>
 #include <random>
 #include <string>
 #include <vector>
@@ -55,7 +56,13 @@ struct Ctx {
 };
 
 struct Fiber {
-  std::vector<char> stack;
+  // its stack: allocated once, left uninitialised (pages are touched only as deep as a kernel goes)
+  struct Stack {
+    std::unique_ptr<char[]> mem;
+    char* data() const { return mem.get(); }
+    size_t size() const { return mem ? kStackBytes : 0; }
+    bool empty() const { return !mem; }
+  } stack;
   State state = kDone;
   int line = 0;  // the __syncthreads it waits at
   Ctx ctx;
@@ -184,7 +191,7 @@ void fiber_entry_uc() { lk_emu_fiber_main(); }
 #endif
 
 void start_fiber(Fiber& f) {
-  if (f.stack.empty()) f.stack.resize(kStackBytes);
+  if (f.stack.empty()) f.stack.mem.reset(new char[kStackBytes]);
 #if LK_ASAN
   ASAN_UNPOISON_MEMORY_REGION(f.stack.data(), f.stack.size());  // frames of an abandoned run may be left poisoned
 #endif
