@@ -141,11 +141,12 @@ def test_lora_shrink_allocates_when_out_is_none(impl, generator, monkeypatch):
 
 
 @pytest.mark.parametrize("impl", IMPLS)
-def test_lora_expand_reads_y_only_below_rank(impl, generator, monkeypatch):
+@pytest.mark.parametrize("dtype", DTYPES, ids=_dname)  # the tensor-core paths are fp16 / bf16 only
+def test_lora_expand_reads_y_only_below_rank(impl, dtype, generator, monkeypatch):
     """lora_expand uses ``y[i, t, :rank]`` of LoRA tokens only: NaN elsewhere in ``y`` must not leak into ``out``."""
     backend = set_impl(impl, monkeypatch)
     case = make_case(generator, T=40, K=32, n_sizes=[40, 24], ranks=[0, 3, 17, 1, 30], max_rank=32,
-                     num_adapters=5, none_frac=0.25, dtype=torch.float32)
+                     num_adapters=5, none_frac=0.25, dtype=dtype)
     L = case.lora
     y = torch.randn(case.S, case.T, L.max_rank, generator=generator)
     slots = case.slots.cpu().long()
