@@ -97,6 +97,6 @@ PYBIND11_MODULE(LORAKERN_MODULE, m) {
         py::arg("stream"));
   m.def("supports_dense_ops", []() { return true; });
   m.def("archs", []() { return std::string(LORAKERN_ARCHS); });
-  m.attr("max_rank") = 128;
-  m.attr("num_fields") = kFields;  // lorakern::kMaxRank (dense_gather.cuh)
+  m.attr("max_rank") = 128;  // lorakern::kMaxRank (dense_gather.cuh)
+  m.attr("num_fields") = kFields;
 }

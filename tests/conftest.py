@@ -46,6 +46,8 @@ def _cuda_emulator_usable() -> bool:
 CUDA_RUNS = _cuda_backend_usable() or _cuda_emulator_usable()
 #: backends under test on this machine
 BACKEND_LIST = ["torch", "triton"] + (["cuda"] if CUDA_RUNS else [])
+#: the compiled ones
+COMPILED_BACKENDS = [b for b in BACKEND_LIST if b != "torch"]
 #: backend variants: each compiled backend once per forced code path (LORAKERN_TRITON_PATH)
 IMPLS = ["torch", "triton-gather", "triton-segment"] + (["cuda-gather", "cuda-segment"] if CUDA_RUNS else [])
 

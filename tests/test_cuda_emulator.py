@@ -23,18 +23,26 @@ import cuda_build  # noqa: E402
 pytestmark = pytest.mark.skipif(cuda_build.cuda_include() is None, reason="no CUDA toolkit headers on this machine")
 
 
-@pytest.fixture(scope="module")
-def selftest(tmp_path_factory):
-    d = tmp_path_factory.mktemp("emu_selftest")
+SELFTEST_SRCS = [str(ROOT / "csrc/emu/selftest.cpp"), str(ROOT / "csrc/emu/emu_runtime.cpp")]
+
+
+def build_selftest(d: Path, extra=(), load=True):
+    """Build csrc/emu/selftest.cpp (+ the runtime) into ``d``; the loaded module, or its path (``load=False``)."""
     import sysconfig
 
     out = d / ("emu_selftest" + sysconfig.get_config_var("EXT_SUFFIX"))
-    cuda_build.build_emu(out, d / "obj", srcs=[str(ROOT / "csrc/emu/selftest.cpp"),
-                                                str(ROOT / "csrc/emu/emu_runtime.cpp")])
+    cuda_build.build_emu(out, d / "obj_selftest", srcs=SELFTEST_SRCS, extra=extra)
+    if not load:
+        return out
     spec = importlib.util.spec_from_file_location("emu_selftest", out)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
+
+
+@pytest.fixture(scope="module")
+def selftest(tmp_path_factory):
+    return build_selftest(tmp_path_factory.mktemp("emu_selftest"))
 
 
 ORDERS = {"forward": 0, "reverse": 1, "random": 2}
@@ -42,14 +50,7 @@ ORDERS = {"forward": 0, "reverse": 1, "random": 2}
 
 def test_ucontext_fallback_switch(tmp_path):
     """The portable fiber switch (ucontext: non-x86-64 hosts) behaves as the x86-64 one."""
-    import sysconfig
-
-    out = tmp_path / ("emu_selftest" + sysconfig.get_config_var("EXT_SUFFIX"))
-    cuda_build.build_emu(out, tmp_path / "obj", extra=["-DLK_EMU_UCONTEXT"],
-                         srcs=[str(ROOT / "csrc/emu/selftest.cpp"), str(ROOT / "csrc/emu/emu_runtime.cpp")])
-    spec = importlib.util.spec_from_file_location("emu_selftest", out)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = build_selftest(tmp_path, extra=["-DLK_EMU_UCONTEXT"])
     assert mod.run("no_race")[0] == "" and mod.run("no_race")[1][:128] == expected_neighbour()
     assert mod.run("warp_sum")[1][:32] == [float(sum(range(32)))] * 32
     assert "divergent __syncthreads" in mod.run("divergent_barrier")[0]
@@ -274,10 +275,9 @@ def asan_build(tmp_path_factory):
 
     d = tmp_path_factory.mktemp("emu_asan")
     ext = sysconfig.get_config_var("EXT_SUFFIX")
-    kernels, selft = d / ("_C_emu" + ext), d / ("emu_selftest" + ext)
+    kernels = d / ("_C_emu" + ext)
     cuda_build.build_emu(kernels, d / "obj", extra=cuda_build.ASAN_FLAGS)
-    cuda_build.build_emu(selft, d / "obj_selftest", extra=cuda_build.ASAN_FLAGS,
-                         srcs=[str(ROOT / "csrc/emu/selftest.cpp"), str(ROOT / "csrc/emu/emu_runtime.cpp")])
+    selft = build_selftest(d, extra=cuda_build.ASAN_FLAGS, load=False)  # loaded only with libasan preloaded
     script = d / "memcheck.py"
     script.write_text(_MEMCHECK_SCRIPT)
     return lib, kernels, selft, script

@@ -17,13 +17,13 @@ import pytest
 import torch
 
 import lorakern
-from conftest import CUDA_RUNS, DEVICE, DTYPES, HAS_CUDA, assert_bits_equal, assert_close_lora
+from conftest import (BACKEND_LIST, COMPILED_BACKENDS, DEVICE, DTYPES, HAS_CUDA, assert_bits_equal,
+                      assert_close_lora)
 from lorakern import reference_mla
 from lorakern.ops import mla as mla_ops
 from lorakern.workloads import RandomLoRA, make_lora, make_slots
 
-BACKENDS = ("torch", "triton") + (("cuda",) if CUDA_RUNS else ())
-COMPILED = BACKENDS[1:]
+BACKENDS = BACKEND_LIST
 OPS = ("q", "o")
 
 
@@ -414,7 +414,7 @@ def test_torch_compile_fullgraph(op, generator):
 @pytest.mark.gpu
 @pytest.mark.parametrize("op", OPS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("backend", COMPILED)
+@pytest.mark.parametrize("backend", COMPILED_BACKENDS)
 def test_deepseek_v3_shapes_gpu(backend, op, dtype, generator):
     """DeepSeek-V3 head shapes (H=128, C=512, Dn=Dv=128), 64 decode tokens on distinct adapters of mixed rank,
     native (not upcast) half-precision tensor-core path against the float64 oracle."""
@@ -425,7 +425,7 @@ def test_deepseek_v3_shapes_gpu(backend, op, dtype, generator):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("op", OPS)
-@pytest.mark.parametrize("backend", COMPILED)
+@pytest.mark.parametrize("backend", COMPILED_BACKENDS)
 def test_cuda_graph_replays_another_mix_gpu(backend, op, generator):
     """Captured once with a static plan and one adapter mix, replayed after plan.update with a mix of more
     adapters and other ranks: every replay matches the oracle (the grid is sized for the worst case)."""

@@ -15,13 +15,13 @@ import pytest
 import torch
 
 import lorakern
-from conftest import CUDA_RUNS, DEVICE, HAS_CUDA, assert_bits_equal, assert_close_lora, make_slots_arg
+from conftest import (BACKEND_LIST, COMPILED_BACKENDS, CUDA_RUNS, DEVICE, assert_bits_equal, assert_close_lora,
+                      make_slots_arg)
 from lorakern.ops import add_lora_moe
 from lorakern.ops import moe as moe_ops
 from lorakern.triton import moe as moe_triton
 
-BACKENDS = ["torch", "triton"] + (["cuda"] if CUDA_RUNS else [])
-MANY_GROUPS_BACKENDS = ["triton"] + (["cuda"] if CUDA_RUNS else [])
+BACKENDS = BACKEND_LIST
 
 
 #: the tests that loop over BACKENDS themselves run cuda on the CPU emulator when there is no GPU
@@ -249,7 +249,7 @@ def test_moe_large_torch(generator):
     run(L, x.to(DEVICE), ids, slots, backend="torch", dtype=torch.float64, weights=w.to(DEVICE), g=g)
 
 
-@pytest.mark.parametrize("backend", MANY_GROUPS_BACKENDS)
+@pytest.mark.parametrize("backend", COMPILED_BACKENDS)
 def test_moe_many_groups(backend, generator):
     """E=64, top-k=8, 24 tokens over 12 adapters — ~190 distinct (adapter, expert) groups, tiles of one and of
     several pairs (a hot adapter), ranks across rank tiles."""
@@ -649,7 +649,7 @@ def test_cuda_launches_do_not_depend_on_routing_or_mix(generator, monkeypatch):
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("form", ["shared", "per_expert"])
-@pytest.mark.parametrize("backend", MANY_GROUPS_BACKENDS)
+@pytest.mark.parametrize("backend", COMPILED_BACKENDS)
 def test_qwen3_moe_shapes_gpu(backend, dtype, form, generator):
     """Qwen3-30B-A3B expert shapes (E=128, top-8, hidden 2048, moe_intermediate 768), 64 tokens, 16 adapters of
     mixed ranks, compiled kernels vs the float64 oracle."""
@@ -663,7 +663,7 @@ def test_qwen3_moe_shapes_gpu(backend, dtype, form, generator):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("backend", MANY_GROUPS_BACKENDS)
+@pytest.mark.parametrize("backend", COMPILED_BACKENDS)
 def test_cuda_graph_replays_another_routing_and_mix_gpu(backend, generator):
     """Captured once with one routing and adapter mix, replayed with others (more adapters, other experts):
     every replay matches the eager result."""

@@ -6,12 +6,12 @@ a random adapter on any single projection changes the output on both paths (no p
 import pytest
 import torch
 
-from conftest import CUDA_RUNS, DEVICE, assert_bits_equal
+from conftest import BACKEND_LIST, DEVICE, assert_bits_equal
 from lorakern.nn import MLAAttention, MLAConfig, MLALoRA
 
 CONFIGS = {"q_lora_rank48": MLAConfig(), "q_proj": MLAConfig(q_lora_rank=None, num_heads=3, kv_lora_rank=40,
                                                              qk_nope_head_dim=12, v_head_dim=20)}
-BACKENDS = ("torch", "triton") + (("cuda",) if CUDA_RUNS else ())
+BACKENDS = BACKEND_LIST
 
 # four sequences: adapters of rank 4, none, rank 1, rank 16; the pool also holds a rank-0 adapter (slot 3)
 SLOTS = [0, -1, 2, 1]

@@ -127,7 +127,7 @@ def write_ninja(build_dir: Path, output: Path, arch_list) -> Path:
 
 def emu_sources() -> list:
     """The emulation build: every kernel .cu (compiled as C++), the binding and the emulator runtime."""
-    return sorted(str(p) for p in CSRC.rglob("*.cu")) + [str(CSRC / "bindings.cpp"), str(CSRC / "emu" / "emu_runtime.cpp")]
+    return sources() + [str(CSRC / "emu" / "emu_runtime.cpp")]
 
 
 def emu_flags(include: Path) -> list:

@@ -187,11 +187,19 @@ def _reason(e: BaseException) -> str:
 
 
 # ------------------------------------------------------------------------------------------------- one case
+def _set_path(path: Optional[str]) -> None:
+    if path:
+        os.environ["LORAKERN_TRITON_PATH"] = path
+    else:
+        os.environ.pop("LORAKERN_TRITON_PATH", None)
+
+
 def _implementations(case: Case, inp: _Inputs, out: torch.Tensor, device: torch.device, backends: Sequence[str],
                      baselines: Sequence[str], peers: Sequence[str], quick: bool, smallest: bool):
     """Yields ``(backend, fn or None, skip reason or None, note)``; ``fn`` may raise when called."""
     p = inp.pool
     max_rank = p.max_rank
+    user_path = os.environ.get("LORAKERN_TRITON_PATH")
     for name in backends:
         base, _, path = name.partition("-")  # "cuda-segment": the cuda backend on its segment path
         reasons = BACKENDS[base].not_supported_reasons(device, case.dtype, max_rank)
@@ -203,15 +211,14 @@ def _implementations(case: Case, inp: _Inputs, out: torch.Tensor, device: torch.
             yield name, None, "Triton's CPU interpreter is slow: --quick runs it at the smallest case only", note
             continue
 
-        def fn(base=base, path=path):
-            if os.environ.get("LORAKERN_TRITON_PATH", "") != path:  # cheap when unchanged (timed calls)
-                if path:
-                    os.environ["LORAKERN_TRITON_PATH"] = path
-                else:
-                    os.environ.pop("LORAKERN_TRITON_PATH", None)
+        def fn(base=base):
             ops.add_lora(out, inp.x, p.lora_a, p.lora_b, p.page_table, p.ranks, p.scales, inp.plan, backend=base)
 
+        # run_case checks and times each implementation before asking for the next, so the path forced here (or
+        # the caller's setting, for a plain backend name) holds for all of its calls; nothing per timed call
+        _set_path(path or user_path)
         yield name, fn, None, note
+    _set_path(user_path)
     for name in baselines:
         bl = B.BASELINES[name]
         try:
