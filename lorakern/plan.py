@@ -76,9 +76,10 @@ class LoRAPlan:
         dev = torch.device(device)
         i32 = dict(dtype=torch.int32, device=dev)
         self.num_tokens = T
-        self.device = dev
         self.is_static = static
         self.slots = torch.full((T,), -1, **i32)
+        # the buffers' own device: "cuda" becomes "cuda:<current>", so comparisons with tensors' devices hold
+        self.device = self.slots.device
         self.token_ids = torch.zeros(T, **i32)
         self.seg_starts = torch.full((T + 1,), T, **i32)
         self.seg_slots = torch.full((T,), -1, **i32)
