@@ -51,22 +51,38 @@ def _stream(device) -> int:
     return 0 if device.type == "cpu" else torch.cuda.current_stream(device).cuda_stream
 
 
-def _aligned(t: torch.Tensor, vec: int, inner_contig: bool = True) -> bool:
+def _aligned(t: torch.Tensor, vec: int) -> bool:
     """16-byte vector access is legal on rows of ``t``: base aligned, unit inner stride, row stride a multiple."""
-    if t.data_ptr() % 16:
+    st = t.stride()
+    if t.data_ptr() % 16 or st[-1] != 1 or t.shape[-1] % vec:
         return False
-    if inner_contig and t.stride(-1) != 1:
-        return False
-    return t.shape[-1] % vec == 0 and all(s % vec == 0 for s in t.stride()[:-1])
+    for s in st[:-1]:
+        if s % vec:
+            return False
+    return True
 
 
 def _vec_ok(elsize: int, tensors, offsets=()) -> bool:
     vec = 16 // elsize
-    return all(_aligned(t, vec) for t in tensors if t is not None) and all(o % vec == 0 for o in offsets)
+    for t in tensors:
+        if t is not None and not _aligned(t, vec):
+            return False
+    for o in offsets:
+        if o % vec:
+            return False
+    return True
+
+
+_FIELD_INDEX = {name: i for i, name in enumerate(_DENSE_FIELDS)}
+_FIELD_BASE = [_FIELD_DEFAULTS.get(name, 0) for name in _DENSE_FIELDS]
 
 
 def _fields(f):
-    return [int(f.get(name, _FIELD_DEFAULTS.get(name, 0))) for name in _DENSE_FIELDS]
+    vals = list(_FIELD_BASE)
+    idx = _FIELD_INDEX
+    for k, v in f.items():
+        vals[idx[k]] = int(v)
+    return vals
 
 
 def _call(mode, dtype, mt, vec, device, **f):

@@ -119,3 +119,67 @@ def test_compile_fullgraph_shrink_expand(generator, monkeypatch):
     y = _fresh_compile(f, "aot_eager")(out, case.x, case.slots_arg)
     assert torch.equal(y, y_eager) and torch.equal(out, eager_out)
     check_accumulated(case, out, out0, *oracle_add(case, out0))
+
+
+# ------------------------------------------------------------------------------------------ eager fast path
+class _CountingMode(torch.utils._python_dispatch.TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+def _spy(monkeypatch, name):
+    from lorakern.ops import _dispatch
+    calls = []
+    impl = _dispatch._IMPLS[name]
+    monkeypatch.setitem(_dispatch._IMPLS, name, lambda *a: (calls.append(1), impl(*a)))
+    return calls
+
+
+@pytest.mark.parametrize("backend", BACKEND_LIST)
+def test_eager_fast_path_same_bits_as_the_operator(backend, generator, monkeypatch):
+    """A plain eager call runs the operator's implementation directly (no dispatcher), with the same result bit
+    for bit as the operator path (LORAKERN_DISPATCH=op)."""
+    from lorakern.ops import _dispatch
+    case = make_case(generator, T=24, K=48, n_sizes=[32, 16], ranks=[4, 8, 1, 0, 16], num_adapters=5,
+                     none_frac=0.2, dtype=torch.float16)
+    L = case.lora
+    out0, _, _ = random_out(case, generator)
+    calls = _spy(monkeypatch, "lorakern::add_lora")
+    got = {}
+    for force in (False, True):
+        monkeypatch.setattr(_dispatch, "FORCE_OP", force)
+        o = out0.clone()
+        lorakern.ops.add_lora(o, case.x, L.lora_a, L.lora_b, L.page_table, L.ranks, case.scales, case.slots_arg,
+                              backend=backend)
+        got[force] = o
+    assert len(calls) == 1  # the direct call only: the operator path goes through torch.ops
+    assert torch.equal(got[False].view(torch.int16), got[True].view(torch.int16))
+    check_accumulated(case, got[False], out0, *oracle_add(case, out0))
+
+
+def test_eager_fast_path_falls_back_to_the_operator(generator, monkeypatch):
+    """Autograd recording, a dispatch mode or a tensor subclass take the operator path."""
+    from lorakern.ops import _dispatch
+    case = make_case(generator, T=8, K=16, n_sizes=[8], ranks=[2, 3], num_adapters=2, dtype=torch.float32)
+    L = case.lora
+    out, _, _ = random_out(case, generator)
+    args = (out, case.x, L.lora_a, L.lora_b, L.page_table, L.ranks, case.scales, case.slots_arg)
+    assert _dispatch.direct_ok(args)
+    x_grad = case.x.detach().clone().requires_grad_(True)
+    assert not _dispatch.direct_ok((out, x_grad))
+    with torch.no_grad():
+        assert _dispatch.direct_ok((out, x_grad))
+    class Sub(torch.Tensor):
+        pass
+
+    assert not _dispatch.direct_ok((out, [L.lora_a[0].as_subclass(Sub)]))
+    calls = _spy(monkeypatch, "lorakern::add_lora")
+    mode = _CountingMode()
+    with mode:
+        lorakern.ops.add_lora(*args, backend="torch")
+    assert calls == [] and any("lorakern.add_lora" in op for op in mode.ops), mode.ops

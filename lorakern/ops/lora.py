@@ -27,6 +27,7 @@ import torch
 
 from lorakern import reference
 from lorakern.backends import select_backend
+from lorakern.ops import _dispatch
 from lorakern.ops import _validate as V
 from lorakern.plan import GATHER_BLOCK_M, SEGMENT_BLOCK_M, LoRAPlan
 
@@ -110,7 +111,7 @@ def _kernels(backend: str, op: str):
 
 
 # ------------------------------------------------------------------------------------------ torch.library ops
-@torch.library.custom_op("lorakern::add_lora", mutates_args=("out",))
+@_dispatch.custom_op("lorakern::add_lora", mutates_args=("out",))
 def _add_lora_op(
     out: torch.Tensor,
     x: torch.Tensor,
@@ -143,7 +144,7 @@ def _(out, x, lora_a, lora_b, page_table, ranks, scales, slots, token_ids, tiles
     return None
 
 
-@torch.library.custom_op("lorakern::lora_shrink", mutates_args=("y",))
+@_dispatch.custom_op("lorakern::lora_shrink", mutates_args=("y",))
 def _lora_shrink_op(
     y: torch.Tensor,
     x: torch.Tensor,
@@ -170,7 +171,7 @@ def _(y, x, lora_a, page_table, ranks, slots, token_ids, tiles_gather, tiles_seg
     return None
 
 
-@torch.library.custom_op("lorakern::lora_expand", mutates_args=("out",))
+@_dispatch.custom_op("lorakern::lora_expand", mutates_args=("out",))
 def _lora_expand_op(
     out: torch.Tensor,
     y: torch.Tensor,
@@ -240,7 +241,8 @@ def add_lora(
     offs = V.resolve_offsets(slice_offsets, [t.shape[1] for t in b], out.shape[1])
     be = select_backend(backend, x.device, x.dtype, max_rank, op="add_lora")
     s, tok, tg, ts, info = _plan_args(slots, be, num_slots, x.device)
-    torch.ops.lorakern.add_lora(out, x, _rows(a), _rows(b), page_table, ranks, scales, s, tok, tg, ts, offs, info, be)
+    _dispatch.call("lorakern::add_lora", out, x, _rows(a), _rows(b), page_table, ranks, scales, s, tok, tg, ts,
+                   offs, info, be)
     return out
 
 
@@ -270,7 +272,7 @@ def lora_shrink(
         V.check_device(x.device, out=out)
     be = select_backend(backend, x.device, x.dtype, max_rank, op="lora_shrink")
     s, tok, tg, ts, info = _plan_args(slots, be, num_slots, x.device)
-    torch.ops.lorakern.lora_shrink(out, x, _rows(a), page_table, ranks, s, tok, tg, ts, info, be)
+    _dispatch.call("lorakern::lora_shrink", out, x, _rows(a), page_table, ranks, s, tok, tg, ts, info, be)
     return out
 
 
@@ -305,5 +307,6 @@ def lora_expand(
     offs = V.resolve_offsets(slice_offsets, [t.shape[1] for t in b], out.shape[1])
     be = select_backend(backend, out.device, out.dtype, max_rank, op="lora_expand")
     s, tok, tg, ts, info = _plan_args(slots, be, num_slots, out.device)
-    torch.ops.lorakern.lora_expand(out, y, _rows(b), page_table, ranks, scales, s, tok, tg, ts, offs, info, be)
+    _dispatch.call("lorakern::lora_expand", out, y, _rows(b), page_table, ranks, scales, s, tok, tg, ts, offs,
+                   info, be)
     return out

@@ -39,6 +39,7 @@ import torch
 
 from lorakern import reference_mla
 from lorakern.backends import select_backend
+from lorakern.ops import _dispatch
 from lorakern.ops import _validate as V
 from lorakern.plan import GATHER_BLOCK_M, LoRAPlan
 
@@ -121,7 +122,7 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------------------------------ torch.library ops
-@torch.library.custom_op("lorakern::mla_absorbed_q", mutates_args=("q_latent",))
+@_dispatch.custom_op("lorakern::mla_absorbed_q", mutates_args=("q_latent",))
 def _mla_absorbed_q_op(
     q_latent: torch.Tensor,
     q_nope: torch.Tensor,
@@ -159,7 +160,7 @@ def _(q_latent, q_nope, lora_a, lora_b, page_table, ranks, scales, slots, token_
     return None
 
 
-@torch.library.custom_op("lorakern::mla_absorbed_o", mutates_args=("out",))
+@_dispatch.custom_op("lorakern::mla_absorbed_o", mutates_args=("out",))
 def _mla_absorbed_o_op(
     out: torch.Tensor,
     o_latent: torch.Tensor,
@@ -228,8 +229,8 @@ def mla_absorbed_q(
                    scales=scales, slots=s0)
     be = select_backend(backend, q_nope.device, q_nope.dtype, max_rank, op="mla_absorbed_q")
     s, tok, tiles, info = _plan_args(slots, be, num_slots, q_nope.device)
-    torch.ops.lorakern.mla_absorbed_q(q_latent, q_nope, _rows(a), _rows(b), page_table, ranks, scales, s, tok, tiles,
-                                      info, be)
+    _dispatch.call("lorakern::mla_absorbed_q", q_latent, q_nope, _rows(a), _rows(b), page_table, ranks, scales, s,
+                   tok, tiles, info, be)
     return q_latent
 
 
@@ -264,6 +265,6 @@ def mla_absorbed_o(
                    scales=scales, slots=s0)
     be = select_backend(backend, o_latent.device, o_latent.dtype, max_rank, op="mla_absorbed_o")
     s, tok, tiles, info = _plan_args(slots, be, num_slots, o_latent.device)
-    torch.ops.lorakern.mla_absorbed_o(out, o_latent, _rows(a), _rows(b), page_table, ranks, scales, s, tok, tiles,
-                                      info, be)
+    _dispatch.call("lorakern::mla_absorbed_o", out, o_latent, _rows(a), _rows(b), page_table, ranks, scales, s, tok,
+                   tiles, info, be)
     return out

@@ -48,6 +48,7 @@ import torch
 
 from lorakern import reference_moe
 from lorakern.backends import select_backend
+from lorakern.ops import _dispatch
 from lorakern.ops import _validate as V
 from lorakern.plan import LoRAPlan
 
@@ -125,7 +126,7 @@ def _plan_args(slots, backend: str, device):
 
 
 # ------------------------------------------------------------------------------------------ torch.library op
-@torch.library.custom_op("lorakern::add_lora_moe", mutates_args=("out",))
+@_dispatch.custom_op("lorakern::add_lora_moe", mutates_args=("out",))
 def _add_lora_moe_op(
     out: torch.Tensor,
     x: torch.Tensor,
@@ -241,6 +242,6 @@ def add_lora_moe(
     offs = V.resolve_offsets(slice_offsets, [t.shape[2] for t in b], out.shape[2])
     be = select_backend(backend, x.device, x.dtype, max_rank, op="add_lora_moe")
     s, info = _plan_args(slots, be, x.device)
-    torch.ops.lorakern.add_lora_moe(out, x, topk_ids, [_rows(t) for t in a], [_rows(t) for t in b], page_table,
-                                    ranks, scales, s, topk_weights, offs, info, be)
+    _dispatch.call("lorakern::add_lora_moe", out, x, topk_ids, [_rows(t) for t in a], [_rows(t) for t in b],
+                   page_table, ranks, scales, s, topk_weights, offs, info, be)
     return out
