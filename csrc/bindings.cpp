@@ -29,7 +29,7 @@ template <typename P>
 P ptr(int64_t v) { return reinterpret_cast<P>(static_cast<uintptr_t>(v)); }
 
 // Field order of `a` (all int64), documented in lorakern/cuda_backend.py (_DENSE_FIELDS).
-constexpr size_t kFields = 37;
+constexpr size_t kFields = 38;
 
 lorakern::DenseParams unpack(const std::vector<int64_t>& a) {
   if (a.size() != kFields) throw std::invalid_argument("expected " + std::to_string(kFields) + " fields");
@@ -54,14 +54,16 @@ lorakern::DenseParams unpack(const std::vector<int64_t>& a) {
   p.K = static_cast<int>(a[i++]);
   p.max_rank = static_cast<int>(a[i++]);
   p.max_n = static_cast<int>(a[i++]);
-  i += 1;  // reserved
+  p.m_split = static_cast<int>(a[i++]);
   p.E = static_cast<int>(a[i++]);
   p.topk = static_cast<int>(a[i++]);
   p.sx_p = a[i++]; p.so_p = a[i++];
   p.a_e_strides = ptr<const int64_t*>(a[i++]); p.b_e_strides = ptr<const int64_t*>(a[i++]);
   p.topk_w = ptr<const float*>(a[i++]);
   p.sw_t = a[i++]; p.sw_k = a[i++];
+  p.n_split = static_cast<int>(a[i++]);
   if (p.E < 1 || p.topk < 1) throw std::invalid_argument("E and topk must be >= 1");
+  if (p.m_split < 1 || p.n_split < 1) throw std::invalid_argument("m_split and n_split must be >= 1");
   return p;
 }
 

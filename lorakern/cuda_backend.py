@@ -30,10 +30,10 @@ _FUSED, _SHRINK, _EXPAND, _MOE = 0, 1, 2, 3
 _DENSE_FIELDS = (
     "x", "sx_t", "sx_k", "a_ptrs", "a_strides", "b_ptrs", "b_strides", "n_sizes", "offsets",
     "page_table", "s_pt", "ranks", "scales", "tiles", "token_ids", "y", "sy_s", "sy_t", "sy_r",
-    "out", "so_t", "so_n", "num_tiles", "num_slices", "K", "max_rank", "max_n", "_reserved",
-    "E", "topk", "sx_p", "so_p", "a_e_strides", "b_e_strides", "topk_w", "sw_t", "sw_k",
+    "out", "so_t", "so_n", "num_tiles", "num_slices", "K", "max_rank", "max_n", "m_split",
+    "E", "topk", "sx_p", "so_p", "a_e_strides", "b_e_strides", "topk_w", "sw_t", "sw_k", "n_split",
 )
-_FIELD_DEFAULTS = {"E": 1, "topk": 1}
+_FIELD_DEFAULTS = {"E": 1, "topk": 1, "m_split": 1, "n_split": 1}
 
 
 #: multiprocessors the emulator pretends to have (few, so that test shapes with K >= 512 exercise split-K)
@@ -103,13 +103,37 @@ def _use_segment(plan_info, dtype, vec: bool) -> bool:
 
 def _k_split(device, ctas: int, K: int) -> int:
     """Split K over CTAs (atomic fp32 adds into y) only when the tiles alone would leave SMs idle."""
-    if device not in _SM_COUNT:
-        _SM_COUNT[device] = (EMULATED_SMS if device.type == "cpu"
-                             else torch.cuda.get_device_properties(device).multi_processor_count)
-    want = 2 * _SM_COUNT[device]
+    want = 2 * _sm_count(device)
     if ctas >= want:
         return 1
     return max(1, min(8, -(-want // max(ctas, 1)), K // 256))
+
+
+#: tokens per tile of the gather path (the plan's GATHER_BLOCK_M)
+_GATHER_TILE = 16
+
+
+def _sm_count(device) -> int:
+    if device not in _SM_COUNT:
+        _SM_COUNT[device] = (EMULATED_SMS if device.type == "cpu"
+                             else torch.cuda.get_device_properties(device).multi_processor_count)
+    return _SM_COUNT[device]
+
+
+def _gather_splits(device, ctas: int, mt: int, plan_info, max_n: int, vec_width: int, split_n: bool = True):
+    """(m_split, n_split) of the gather kernel: with fewer (tile, slice) CTAs than 2 per SM, each tile's token
+    passes (m) and then its columns (n, chunks of at least one warp's vectors) are spread over more CTAs.
+    Depends only on the grid and the shapes (never on the mix), so a static plan's launch stays the same."""
+    want = 2 * _sm_count(device)
+    if ctas <= 0 or ctas >= want:
+        return 1, 1
+    longest = plan_info[4] if len(plan_info) > 4 and plan_info[4] > 0 else _GATHER_TILE
+    passes = -(-min(longest, _GATHER_TILE) // mt)
+    m = max(1, min(passes, -(-want // ctas)))
+    n = 1
+    if split_n:
+        n = max(1, min(-(-want // (ctas * m)), max_n // (32 * vec_width)))
+    return m, n
 
 
 def _segment_shrink(y, x, a_tab, sa_tab, S, page_table, ranks, token_ids, tiles, grid_n):
@@ -160,7 +184,10 @@ def add_lora(out, x, lora_a, lora_b, page_table, ranks, scales, token_ids, tiles
     grid_n = plan_info[0]
     if grid_n == 0:
         return
-    _call(_FUSED, x.dtype, _tokens_per_pass(plan_info), vec, x.device,
+    mt = _tokens_per_pass(plan_info)
+    ms, ns = _gather_splits(x.device, grid_n * len(lora_a), mt, plan_info, max(b.shape[1] for b in lora_b),
+                            16 // x.element_size() if vec else 1)
+    _call(_FUSED, x.dtype, mt, vec, x.device, m_split=ms, n_split=ns,
           x=x.data_ptr(), sx_t=x.stride(0), sx_k=x.stride(1), a_ptrs=a_tab.data_ptr(), a_strides=sa_tab.data_ptr(),
           b_ptrs=b_tab.data_ptr(), b_strides=sb_tab.data_ptr(), n_sizes=n_tab.data_ptr(),
           offsets=off_tab.data_ptr(), out=out.data_ptr(), so_t=out.stride(0), so_n=out.stride(1), K=x.shape[1],
@@ -177,7 +204,8 @@ def lora_shrink(y, x, lora_a, page_table, ranks, token_ids, tiles_gather, tiles_
     if _use_segment(plan_info, x.dtype, vec) and plan_info[1] > 0:
         _segment_shrink(y, x, a_tab, sa_tab, len(lora_a), page_table, ranks, token_ids, tiles_segment, plan_info[1])
         return
-    _call(_SHRINK, x.dtype, 4, vec, x.device,
+    ms, _ = _gather_splits(x.device, grid_n * len(lora_a), 4, plan_info, 0, 1, split_n=False)
+    _call(_SHRINK, x.dtype, 4, vec, x.device, m_split=ms,
           x=x.data_ptr(), sx_t=x.stride(0), sx_k=x.stride(1), a_ptrs=a_tab.data_ptr(), a_strides=sa_tab.data_ptr(),
           y=y.data_ptr(), sy_s=y.stride(0), sy_t=y.stride(1), sy_r=y.stride(2), K=x.shape[1],
           **_common(page_table, ranks, None, tiles_gather, token_ids, grid_n, len(lora_a)))
@@ -194,12 +222,13 @@ def lora_expand(out, y, lora_b, page_table, ranks, scales, token_ids, tiles_gath
         _segment_expand(out, y, b_tab, sb_tab, n_tab, off_tab, lora_b, page_table, ranks, scales, token_ids,
                         tiles_segment, plan_info[1])
         return
-    _call(_EXPAND, out.dtype, 4, vec, out.device,
+    ms, ns = _gather_splits(out.device, grid_n * len(lora_b), 4, plan_info, max(b.shape[1] for b in lora_b),
+                            16 // out.element_size() if vec else 1)
+    _call(_EXPAND, out.dtype, 4, vec, out.device, m_split=ms, n_split=ns,
           b_ptrs=b_tab.data_ptr(), b_strides=sb_tab.data_ptr(), n_sizes=n_tab.data_ptr(), offsets=off_tab.data_ptr(),
           y=y.data_ptr(), sy_s=y.stride(0), sy_t=y.stride(1), sy_r=y.stride(2),
           out=out.data_ptr(), so_t=out.stride(0), so_n=out.stride(1),
           **_common(page_table, ranks, scales, tiles_gather, token_ids, grid_n, len(lora_b)))
-
 
 
 #: (token, expert) pairs per tile of add_lora_moe: the gather kernel's tile

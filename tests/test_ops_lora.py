@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import lorakern
-from conftest import (BACKEND_LIST, DEVICE, DTYPES, HAS_CUDA, IMPLS, check_accumulated, check_shrink, make_case,
+from conftest import (BACKEND_LIST, CUDA_RUNS, DEVICE, DTYPES, HAS_CUDA, IMPLS, check_accumulated, check_shrink, make_case,
                       oracle_add, oracle_shrink, random_out, run_case, set_impl)
 from lorakern.workloads import MIXES, make_lora, make_slots
 
@@ -453,3 +453,35 @@ def test_checker_rejects_nonzero_y_beyond_rank(generator):
     y[0, t, 15] = 1e-30  # beyond both ranks; far inside any numeric tolerance
     with pytest.raises(AssertionError, match="beyond a rank"):
         check_shrink(case, y, ref, ref_abs)
+
+
+# ------------------------------------------------------------------------------------------------ gather splits
+@pytest.mark.cuda_emulate
+@pytest.mark.skipif(not CUDA_RUNS, reason="no CUDA extension and no CPU emulator of it")
+@pytest.mark.parametrize("splits", [(2, 1), (1, 3), (4, 5), (3, 16)], ids=str)
+@pytest.mark.parametrize("dtype", DTYPES, ids=_dname)
+@pytest.mark.parametrize("op", ["add_lora", "lora_shrink", "lora_expand"])
+def test_cuda_gather_splits_agree_with_one_cta_per_tile(op, dtype, splits, generator, monkeypatch):
+    """With few tiles the gather kernel spreads each tile's token passes (m_split) and columns (n_split) over more
+    CTAs: every split gives the oracle's result and the same bits as one CTA per tile (N = 300 is not a multiple
+    of the chunk, and n_split = 16 leaves CTAs with no columns)."""
+    from lorakern import cuda_backend
+
+    monkeypatch.setenv("LORAKERN_TRITON_PATH", "gather")
+    case = make_case(generator, T=40, K=72, n_sizes=[296, 40], ranks=[5, 16, 1, 9], num_adapters=4,
+                     mix="zipf:1.5", none_frac=0.1, dtype=dtype)
+    y = torch.randn(case.S, case.T, case.lora.max_rank, generator=generator).to(DEVICE)
+    results = []
+    for forced in ((1, 1), splits):
+        seen = []
+
+        def fake(device, ctas, mt, plan_info, max_n, vec_width, split_n=True, forced=forced):
+            seen.append(forced)
+            return forced[0], forced[1] if split_n else 1
+
+        monkeypatch.setattr(cuda_backend, "_gather_splits", fake)
+        g = torch.Generator().manual_seed(7)
+        results.append(run_case(op, "cuda", case, g, y=y if op == "lora_expand" else None))
+        assert seen, "the gather kernel did not run"
+    a, b = (r.detach().cpu() for r in results)
+    assert torch.equal(a.view(torch.uint8), b.view(torch.uint8))

@@ -28,6 +28,10 @@ struct DenseParams {
   int num_tiles, num_slices, K;
   int max_rank;             // page_table width
   int max_n;                // max_i N_i
+  // Gather kernel, few tiles (grid z = m_split * n_split CTAs per (tile, slice)): CTA z runs the tile's token
+  // passes z % m_split, z % m_split + m_split, ... and the column chunk z / m_split of n_split equal chunks
+  // (multiples of the vector width). 1 and 1 = one CTA does the whole tile. SHRINK: n_split must be 1.
+  int m_split;
   // MoE (add_lora_moe, gather kernel with MOE = true): tiles hold key = slot * E + expert, token_ids hold pair
   // ids p = t * topk + k; x row of a pair: t * sx_t + k * sx_p (sx_p = 0: x shared by the token's experts), out
   // row: t * so_t + k * so_p; expert e's rows start e * a_e_strides[i] (b_e_strides[i]) elements into slice i.
@@ -37,6 +41,7 @@ struct DenseParams {
   const int64_t* b_e_strides;  // [S]
   const float* topk_w;         // [T, topk] float32 or nullptr (= 1.0)
   int64_t sw_t, sw_k;
+  int n_split;
 };
 
 enum class DType : int { kF16 = 0, kBF16 = 1, kF32 = 2 };

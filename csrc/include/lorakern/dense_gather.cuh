@@ -1,6 +1,8 @@
 // lorakern: the gather path of the dense LoRA ops (DESIGN.md §1, §5) as torch-free templates.
 //
-// One CTA per (work tile, slice). A work tile is up to 16 sorted tokens of one adapter (the LoRAPlan's tile list:
+// One CTA per (work tile, slice) — or m_split * n_split CTAs when the tiles alone would leave SMs idle, each
+// with a share of the tile's token passes and of the columns (the shrink is then repeated per column share; its
+// A rows come from L2). A work tile is up to 16 sorted tokens of one adapter (the LoRAPlan's tile list:
 // rows of (start, length, slot), length 0 = exit, so a fixed grid replays correctly in a CUDA graph with any mix).
 // The CTA processes its tokens MT at a time:
 //
@@ -50,6 +52,18 @@ __global__ void __launch_bounds__(kThreads, 2) dense_gather_kernel(const DensePa
   const int rank = min(p.ranks[slot], kMaxRank);
   if (rank <= 0) return;
 
+  // few tiles: this CTA's share of the tile's token passes and of the columns (DenseParams::m_split, n_split)
+  const int zm = static_cast<int>(blockIdx.z) % p.m_split, zn = static_cast<int>(blockIdx.z) / p.m_split;
+  if (zm * MT >= len) return;
+  const int n_i = MODE == Mode::kShrink ? 0 : static_cast<int>(p.n_sizes[sl]);  // SHRINK has no N (no table)
+  int n_lo = 0, n_hi = n_i;
+  if (MODE != Mode::kShrink && p.n_split > 1) {
+    const int chunk = ((n_i + p.n_split - 1) / p.n_split + W - 1) / W * W;  // a multiple of the vector width
+    n_lo = zn * chunk;
+    n_hi = min(n_i, n_lo + chunk);
+    if (n_lo >= n_hi) return;
+  }
+
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   for (int j = tid; j < rank; j += kThreads) rows_s[j] = p.page_table[slot * p.s_pt + j];  // j < rank only
 
@@ -57,14 +71,13 @@ __global__ void __launch_bounds__(kThreads, 2) dense_gather_kernel(const DensePa
   const int64_t sa = p.a_strides[sl];
   const T* B = reinterpret_cast<const T*>(p.b_ptrs[sl]) + (kMoe ? expert * p.b_e_strides[sl] : 0);
   const int64_t sb = p.b_strides[sl];
-  const int n_i = static_cast<int>(p.n_sizes[sl]);
   const int64_t off = p.offsets[sl];
   const float scale = p.scales ? p.scales[slot] : 1.0f;
   const T* X = reinterpret_cast<const T*>(p.x);
   T* O = reinterpret_cast<T*>(p.out);
   __syncthreads();
 
-  for (int m0 = 0; m0 < len; m0 += MT) {
+  for (int m0 = zm * MT; m0 < len; m0 += MT * p.m_split) {
     const int mt = min(MT, len - m0);
     int64_t tok[MT];  // token (pair for MoE) ids
     int64_t xrow[MT], orow[MT];
@@ -127,7 +140,7 @@ __global__ void __launch_bounds__(kThreads, 2) dense_gather_kernel(const DensePa
     if constexpr (MODE != Mode::kShrink) {
       __syncthreads();
       // ---- expand: out[tok_m, off + n] += scale * sum_j y[m][j] * B[row_j, n], threads over N chunks
-      for (int n = tid * W; n < n_i; n += kThreads * W) {
+      for (int n = n_lo + tid * W; n < n_hi; n += kThreads * W) {
         float acc[MT][W];
 #pragma unroll
         for (int m = 0; m < MT; ++m)
@@ -165,7 +178,9 @@ __global__ void __launch_bounds__(kThreads, 2) dense_gather_kernel(const DensePa
 template <typename T, int MT, bool VEC, Mode MODE>
 cudaError_t launch_dense_gather(const DenseParams& p, cudaStream_t stream) {
   if (p.num_tiles <= 0 || p.num_slices <= 0) return cudaSuccess;
-  dim3 grid(static_cast<unsigned>(p.num_tiles), static_cast<unsigned>(p.num_slices));
+  if (p.m_split < 1 || p.n_split < 1 || (MODE == Mode::kShrink && p.n_split != 1)) return cudaErrorInvalidValue;
+  dim3 grid(static_cast<unsigned>(p.num_tiles), static_cast<unsigned>(p.num_slices),
+            static_cast<unsigned>(p.m_split * p.n_split));
   return launch_kernel(dense_gather_kernel<T, MT, VEC, MODE>, grid, dim3(kThreads), stream, p);
 }
 

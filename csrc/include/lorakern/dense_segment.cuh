@@ -98,26 +98,29 @@ __global__ void __launch_bounds__(seg::kSegThreads) segment_shrink_kernel(const 
   wmma::fill_fragment(acc[0], 0.f);
   wmma::fill_fragment(acc[1], 0.f);
 
-  for (int k0 = k_begin; k0 < k_end; k0 += BK) {
-    // all loads of the step first (x rows gathered through token_ids, A rank rows through the page table, < rank
-    // only; zeros past the tile, the rank or K), then the stores: 2 * kLoads 16-byte loads in flight per thread
-    Vec<T, true> vx[kLoads], va[kLoads];
+  // software pipeline: the next K step's x and A vectors are loaded into registers (2 * kLoads 16-byte loads in
+  // flight per thread) while the tensor cores work on the current step in shared memory
+  Vec<T, true> vx[kLoads], va[kLoads];
+  auto load_step = [&](int k0) {
 #pragma unroll
     for (int l = 0; l < kLoads; ++l) {
       const int i = tid + l * kSegThreads, m = i / (BK / V), c = (i % (BK / V)) * V;
-      if (tok_s[m] >= 0 && k0 + c < k_end) {
+      if (tok_s[m] >= 0 && k0 + c < k_end) {  // x rows through token_ids; zeros past the tile or K
         load_vec(vx[l], X + tok_s[m] * p.sx_t + k0 + c);
       } else {
 #pragma unroll
         for (int e = 0; e < V; ++e) vx[l].v[e] = Num<T>::from_f(0.f);
       }
-      if (rows_s[m] >= 0 && k0 + c < k_end) {
+      if (rows_s[m] >= 0 && k0 + c < k_end) {  // A rank rows through the page table, below the rank only
         load_vec(va[l], A + rows_s[m] * sa + k0 + c);
       } else {
 #pragma unroll
         for (int e = 0; e < V; ++e) va[l].v[e] = Num<T>::from_f(0.f);
       }
     }
+  };
+  load_step(k_begin);
+  for (int k0 = k_begin; k0 < k_end; k0 += BK) {
 #pragma unroll
     for (int l = 0; l < kLoads; ++l) {
       const int i = tid + l * kSegThreads, m = i / (BK / V), c = (i % (BK / V)) * V;
@@ -125,6 +128,7 @@ __global__ void __launch_bounds__(seg::kSegThreads) segment_shrink_kernel(const 
       store_vec(&as[m][c], va[l]);
     }
     __syncthreads();
+    if (k0 + BK < k_end) load_step(k0 + BK);
 #pragma unroll
     for (int kk = 0; kk < BK; kk += 16) {
       wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> fa;
@@ -184,10 +188,22 @@ __global__ void __launch_bounds__(seg::kSegThreads) segment_expand_kernel(const 
   for (int i = tid; i < BM; i += kSegThreads) tok_s[i] = i < len ? p.token_ids[start + i] : -1;
   __syncthreads();
 
+  // the out tile is read first (the bulk of this kernel's bytes): its loads are in flight during the rank loop
+  constexpr int V = 8;
+  constexpr int kOut = BM * (BN / V) / kSegThreads;  // 16-byte vectors of out per thread
+  static_assert(BM * (BN / V) % kSegThreads == 0, "out tile");
+  const int64_t off = p.offsets[sl];
+  T* O = reinterpret_cast<T*>(p.out);
+  Vec<T, true> ov[kOut];
+#pragma unroll
+  for (int l = 0; l < kOut; ++l) {
+    const int i = tid + l * kSegThreads, m = i / (BN / V), c = (i % (BN / V)) * V;
+    if (m < len && n0 + c < n_i) load_vec_rw(ov[l], O + tok_s[m] * p.so_t + off + n0 + c);
+  }
+
   const T* B = reinterpret_cast<const T*>(p.b_ptrs[sl]);
   const int64_t sb = p.b_strides[sl];
   const float* Y = p.y + sl * p.sy_s;
-  constexpr int V = 8;
 
   // 8 warps over the 4 x 8 fragments of the 64 x 128 tile: warp w owns row block w / 2, columns 4 * (w % 2) + {0..3}
   const int fm = warp >> 1, fn0 = (warp & 1) * 4;
@@ -271,17 +287,13 @@ __global__ void __launch_bounds__(seg::kSegThreads) segment_expand_kernel(const 
   __syncthreads();
 
   const float scale = (p.scales ? p.scales[slot] : 1.0f) * S;
-  const int64_t off = p.offsets[sl];
-  T* O = reinterpret_cast<T*>(p.out);
-  for (int i = tid; i < BM * (BN / V); i += kSegThreads) {
-    const int m = i / (BN / V), c = (i % (BN / V)) * V;
-    if (m < len && n0 + c < n_i) {
-      T* o = O + tok_s[m] * p.so_t + off + n0 + c;
-      Vec<T, true> v;
-      load_vec_rw(v, o);
 #pragma unroll
-      for (int e = 0; e < V; ++e) v.v[e] = Num<T>::from_f(Num<T>::to_f(v.v[e]) + scale * os[m][c + e]);
-      store_vec(o, v);
+  for (int l = 0; l < kOut; ++l) {
+    const int i = tid + l * kSegThreads, m = i / (BN / V), c = (i % (BN / V)) * V;
+    if (m < len && n0 + c < n_i) {
+#pragma unroll
+      for (int e = 0; e < V; ++e) ov[l].v[e] = Num<T>::from_f(Num<T>::to_f(ov[l].v[e]) + scale * os[m][c + e]);
+      store_vec(O + tok_s[m] * p.so_t + off + n0 + c, ov[l]);
     }
   }
 }
