@@ -23,21 +23,7 @@ import time
 import torch
 
 from lorakern.bench import cases as C
-from lorakern.bench.harness import measure
-
-
-def _graph_fn(fn):
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(side)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
-    torch.cuda.synchronize()
-    return g
+from lorakern.bench.harness import measure, measure_graph
 
 
 def _host_us(fn, n=200) -> float:
@@ -91,8 +77,7 @@ def main(argv=None) -> int:
             try:
                 bad = C._check(fn, out, inp, case.dtype)
                 eager = measure(fn, device=dev, warmup=5, reps=100, budget_s=1.0).median_us
-                g = _graph_fn(fn)
-                graph = measure(g.replay, device=dev, warmup=5, reps=100, budget_s=1.0).median_us
+                graph = measure_graph(fn, device=dev, warmup=5, reps=100, budget_s=1.0).median_us
                 host = _host_us(fn)
                 ks = _kernels(fn)
             except Exception as e:  # report and go on with the next

@@ -37,7 +37,7 @@ import torch
 from lorakern import ops, reference
 from lorakern.backends import BACKENDS
 from lorakern.bench import baselines as B
-from lorakern.bench.harness import Timing, add_lora_bytes, make_row, measure, skipped_row
+from lorakern.bench.harness import Timing, add_lora_bytes, make_row, measure, measure_graph, skipped_row
 from lorakern.plan import LoRAPlan
 from lorakern.workloads import make_lora, make_slots
 
@@ -54,6 +54,10 @@ PEER_NAMES = tuple(B.PEERS)
 #: fp32: summation order only (~1e-6 at K = 256). bf16 / fp16: the output's rounding (2^-8 / 2^-11 relative)
 #: plus the baselines' intermediate rounded to the input dtype; a factor ~4 above that.
 TOLERANCE = {torch.float32: 1e-4, torch.float64: 1e-10, torch.float16: 5e-3, torch.bfloat16: 3e-2}
+
+#: implementations also timed as a CUDA-graph replay on a GPU (lorakern's compiled backends; the baselines
+#: synchronise with the host or are timed as their own projects run them)
+_GRAPHED = ("cuda", "triton")
 
 _INTERPRET_NOTE = "TRITON_INTERPRET=1: Triton's CPU interpreter, not a kernel timing"
 _EMULATOR_NOTE = "LORAKERN_CUDA_EMULATE=1: the CUDA kernels on the CPU emulator, not a kernel timing"
@@ -258,9 +262,13 @@ def run_case(case: Case, device, *, backends: Sequence[str] = LORAKERN_BACKENDS,
         if fn is not None:
             try:
                 why = _check(fn, out, inp, case.dtype)
+                tg = None
                 if why is None:
                     t: Timing = measure(fn, device=dev, warmup=timing.warmup, reps=timing.reps, flush=flush,
                                         budget_s=timing.budget_s, min_reps=timing.min_reps)
+                    if dev.type == "cuda" and name.partition("-")[0] in _GRAPHED:
+                        tg = measure_graph(fn, device=dev, warmup=timing.warmup, reps=timing.reps, flush=flush,
+                                           budget_s=timing.budget_s, min_reps=timing.min_reps)
             except Exception as e:  # a backend that is not there yet, a peer whose API moved, out of memory...
                 why = _reason(e)
                 if dev.type == "cuda":
@@ -275,8 +283,9 @@ def run_case(case: Case, device, *, backends: Sequence[str] = LORAKERN_BACKENDS,
             log(f"    {name:<17} skipped: {why}")
         else:
             rows.append(make_row(**common, backend=name, timing=t, nbytes=inp.nbytes, peak_gbps=peak_gbps,
-                                 note=note))
-            log(f"    {name:<17} {t.median_us:10.1f} us  ({t.reps} reps)")
+                                 note=note, graph=tg))
+            log(f"    {name:<17} {t.median_us:10.1f} us  ({t.reps} reps)"
+                + (f"   graph {tg.median_us:10.1f} us" if tg is not None else ""))
     del inp, out
     if dev.type == "cuda":
         torch.cuda.empty_cache()

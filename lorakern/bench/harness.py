@@ -52,6 +52,7 @@ import torch
 __all__ = [
     "Timing",
     "measure",
+    "measure_graph",
     "peak_copy_gbps",
     "FLUSH_BYTES",
     "add_lora_bytes",
@@ -205,6 +206,33 @@ def _measure_cuda(fn, dev: torch.device, warmup: int, reps: int, flush: bool, bu
     return _stats(samples)
 
 
+def measure_graph(fn: Callable[[], object], *, device, warmup: int = 5, reps: int = 50, flush: bool = True,
+                  budget_s: Optional[float] = 1.0, min_reps: int = 5) -> Timing:
+    """Time ``fn`` captured once in a CUDA graph and replayed (L2 flushed before each replay, as :func:`measure`):
+    the device time of what ``fn`` launches, without Python or launch overhead — what an engine that replays
+    CUDA graphs (decode in vLLM and SGLang) sees. ``fn`` must be capturable (no host synchronisation); raises
+    otherwise. CUDA only."""
+    dev = torch.device(device)
+    if dev.type != "cuda":
+        raise ValueError("measure_graph: CUDA only")
+    with torch.cuda.device(dev):
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                fn()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn()
+        torch.cuda.synchronize()
+        try:
+            return measure(graph.replay, device=dev, warmup=warmup, reps=reps, flush=flush, budget_s=budget_s,
+                           min_reps=min_reps)
+        finally:
+            del graph
+
+
 def peak_copy_gbps(device, nbytes: Optional[int] = None, *, reps: int = 20) -> float:
     """The device's copy bandwidth in GB/s (1e9 B/s), measured now: a large ``dst.copy_(src)`` counted as bytes
     read + bytes written over the median time. CUDA: 2 × 512 MiB device-to-device; CPU: 2 × 128 MiB (well
@@ -300,20 +328,26 @@ def _base_row(op, backend, workload, dtype, T, K, N, ranks, adapters, nbytes, ca
         "op": op, "backend": backend, "workload": workload, "dtype": dtype_name(dtype), "T": int(T), "K": int(K),
         "N": N, "slices": len(N), "ranks": ranks_label(ranks), "adapters": int(adapters),
         "median_us": None, "p20_us": None, "p80_us": None, "bytes": int(nbytes), "gbps": None, "pct_peak": None,
-        "case": case, "skipped": None, "note": note,
+        "case": case, "skipped": None, "note": note, "graph_us": None, "graph_gbps": None, "graph_pct_peak": None,
     }
 
 
 def make_row(*, op: str, backend: str, workload: str, dtype, T: int, K: int, N: Sequence[int], ranks,
              adapters: int, timing: Timing, nbytes: int, peak_gbps: Optional[float], case: str = "",
-             note: Optional[str] = None) -> dict:
-    """A measured row: GB/s = ``nbytes`` / median time; ``pct_peak`` = that over ``peak_gbps`` × 100."""
+             note: Optional[str] = None, graph: Optional[Timing] = None) -> dict:
+    """A measured row: GB/s = ``nbytes`` / median time; ``pct_peak`` = that over ``peak_gbps`` × 100; with
+    ``graph`` (:func:`measure_graph`), the same for the CUDA-graph replay time (``graph_us``, ``graph_gbps``,
+    ``graph_pct_peak``)."""
     row = _base_row(op, backend, workload, dtype, T, K, N, ranks, adapters, nbytes, case, note)
     gbps = nbytes / (timing.median_us * 1e-6) / 1e9 if timing.median_us > 0 else None
     row.update(median_us=round(timing.median_us, 3), p20_us=round(timing.p20_us, 3),
                p80_us=round(timing.p80_us, 3), gbps=None if gbps is None else round(gbps, 3))
     if gbps is not None and peak_gbps:
         row["pct_peak"] = round(100.0 * gbps / peak_gbps, 2)
+    if graph is not None and graph.median_us > 0:
+        g = nbytes / (graph.median_us * 1e-6) / 1e9
+        row.update(graph_us=round(graph.median_us, 3), graph_gbps=round(g, 3),
+                   graph_pct_peak=round(100.0 * g / peak_gbps, 2) if peak_gbps else None)
     return row
 
 
@@ -447,7 +481,7 @@ def update_tests(json_path, passed, failed, skipped, *, scope: Optional[str] = N
 
 # ------------------------------------------------------------------------------------------------- tables
 _COLS = ("op", "backend", "workload", "dtype", "T", "K", "N", "ranks", "adapters", "median us", "GB/s", "% peak",
-         "vs lk")
+         "vs lk", "graph us", "graph % peak")
 _LORAKERN = ("cuda", "triton", "torch")
 
 
@@ -493,6 +527,7 @@ def _table_cells(rows: Sequence[dict]) -> list:
             r["op"], backend, r["workload"], r["dtype"], str(r["T"]), str(r["K"]), _fmt_n(r["N"]), r["ranks"],
             str(r["adapters"]), _fmt_num(r["median_us"], 1), _fmt_num(r["gbps"], 2), _fmt_num(r["pct_peak"], 1),
             "-" if i not in ratios else f"{ratios[i]:.2f}",
+            _fmt_num(r.get("graph_us"), 1), _fmt_num(r.get("graph_pct_peak"), 1),
         ]))
     return cells
 
@@ -518,7 +553,10 @@ def _notes(rows: Sequence[dict]) -> list:
 
 _LEGEND = ("vs lk = median time / median time of the fastest lorakern backend (cuda, triton, torch) measured in "
            "the same case; > 1 is slower than lorakern. GB/s counts the fewest bytes the op must move "
-           "(lorakern.bench.harness.add_lora_bytes); % peak is over the copy bandwidth measured in this run.")
+           "(lorakern.bench.harness.add_lora_bytes); % peak is over the copy bandwidth measured in this run. "
+           "median us: one eager Python call (host overhead included when it exceeds the device time); graph us: "
+           "the same call captured in a CUDA graph and replayed (device time; lorakern's compiled backends on a "
+           "GPU only).")
 
 
 def format_table(rows: Sequence[dict], *, peak_gbps: Optional[float] = None, legend: bool = True) -> str:
