@@ -19,7 +19,8 @@
 # INSTALL_TIMEOUT=120 GPU_TESTS_TIMEOUT=200 BENCH_TIMEOUT=220 (ALL_TESTS_TIMEOUT=500, its own call), which fit the lent
 # machine's 10-minute limit per call. SKIP_INSTALL=1 skips step 1; BENCH_ARGS adds options to step 4
 # (e.g. BENCH_ARGS="--filter decode"); BENCH_DEVICE=cpu (with BENCH_ARGS=--quick) tries the script without a GPU;
-# PYTHON picks the interpreter.
+# PYTHON picks the interpreter; LORAKERN_COMMIT=<hash> names the commit in the results when the machine's copy
+# of .git is stale (the lent machine's was: pass LORAKERN_COMMIT=$(git rev-parse --short HEAD) from here).
 #
 # STEPS picks what runs (each set fits one 10-minute call of the lent machine):
 #   STEPS=core (default)   steps 1-4: install, nvidia-smi, pytest -m gpu, the add_lora benchmark
@@ -70,7 +71,8 @@ PYEOF
 
 : >"$LOG"
 log "gpu_check in $(pwd), OUT=$OUT, python=$(command -v "$PY")"
-log "commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown);" \
+COMMIT="${LORAKERN_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}"
+log "commit $COMMIT (LORAKERN_COMMIT overrides git, whose copy may be stale on the lent machine);" \
     "$(git status --porcelain --untracked-files=no 2>/dev/null | wc -l) modified tracked files"
 
 STEPS="${STEPS:-core}"
@@ -149,7 +151,7 @@ fi
 fi  # tests
 
 if run_extra; then
-    TAG="$(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
+    TAG="${COMMIT%%+*}"
     step bench-mla "${MLA_TIMEOUT:-150}" "$PY" bench/bench_mla.py --json "$OUT/mla-$TAG.json"
     step bench-moe "${MOE_TIMEOUT:-200}" "$PY" bench/bench_moe.py --json "$OUT/moe-$TAG.json"
     step bench-pool "${POOL_TIMEOUT:-200}" "$PY" bench/bench_pool.py --json "$OUT/pool-$TAG.json"

@@ -208,9 +208,9 @@ def test_table_ratio_and_skips():
     lines = text.splitlines()
     assert lines[0].split()[:3] == ["op", "backend", "workload"]
     peft = next(l for l in lines if "peft-loop" in l)
-    assert peft.split()[-3] == "4.00"  # (then graph us, graph % peak) 400 us / 100 us of the lorakern torch row
+    assert peft.split()[-4] == "4.00"  # (then graph us, kernel us, kernel % peak) 400 us / 100 us of the lorakern torch row
     torch_line = next(l for l in lines if l.startswith("add_lora  torch "))
-    assert torch_line.split()[-3] == "1.00"
+    assert torch_line.split()[-4] == "1.00"
     assert "vllm (1 row): vllm not importable" in text
     assert "1000.0 GB/s" in text
 
@@ -319,3 +319,15 @@ def test_cli_rejects_unknown_backend(tmp_path):
     r = subprocess.run([sys.executable, "-m", "lorakern", "bench", "--quick", "--backends", "nope", "--out",
                         str(tmp_path)], capture_output=True, text=True, env=_env(), timeout=120)
     assert r.returncode != 0 and "unknown backend nope" in (r.stderr + r.stdout)
+
+
+@pytest.mark.gpu
+def test_measure_kernels_splits_calls_at_the_flush():
+    """Kernel timing: one sample per call, each the sum of that call's kernels (two here), flush excluded."""
+    from lorakern.bench.harness import measure_kernels
+
+    a = torch.randn(1 << 20, device="cuda")
+    one = measure_kernels(lambda: a.mul_(1.0), device="cuda", reps=12)
+    two = measure_kernels(lambda: (a.mul_(1.0), a.add_(0.0)), device="cuda", reps=12)
+    assert one.reps == 12 and two.reps == 12
+    assert 0 < one.median_us < two.median_us < 100 * one.median_us

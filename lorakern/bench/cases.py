@@ -37,7 +37,8 @@ import torch
 from lorakern import ops, reference
 from lorakern.backends import BACKENDS
 from lorakern.bench import baselines as B
-from lorakern.bench.harness import Timing, add_lora_bytes, make_row, measure, measure_graph, skipped_row
+from lorakern.bench.harness import (Timing, add_lora_bytes, make_row, measure, measure_graph, measure_kernels,
+                                    skipped_row)
 from lorakern.plan import LoRAPlan
 from lorakern.workloads import make_lora, make_slots
 
@@ -262,13 +263,14 @@ def run_case(case: Case, device, *, backends: Sequence[str] = LORAKERN_BACKENDS,
         if fn is not None:
             try:
                 why = _check(fn, out, inp, case.dtype)
-                tg = None
+                tg = tk = None
                 if why is None:
                     t: Timing = measure(fn, device=dev, warmup=timing.warmup, reps=timing.reps, flush=flush,
                                         budget_s=timing.budget_s, min_reps=timing.min_reps)
                     if dev.type == "cuda" and name.partition("-")[0] in _GRAPHED:
                         tg = measure_graph(fn, device=dev, warmup=timing.warmup, reps=timing.reps, flush=flush,
                                            budget_s=timing.budget_s, min_reps=timing.min_reps)
+                        tk = measure_kernels(fn, device=dev, reps=min(timing.reps, 30))
             except Exception as e:  # a backend that is not there yet, a peer whose API moved, out of memory...
                 why = _reason(e)
                 if dev.type == "cuda":
@@ -283,9 +285,10 @@ def run_case(case: Case, device, *, backends: Sequence[str] = LORAKERN_BACKENDS,
             log(f"    {name:<17} skipped: {why}")
         else:
             rows.append(make_row(**common, backend=name, timing=t, nbytes=inp.nbytes, peak_gbps=peak_gbps,
-                                 note=note, graph=tg))
+                                 note=note, graph=tg, kernel=tk))
             log(f"    {name:<17} {t.median_us:10.1f} us  ({t.reps} reps)"
-                + (f"   graph {tg.median_us:10.1f} us" if tg is not None else ""))
+                + (f"   graph {tg.median_us:10.1f} us" if tg is not None else "")
+                + (f"   kernels {tk.median_us:10.1f} us" if tk is not None else ""))
     del inp, out
     if dev.type == "cuda":
         torch.cuda.empty_cache()

@@ -53,6 +53,7 @@ __all__ = [
     "Timing",
     "measure",
     "measure_graph",
+    "measure_kernels",
     "peak_copy_gbps",
     "FLUSH_BYTES",
     "add_lora_bytes",
@@ -233,6 +234,54 @@ def measure_graph(fn: Callable[[], object], *, device, warmup: int = 5, reps: in
             del graph
 
 
+@functools.lru_cache(maxsize=None)
+def _flush_pair(device: str) -> tuple:
+    half = FLUSH_BYTES // 2
+    return (torch.empty(half, dtype=torch.uint8, device=device), torch.empty(half, dtype=torch.uint8, device=device))
+
+
+def measure_kernels(fn: Callable[[], object], *, device, reps: int = 30) -> Timing:
+    """Kernel time of ``fn``: the summed durations (CUPTI, through ``torch.profiler``) of the kernels one call
+    launches, L2 flushed before each call, median over ``reps`` calls — no launch gaps, no host overhead. The flush
+    is a device-to-device copy (256 MiB); calls are told apart by it, so ``fn`` itself must launch no copy kernel
+    (lorakern's compiled backends launch none). CUDA only."""
+    from torch.profiler import ProfilerActivity, profile
+
+    dev = torch.device(device)
+    if dev.type != "cuda":
+        raise ValueError("measure_kernels: CUDA only")
+    src, dst = _flush_pair(str(dev))
+    with torch.cuda.device(dev):
+        fn()
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(max(int(reps), 1)):
+                dst.copy_(src)
+                fn()
+            torch.cuda.synchronize()
+    kernels = []
+    for ev in prof.events():
+        if ev.device_type.name != "CUDA" or ev.name.startswith(("Memcpy", "Memset")):
+            continue
+        dur = getattr(ev, "device_time", None)
+        dur = ev.cuda_time if dur is None else dur
+        kernels.append((ev.time_range.start, "copy_kernel" in ev.name, float(dur)))
+    kernels.sort()
+    per_call, cur = [], None
+    for _, is_flush, dur in kernels:
+        if is_flush:
+            if cur is not None:
+                per_call.append(cur)
+            cur = 0.0
+        elif cur is not None:
+            cur += dur
+    if cur is not None:
+        per_call.append(cur)
+    if not per_call:
+        raise RuntimeError("measure_kernels: the profiler recorded no kernels")
+    return _stats(per_call)
+
+
 def peak_copy_gbps(device, nbytes: Optional[int] = None, *, reps: int = 20) -> float:
     """The device's copy bandwidth in GB/s (1e9 B/s), measured now: a large ``dst.copy_(src)`` counted as bytes
     read + bytes written over the median time. CUDA: 2 × 512 MiB device-to-device; CPU: 2 × 128 MiB (well
@@ -329,25 +378,27 @@ def _base_row(op, backend, workload, dtype, T, K, N, ranks, adapters, nbytes, ca
         "N": N, "slices": len(N), "ranks": ranks_label(ranks), "adapters": int(adapters),
         "median_us": None, "p20_us": None, "p80_us": None, "bytes": int(nbytes), "gbps": None, "pct_peak": None,
         "case": case, "skipped": None, "note": note, "graph_us": None, "graph_gbps": None, "graph_pct_peak": None,
+        "kernel_us": None, "kernel_gbps": None, "kernel_pct_peak": None,
     }
 
 
 def make_row(*, op: str, backend: str, workload: str, dtype, T: int, K: int, N: Sequence[int], ranks,
              adapters: int, timing: Timing, nbytes: int, peak_gbps: Optional[float], case: str = "",
-             note: Optional[str] = None, graph: Optional[Timing] = None) -> dict:
+             note: Optional[str] = None, graph: Optional[Timing] = None, kernel: Optional[Timing] = None) -> dict:
     """A measured row: GB/s = ``nbytes`` / median time; ``pct_peak`` = that over ``peak_gbps`` × 100; with
-    ``graph`` (:func:`measure_graph`), the same for the CUDA-graph replay time (``graph_us``, ``graph_gbps``,
-    ``graph_pct_peak``)."""
+    ``graph`` (:func:`measure_graph`) and ``kernel`` (:func:`measure_kernels`), the same for the CUDA-graph replay
+    time (``graph_us``, ``graph_gbps``, ``graph_pct_peak``) and the kernel time (``kernel_*``)."""
     row = _base_row(op, backend, workload, dtype, T, K, N, ranks, adapters, nbytes, case, note)
     gbps = nbytes / (timing.median_us * 1e-6) / 1e9 if timing.median_us > 0 else None
     row.update(median_us=round(timing.median_us, 3), p20_us=round(timing.p20_us, 3),
                p80_us=round(timing.p80_us, 3), gbps=None if gbps is None else round(gbps, 3))
     if gbps is not None and peak_gbps:
         row["pct_peak"] = round(100.0 * gbps / peak_gbps, 2)
-    if graph is not None and graph.median_us > 0:
-        g = nbytes / (graph.median_us * 1e-6) / 1e9
-        row.update(graph_us=round(graph.median_us, 3), graph_gbps=round(g, 3),
-                   graph_pct_peak=round(100.0 * g / peak_gbps, 2) if peak_gbps else None)
+    for key, tm in (("graph", graph), ("kernel", kernel)):
+        if tm is not None and tm.median_us > 0:
+            g = nbytes / (tm.median_us * 1e-6) / 1e9
+            row.update({f"{key}_us": round(tm.median_us, 3), f"{key}_gbps": round(g, 3),
+                        f"{key}_pct_peak": round(100.0 * g / peak_gbps, 2) if peak_gbps else None})
     return row
 
 
@@ -381,7 +432,13 @@ def device_label(device) -> str:
 
 def git_commit(path=None) -> tuple:
     """``(short hash, dirty)`` of the git checkout holding ``path`` (default: this package's source), else the
-    current directory's; ``("unknown", None)`` when neither is a checkout."""
+    current directory's; ``("unknown", None)`` when neither is a checkout. ``LORAKERN_COMMIT`` (a hash, ``+dirty``
+    appended for uncommitted changes) overrides both, for a copy of the tree whose ``.git`` is stale or absent (the
+    lent GPU machine)."""
+    forced = os.environ.get("LORAKERN_COMMIT", "").strip()
+    if forced:
+        h, _, flag = forced.partition("+")
+        return h, flag == "dirty"
     here = Path(path) if path is not None else Path(__file__).resolve().parent
     for cwd in (here, Path.cwd()):
         try:
@@ -481,7 +538,7 @@ def update_tests(json_path, passed, failed, skipped, *, scope: Optional[str] = N
 
 # ------------------------------------------------------------------------------------------------- tables
 _COLS = ("op", "backend", "workload", "dtype", "T", "K", "N", "ranks", "adapters", "median us", "GB/s", "% peak",
-         "vs lk", "graph us", "graph % peak")
+         "vs lk", "graph us", "kernel us", "kernel % peak")
 _LORAKERN = ("cuda", "triton", "torch")
 
 
@@ -527,7 +584,7 @@ def _table_cells(rows: Sequence[dict]) -> list:
             r["op"], backend, r["workload"], r["dtype"], str(r["T"]), str(r["K"]), _fmt_n(r["N"]), r["ranks"],
             str(r["adapters"]), _fmt_num(r["median_us"], 1), _fmt_num(r["gbps"], 2), _fmt_num(r["pct_peak"], 1),
             "-" if i not in ratios else f"{ratios[i]:.2f}",
-            _fmt_num(r.get("graph_us"), 1), _fmt_num(r.get("graph_pct_peak"), 1),
+            _fmt_num(r.get("graph_us"), 1), _fmt_num(r.get("kernel_us"), 1), _fmt_num(r.get("kernel_pct_peak"), 1),
         ]))
     return cells
 
@@ -555,8 +612,9 @@ _LEGEND = ("vs lk = median time / median time of the fastest lorakern backend (c
            "the same case; > 1 is slower than lorakern. GB/s counts the fewest bytes the op must move "
            "(lorakern.bench.harness.add_lora_bytes); % peak is over the copy bandwidth measured in this run. "
            "median us: one eager Python call (host overhead included when it exceeds the device time); graph us: "
-           "the same call captured in a CUDA graph and replayed (device time; lorakern's compiled backends on a "
-           "GPU only).")
+           "the same call captured in a CUDA graph and replayed (launch latency included); kernel us: the summed "
+           "durations of the call's kernels (profiler), L2 flushed before each call (graph and kernel: lorakern's "
+           "compiled backends on a GPU only).")
 
 
 def format_table(rows: Sequence[dict], *, peak_gbps: Optional[float] = None, legend: bool = True) -> str:
