@@ -63,7 +63,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "./lorakern-results)")
     p.add_argument("--json", action="store_true", help="print the results JSON on stdout instead of the table")
     p.add_argument("--filter", metavar="TEXT", default=None,
-                   help="run only cases whose label contains TEXT (e.g. 'decode', 'T=16 ', 'zipf')")
+                   help="run only cases whose label contains TEXT (e.g. 'decode', 'T=16 ', 'zipf'); 'A|B' = A or B")
     p.add_argument("--reps", type=int, default=None, help="maximum timed repetitions per measurement")
     p.add_argument("--budget", type=float, default=None, metavar="SECONDS",
                    help="time budget per measurement (repetitions are cut to fit; default 0.12 quick, 0.6 full)")
@@ -106,7 +106,7 @@ def main(args: argparse.Namespace) -> int:
     cases = C.quick_cases() if quick else C.full_cases()
     smallest = cases[0]
     if args.filter:
-        cases = [c for c in cases if args.filter in c.label + " "]
+        cases = [c for c in cases if any(f in c.label + " " for f in args.filter.split("|"))]
         if not cases:
             log(f"lorakern bench: no case matches --filter {args.filter!r}")
             return 2
