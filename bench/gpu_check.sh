@@ -24,7 +24,8 @@
 #
 # STEPS picks what runs (each set fits one 10-minute call of the lent machine):
 #   STEPS=core (default)   steps 1-4: install, nvidia-smi, pytest -m gpu, the add_lora benchmark
-#   STEPS=tests            step 5: the full suite on the GPU (its counts go into the newest results JSON)
+#   STEPS=tests            step 5: the full suite on the GPU (its counts go into the newest results JSON); with
+#                          pytest-xdist, TEST_WORKERS (default 14) workers; failing test names in failures.txt
 #   STEPS=extra            bench_mla.py, bench_moe.py, bench_pool.py (results as JSON under $OUT)
 #   STEPS=all              everything (more than one call's worth)
 # e.g.  bash bench/gpu_check.sh;  SKIP_INSTALL=1 STEPS=tests bash bench/gpu_check.sh;  SKIP_INSTALL=1 STEPS=extra ...
@@ -135,8 +136,15 @@ fi  # core
 
 if run_tests; then
 [ -n "${RESULTS:-}" ] || RESULTS="$(ls -t "$OUT"/*.json 2>/dev/null | grep -v -e '/mla-' -e '/moe-' -e '/pool-' | head -n 1)"
-step pytest-all "${ALL_TESTS_TIMEOUT:-500}" "$PY" -m pytest -q -rfE -p no:cacheprovider \
-    --junitxml="$OUT/pytest-all.xml"
+# -v with pytest-xdist's workers (when installed, as on the lent machine): every result line is in the log as it
+# happens, so a run stopped by its time limit still names its failures (the junit file is written only at the end;
+# two runs on an H100 stopped at ~90 % with failures whose names were lost)
+XDIST=()
+if "$PY" -c "import xdist" >/dev/null 2>&1; then XDIST=(-n "${TEST_WORKERS:-14}"); fi
+step pytest-all "${ALL_TESTS_TIMEOUT:-500}" "$PY" -m pytest -v -rfE -p no:cacheprovider \
+    ${XDIST[@]+"${XDIST[@]}"} --junitxml="$OUT/pytest-all.xml"
+grep -E "(FAILED|ERROR) tests/" "$LOG" | sed -E 's/^\[gw[0-9]+\] *(\[ *[0-9]+%\] *)?//' | sort -u > "$OUT/failures.txt" || true
+log "failures so far: $(wc -l < "$OUT/failures.txt") (names in $OUT/failures.txt)"
 ALL_COUNTS="$(junit_counts "$OUT/pytest-all.xml")"
 if [ -n "$ALL_COUNTS" ]; then
     log "tests (full suite): passed failed skipped = $ALL_COUNTS"

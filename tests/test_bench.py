@@ -331,3 +331,14 @@ def test_measure_kernels_splits_calls_at_the_flush():
     two = measure_kernels(lambda: (a.mul_(1.0), a.add_(0.0)), device="cuda", reps=12)
     assert one.reps == 12 and two.reps == 12
     assert 0 < one.median_us < two.median_us < 100 * one.median_us
+
+
+def test_kernel_time_splits_calls_at_each_flush():
+    """measure_kernels' grouping: kernels between two flush copies are one call; out-of-order records sorted;
+    records before the first flush ignored."""
+    from lorakern.bench.harness import split_calls
+
+    recs = [(5, False, 1.0), (0, False, 9.0), (1, True, 100.0), (2, False, 2.0), (3, False, 3.0), (4, True, 90.0),
+            (6, True, 70.0), (7, True, 80.0), (8, False, 4.0)]
+    assert split_calls(recs) == [5.0, 1.0, 0.0, 4.0]
+    assert split_calls([(0, False, 1.0)]) == []

@@ -247,6 +247,24 @@ def _implementations(case: Case, inp: _Inputs, out: torch.Tensor, device: torch.
         yield name, fn, None, None
 
 
+def _device_times(fn, dev, timing: TimingConfig, flush: bool):
+    """(graph replay Timing or None, kernel Timing or None, note on what failed or None): a failure here costs
+    only these two columns, never the eager row."""
+    tg = tk = None
+    why = []
+    try:
+        tg = measure_graph(fn, device=dev, warmup=timing.warmup, reps=timing.reps, flush=flush,
+                           budget_s=timing.budget_s, min_reps=timing.min_reps)
+    except Exception as e:
+        why.append(f"graph time not measured ({_reason(e)})")
+    try:
+        tk = measure_kernels(fn, device=dev, reps=min(timing.reps, 30))
+    except Exception as e:
+        why.append(f"kernel time not measured ({_reason(e)})")
+    torch.cuda.synchronize(dev)
+    return tg, tk, "; ".join(why) or None
+
+
 def run_case(case: Case, device, *, backends: Sequence[str] = LORAKERN_BACKENDS,
              baselines: Sequence[str] = BASELINE_NAMES, peers: Sequence[str] = PEER_NAMES,
              timing: TimingConfig = FULL_TIMING, peak_gbps: Optional[float] = None, quick: bool = False,
@@ -268,9 +286,9 @@ def run_case(case: Case, device, *, backends: Sequence[str] = LORAKERN_BACKENDS,
                     t: Timing = measure(fn, device=dev, warmup=timing.warmup, reps=timing.reps, flush=flush,
                                         budget_s=timing.budget_s, min_reps=timing.min_reps)
                     if dev.type == "cuda" and name.partition("-")[0] in _GRAPHED:
-                        tg = measure_graph(fn, device=dev, warmup=timing.warmup, reps=timing.reps, flush=flush,
-                                           budget_s=timing.budget_s, min_reps=timing.min_reps)
-                        tk = measure_kernels(fn, device=dev, reps=min(timing.reps, 30))
+                        tg, tk, extra = _device_times(fn, dev, timing, flush)
+                        if extra:
+                            note = "; ".join(n for n in (note, extra) if n)
             except Exception as e:  # a backend that is not there yet, a peer whose API moved, out of memory...
                 why = _reason(e)
                 if dev.type == "cuda":

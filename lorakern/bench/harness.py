@@ -241,10 +241,10 @@ def _flush_pair(device: str) -> tuple:
 
 
 def measure_kernels(fn: Callable[[], object], *, device, reps: int = 30) -> Timing:
-    """Kernel time of ``fn``: the summed durations (CUPTI, through ``torch.profiler``) of the kernels one call
-    launches, L2 flushed before each call, median over ``reps`` calls — no launch gaps, no host overhead. The flush
-    is a device-to-device copy (256 MiB); calls are told apart by it, so ``fn`` itself must launch no copy kernel
-    (lorakern's compiled backends launch none). CUDA only."""
+    """Kernel time of ``fn``: the summed durations (CUPTI, through ``torch.profiler``) of the kernels (and memsets)
+    one call launches, L2 flushed before each call, median over ``reps`` calls — no launch gaps, no host overhead.
+    The flush is a 128 MiB device-to-device ``cudaMemcpy`` ("Memcpy DtoD" in the trace); calls are told apart by
+    it, so ``fn`` itself must do no device-to-device memcpy (lorakern's compiled backends do none). CUDA only."""
     from torch.profiler import ProfilerActivity, profile
 
     dev = torch.device(device)
@@ -261,14 +261,24 @@ def measure_kernels(fn: Callable[[], object], *, device, reps: int = 30) -> Timi
             torch.cuda.synchronize()
     kernels = []
     for ev in prof.events():
-        if ev.device_type.name != "CUDA" or ev.name.startswith(("Memcpy", "Memset")):
+        if ev.device_type.name != "CUDA":
             continue
         dur = getattr(ev, "device_time", None)
         dur = ev.cuda_time if dur is None else dur
-        kernels.append((ev.time_range.start, "copy_kernel" in ev.name, float(dur)))
-    kernels.sort()
+        # a contiguous same-dtype copy_ is a cudaMemcpyAsync, not a kernel (the first version of this looked for
+        # a copy kernel and found none on the H100)
+        kernels.append((ev.time_range.start, ev.name.startswith("Memcpy DtoD"), float(dur)))
+    per_call = split_calls(kernels)
+    if not per_call:
+        raise RuntimeError("measure_kernels: no flush copy found in the profiler's trace")
+    return _stats(per_call)
+
+
+def split_calls(records) -> list:
+    """Per-call summed durations from device records ``(start, is_flush, duration)``: a call is everything after a
+    flush up to the next one; anything before the first flush is ignored."""
     per_call, cur = [], None
-    for _, is_flush, dur in kernels:
+    for _, is_flush, dur in sorted(records):
         if is_flush:
             if cur is not None:
                 per_call.append(cur)
@@ -277,9 +287,7 @@ def measure_kernels(fn: Callable[[], object], *, device, reps: int = 30) -> Timi
             cur += dur
     if cur is not None:
         per_call.append(cur)
-    if not per_call:
-        raise RuntimeError("measure_kernels: the profiler recorded no kernels")
-    return _stats(per_call)
+    return per_call
 
 
 def peak_copy_gbps(device, nbytes: Optional[int] = None, *, reps: int = 20) -> float:
@@ -669,6 +677,8 @@ def _markdown(doc: dict) -> str:
     ]
     if doc.get("mode"):
         lines.append(f"- mode: {doc['mode']}")
+    if doc.get("commit_note"):
+        lines.append(f"- note: {doc['commit_note']}")
     if doc.get("complete") is False:
         lines.append("- **incomplete run** (interrupted; rows so far)")
     lines += ["", "| " + " | ".join(_COLS) + " |", "|" + "|".join("---" for _ in _COLS) + "|"]

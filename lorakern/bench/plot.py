@@ -18,12 +18,17 @@ __all__ = ["add_arguments", "main", "plot_results", "series"]
 
 
 def series(doc: dict, case: str = "sweep") -> dict:
-    """``{workload: {backend: [(T, gbps, pct_peak), ...]}}`` from the timed rows of ``case`` (sorted by T)."""
+    """``{workload: {backend: [(T, gbps, pct_peak), ...]}}`` from the timed rows of ``case`` (sorted by T).
+    Rows with a CUDA-graph replay time also give a ``"<backend> (graph)"`` series: the device time, without the
+    Python call's host overhead that dominates the eager time of small batches."""
     out: dict = defaultdict(lambda: defaultdict(list))
     for r in doc.get("rows", []):
         if r.get("skipped") or r.get("median_us") is None or r.get("case", case) != case:
             continue
         out[r["workload"]][r["backend"]].append((int(r["T"]), float(r["gbps"]), r.get("pct_peak")))
+        if r.get("graph_gbps") is not None:
+            out[r["workload"]][f"{r['backend']} (graph)"].append(
+                (int(r["T"]), float(r["graph_gbps"]), r.get("graph_pct_peak")))
     return {w: {b: sorted(v) for b, v in bs.items()} for w, bs in out.items()}
 
 
@@ -49,9 +54,10 @@ def plot_results(json_path, out_dir=None, case: str = "sweep") -> list:
         fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
         for backend, pts in sorted(by_backend.items()):
             ts = [p[0] for p in pts]
-            ax1.plot(ts, [p[1] for p in pts], marker="o", label=backend)
+            style = dict(marker="o", label=backend, linestyle="--" if backend.endswith("(graph)") else "-")
+            ax1.plot(ts, [p[1] for p in pts], **style)
             if all(p[2] is not None for p in pts):
-                ax2.plot(ts, [p[2] for p in pts], marker="o", label=backend)
+                ax2.plot(ts, [p[2] for p in pts], **style)
         for ax, ylabel in ((ax1, "GB/s (fewest bytes the op must move)"), (ax2, "% of measured copy bandwidth")):
             ax.set_xscale("log", base=2)
             ax.set_xlabel("tokens in the batch (T)")
