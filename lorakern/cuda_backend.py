@@ -22,6 +22,7 @@ import torch
 from lorakern._tables import slice_tables as _tables
 from lorakern.backends import cuda_emulator, cuda_extension
 from lorakern.moe_grouping import group_pairs, moe_tables, pair_operands
+from lorakern.plan import GATHER_BLOCK_M
 
 _DTYPES = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2}
 _FUSED, _SHRINK, _EXPAND, _MOE = 0, 1, 2, 3
@@ -109,10 +110,6 @@ def _k_split(device, ctas: int, K: int) -> int:
     return max(1, min(8, -(-want // max(ctas, 1)), K // 256))
 
 
-#: tokens per tile of the gather path (the plan's GATHER_BLOCK_M)
-_GATHER_TILE = 16
-
-
 def _sm_count(device) -> int:
     if device not in _SM_COUNT:
         _SM_COUNT[device] = (EMULATED_SMS if device.type == "cpu"
@@ -123,12 +120,13 @@ def _sm_count(device) -> int:
 def _gather_splits(device, ctas: int, mt: int, plan_info, max_n: int, vec_width: int, split_n: bool = True):
     """(m_split, n_split) of the gather kernel: with fewer (tile, slice) CTAs than 2 per SM, each tile's token
     passes (m) and then its columns (n, chunks of at least one warp's vectors) are spread over more CTAs.
-    Depends only on the grid and the shapes (never on the mix), so a static plan's launch stays the same."""
+    With a static plan (longest segment unknown) it depends only on the grid and the shapes, never on the mix, so
+    the launch a CUDA graph captured stays right for any later mix."""
     want = 2 * _sm_count(device)
     if ctas <= 0 or ctas >= want:
         return 1, 1
-    longest = plan_info[4] if len(plan_info) > 4 and plan_info[4] > 0 else _GATHER_TILE
-    passes = -(-min(longest, _GATHER_TILE) // mt)
+    longest = plan_info[4] if len(plan_info) > 4 and plan_info[4] > 0 else GATHER_BLOCK_M
+    passes = -(-min(longest, GATHER_BLOCK_M) // mt)
     m = max(1, min(passes, -(-want // ctas)))
     n = 1
     if split_n:
