@@ -71,8 +71,9 @@ void check(cudaError_t err, const char* what) {
   if (err != cudaSuccess) throw std::runtime_error(std::string("lorakern ") + what + ": " + cudaGetErrorString(err));
 }
 
-void dense_gather(const std::vector<int64_t>& a, int dtype, int mode, int mt, bool vec, int64_t stream) {
-  check(lorakern::dense_gather(unpack(a), static_cast<lorakern::DType>(dtype), mode, mt, vec,
+void dense_gather(const std::vector<int64_t>& a, int dtype, int mode, int mt, bool vec, int64_t stream,
+                  int min_blocks) {
+  check(lorakern::dense_gather(unpack(a), static_cast<lorakern::DType>(dtype), mode, mt, vec, min_blocks,
                                ptr<cudaStream_t>(stream)), "dense_gather");
 }
 
@@ -94,7 +95,7 @@ PYBIND11_MODULE(LORAKERN_MODULE, m) {
   m.attr("emulated") = false;
 #endif
   m.def("dense_gather", &dense_gather, py::arg("fields"), py::arg("dtype"), py::arg("mode"), py::arg("mt"),
-        py::arg("vec"), py::arg("stream"));
+        py::arg("vec"), py::arg("stream"), py::arg("min_blocks") = 2);
   m.def("dense_segment", &dense_segment, py::arg("fields"), py::arg("dtype"), py::arg("mode"), py::arg("k_split"),
         py::arg("stream"));
   m.def("supports_dense_ops", []() { return true; });
