@@ -66,6 +66,8 @@ MUTATIONS = [
     ("moe: routing weight ignored", G, "wt[m] = scale * (p.topk_w && m < mt ? p.topk_w[t * p.sw_t + k * p.sw_k] : 1.0f);",
      "wt[m] = scale; (void)k;"),
     ("moe: x row of the token, not of the pair", G, "xrow[m] = t * p.sx_t + k * p.sx_p;", "xrow[m] = t * p.sx_t;"),
+    ("gather: column chunk one vector short", G, "n_hi = min(n_i, n_lo + chunk);", "n_hi = min(n_i, n_lo + chunk - W);"),
+    ("gather: token passes not strided by m_split", G, "m0 += MT * p.m_split) {", "m0 += MT) {"),
 ]
 
 TESTS = ["tests/test_ops_lora.py", "tests/test_moe.py", "-k", "cuda and not 2048"]
