@@ -26,7 +26,8 @@
 #   STEPS=core (default)   steps 1-4: install, nvidia-smi, pytest -m gpu, the add_lora benchmark
 #   STEPS=tests            step 5: the full suite on the GPU (its counts go into the newest results JSON); with
 #                          pytest-xdist, TEST_WORKERS (default 14) workers; failing test names in failures.txt
-#   STEPS=extra            bench_mla.py, bench_moe.py, bench_pool.py (results as JSON under $OUT)
+#   STEPS=extra            bench_mla.py, bench_moe.py, bench_pool.py (results as JSON under $OUT), and the decode
+#                          kernel at 2 and 4 CTAs per SM (LORAKERN_CUDA_GATHER_MIN_BLOCKS) side by side
 #   STEPS=all              everything (more than one call's worth)
 # e.g.  bash bench/gpu_check.sh;  SKIP_INSTALL=1 STEPS=tests bash bench/gpu_check.sh;  SKIP_INSTALL=1 STEPS=extra ...
 set -u
@@ -163,6 +164,12 @@ if run_extra; then
     step bench-mla "${MLA_TIMEOUT:-150}" "$PY" bench/bench_mla.py --json "$OUT/mla-$TAG.json"
     step bench-moe "${MOE_TIMEOUT:-200}" "$PY" bench/bench_moe.py --json "$OUT/moe-$TAG.json"
     step bench-pool "${POOL_TIMEOUT:-200}" "$PY" bench/bench_pool.py --json "$OUT/pool-$TAG.json"
+    # A/B of the decode kernel's occupancy variant (docs/cuda.md, "Choices not yet measured")
+    for mb in 2 4; do
+        step "profile-min-blocks-$mb" "${AB_TIMEOUT:-90}" env LORAKERN_CUDA_GATHER_MIN_BLOCKS=$mb "$PY" \
+            bench/profile_add_lora.py --backends cuda --json "$OUT/profile-min-blocks-$mb-$TAG.json" \
+            --filter "decode-qkv distinct" "rank-128" "sweep distinct T=1024"
+    done
 fi
 
 log "done: exit status $STATUS; results in $OUT"
