@@ -161,15 +161,15 @@ fi  # tests
 
 if run_extra; then
     TAG="${COMMIT%%+*}"
-    step bench-mla "${MLA_TIMEOUT:-150}" "$PY" bench/bench_mla.py --json "$OUT/mla-$TAG.json"
-    step bench-moe "${MOE_TIMEOUT:-200}" "$PY" bench/bench_moe.py --json "$OUT/moe-$TAG.json"
-    step bench-pool "${POOL_TIMEOUT:-200}" "$PY" bench/bench_pool.py --json "$OUT/pool-$TAG.json"
     # A/B of the decode kernel's occupancy variant (docs/cuda.md, "Choices not yet measured")
     for mb in 2 4; do
         step "profile-min-blocks-$mb" "${AB_TIMEOUT:-90}" env LORAKERN_CUDA_GATHER_MIN_BLOCKS=$mb "$PY" \
             bench/profile_add_lora.py --backends cuda --json "$OUT/profile-min-blocks-$mb-$TAG.json" \
             --filter "decode-qkv distinct" "rank-128" "sweep distinct T=1024"
     done
+    step bench-mla "${MLA_TIMEOUT:-150}" "$PY" bench/bench_mla.py --json "$OUT/mla-$TAG.json"
+    step bench-moe "${MOE_TIMEOUT:-200}" "$PY" bench/bench_moe.py --json "$OUT/moe-$TAG.json"
+    step bench-pool "${POOL_TIMEOUT:-200}" "$PY" bench/bench_pool.py --json "$OUT/pool-$TAG.json"
 fi
 
 log "done: exit status $STATUS; results in $OUT"
