@@ -265,3 +265,27 @@ def test_nested_contexts_and_lora_model_passthrough(hf_setup, peft_ref):
     torch.testing.assert_close(inner[1:2], peft_ref("plain", ids[1:2]), atol=ATOL, rtol=RTOL)
     torch.testing.assert_close(outer[1:2], peft_ref("rslora", ids[1:2]), atol=ATOL, rtol=RTOL)
     assert lm.pool.stats().in_flight == 0 and lm.config is model.config
+
+
+@pytest.mark.parametrize("backend", ["torch", "cuda"] if "cuda" in BACKENDS else ["torch"])
+@torch.no_grad()
+def test_compiled_model_has_no_graph_break_and_follows_the_mix(hf_setup, peft_ref, backend):
+    """torch.compile(fullgraph=True) on an attached model: under compile the plan is static (no host read of its
+    statistics) and grouped slices take one call each (no state checked by version counter), so the forward is one
+    graph. Two batches of the same shape with different adapter mixes both equal PEFT (the mix is not baked in)."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    base, dirs = hf_setup
+    model, lm = attached(base, backend=backend)
+    handles = {n: lm.load_adapter(d, name=n) for n, d in dirs.items()}
+    compiled = torch.compile(model, fullgraph=True, backend="eager" if backend == "cuda" else "inductor")
+    g = torch.Generator().manual_seed(5)
+    ids = _ids(g, 3, 6)
+    for batch in (["plain", None, "rslora"], ["pattern", "plain", None]):
+        with lm.adapters([None if n is None else handles[n] for n in batch]):
+            got = compiled(ids).logits
+        for i, n in enumerate(batch):
+            torch.testing.assert_close(got[i:i + 1], peft_ref(n, ids[i:i + 1]), atol=ATOL, rtol=RTOL,
+                                       msg=f"{batch}: row {i} ({n})")
+    torch._dynamo.reset()

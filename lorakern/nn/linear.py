@@ -218,7 +218,13 @@ class LoRAContext:
                 self.plans_built += 1
             plan = tok
         else:
-            plan = LoRAPlan.from_slots(derive_token_slots(self._seq_slots, lead, **self._packing))
+            slots = derive_token_slots(self._seq_slots, lead, **self._packing)
+            if torch.compiler.is_compiling():
+                # a dynamic plan reads its statistics back to the host (a graph break per module under
+                # torch.compile); a static one sizes its grids from T alone
+                plan = LoRAPlan.static(T, slots.device).update(slots)
+            else:
+                plan = LoRAPlan.from_slots(slots)
             self.plans_built += 1
         self._plans[lead] = plan
         return plan
@@ -392,9 +398,13 @@ class SliceGroup:
         ctx = self.context
         pool = ctx.pool
         x2, out2 = _flat(x, out)
-        hit = self._x is x and self._ver == _version(x) and self._plan is plan and i in self._pending
+        # under torch.compile every slice takes its own call: the shared delta is state kept across module calls
+        # and checked by the input's version counter, which the tracer cannot guard on (a graph break per slice)
+        compiling = torch.compiler.is_compiling()
+        hit = (not compiling and self._x is x and self._ver == _version(x) and self._plan is plan
+               and i in self._pending)
         if not hit:
-            if self.members < 2:  # nothing to share: the plain single-slice call, no buffer
+            if self.members < 2 or compiling:  # nothing to share: the plain single-slice call, no buffer
                 ctx.lora_calls += 1
                 _ops.add_lora(out2, x2, [self._a[i]], [self._b[i]], pool.page_table, pool.ranks, pool.scales, plan,
                               backend=ctx.backend)
