@@ -11,8 +11,8 @@ import torch
 import lorakern
 from conftest import BACKEND_LIST
 from lorakern.pool import AdapterCatalog, AdapterMismatchError, PoolCapacityError, UnknownAdapterError
-from test_hf_common import (ALL, ATOL, LAYERS, MIN_EFFECT, RTOL, VOCAB, attached, hf_setup, peft_ref,  # noqa: F401
-                            save_peft_adapter)
+from test_hf_common import (ALL, ATOL, LAYERS, MIN_EFFECT, RTOL, VOCAB, attached, hf_device, hf_setup,  # noqa: F401
+                            peft_ref, save_peft_adapter)
 
 BACKENDS = BACKEND_LIST  # cuda too where it runs (without a GPU: its kernels on the CPU emulator)
 
@@ -94,7 +94,7 @@ def test_mixed_batch_matches_peft_alone(hf_setup, peft_ref, backend):
     g = torch.Generator().manual_seed(2)
     ids = _ids(g, len(batch), 7)
     with lm.adapters([None if n is None else handles[n] for n in batch]):
-        got = model(ids).logits
+        got = model(ids.to(hf_device(backend))).logits.cpu()
     assert lm.context.plans_built == 1  # one plan for the whole forward, every layer
     assert lm.context.lora_calls == 4 * LAYERS  # fused q|k|v and gate|up: one op per target per layer
     for i, n in enumerate(batch):
@@ -284,7 +284,7 @@ def test_compiled_model_has_no_graph_break_and_follows_the_mix(hf_setup, peft_re
     ids = _ids(g, 3, 6)
     for batch in (["plain", None, "rslora"], ["pattern", "plain", None]):
         with lm.adapters([None if n is None else handles[n] for n in batch]):
-            got = compiled(ids).logits
+            got = compiled(ids.to(hf_device(backend))).logits.cpu()
         for i, n in enumerate(batch):
             torch.testing.assert_close(got[i:i + 1], peft_ref(n, ids[i:i + 1]), atol=ATOL, rtol=RTOL,
                                        msg=f"{batch}: row {i} ({n})")

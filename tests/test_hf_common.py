@@ -23,6 +23,8 @@ import copy
 import pytest
 import torch
 
+from conftest import DEVICE, HAS_CUDA
+
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
@@ -108,11 +110,18 @@ def peft_ref(hf_setup):
     return ref
 
 
+def hf_device(backend: str) -> torch.device:
+    """Where a test's model runs: on the GPU when there is one and the backend is a compiled one (Triton needs CUDA
+    tensors without its interpreter; the cuda backend, without its CPU emulator), else on the CPU. Inputs go there
+    too; PEFT's reference stays on the CPU."""
+    return DEVICE if (HAS_CUDA and backend in ("triton", "cuda")) else torch.device("cpu")
+
+
 def attached(base, backend="torch", **kw):
-    """A fresh copy of ``base`` with every projection attached."""
+    """A fresh copy of ``base`` with every projection attached, on :func:`hf_device`."""
     import lorakern
 
-    model = copy.deepcopy(base)
+    model = copy.deepcopy(base).to(hf_device(backend))
     args = dict(target_modules=ALL, max_rank=MAX_RANK, max_adapters=4, backend=backend)
     args.update(kw)
     return model, lorakern.attach(model, **args)

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from conftest import BACKEND_LIST
-from test_hf_common import VOCAB, attached, hf_setup, peft_ref  # noqa: F401
+from test_hf_common import VOCAB, attached, hf_device, hf_setup, peft_ref  # noqa: F401
 
 # PEFT triggers a transformers deprecation notice (is_gradient_checkpointing) that is none of our business
 pytestmark = pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing:FutureWarning")
@@ -33,12 +33,13 @@ def test_generate_mixed_batch_matches_peft_alone(hf_setup, peft_ref, backend):
     g = torch.Generator().manual_seed(11)
     seqs = [torch.randint(3, VOCAB, (n,), generator=g) for n in (5, 8, 3, 7, 6)]
     ids, mask = _left_padded(seqs)
+    dev = hf_device(backend)
     kw = dict(max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False, pad_token_id=0)
     with lm.adapters(hs):
-        out = lm.generate(input_ids=ids, attention_mask=mask, **kw)  # LoRAModel passes generate through
+        out = lm.generate(input_ids=ids.to(dev), attention_mask=mask.to(dev), **kw).cpu()  # passed through
     assert lm.context.plans_built == NEW  # one plan per forward: the prefill and NEW - 1 decode steps of [B, 1]
     new = out[:, ids.shape[1]:]
-    base_new = model.generate(input_ids=ids, attention_mask=mask, **kw)[:, ids.shape[1]:]
+    base_new = model.generate(input_ids=ids.to(dev), attention_mask=mask.to(dev), **kw).cpu()[:, ids.shape[1]:]
     differs = 0
     for i, (s, n) in enumerate(zip(seqs, names)):
         want = peft_ref.generate(n, s[None], **kw)[0, s.numel():]

@@ -5,11 +5,14 @@ Tolerance: float32 outputs with |out| ≲ 10 and K ≤ 40 float32 products per s
 ``TOL = 1e-5`` relative to the output's magnitude. The LoRA term itself is O(1), so a missing or misplaced
 adapter fails by ~10^5 x TOL."""
 
+import copy
+
 import pytest
 import torch
 from torch import nn
 
 import lorakern
+from conftest import DEVICE
 from lorakern.nn import LoRAContext, LoRALinear, MergedLoRALinear, SliceGroup
 from lorakern.nn.linear import derive_token_slots
 from lorakern.pool import AdapterPool, PoolLayout, TargetSpec, TensorAdapter
@@ -25,8 +28,8 @@ def _layout():
                                "layers.{layer}.v": ("qkv", 2), "layers.{layer}.o": ("o", 0)})
 
 
-def _setup(generator, dtype=torch.float32):
-    pool = AdapterPool(_layout(), max_rows=16, max_slots=4, max_rank=8, dtype=dtype)
+def _setup(generator, dtype=torch.float32, device="cpu"):
+    pool = AdapterPool(_layout(), max_rows=16, max_slots=4, max_rank=8, dtype=dtype, device=device)
     weights = {}
     for name, r in RANKS.items():
         mods = {}
@@ -72,10 +75,12 @@ def _linear(n_out, generator, bias=True):
 @pytest.mark.parametrize("shape", ["2d", "3d"])
 @torch.no_grad()
 def test_lora_linear_matches_oracle(generator, backend, shape):
-    pool, weights = _setup(generator)
+    # Triton needs CUDA tensors where there is a GPU (its interpreter runs only without one)
+    dev = DEVICE if backend == "triton" else torch.device("cpu")
+    pool, weights = _setup(generator, device=dev)
     ctx = LoRAContext(pool, backend=backend)
     base = _linear(NKV, generator)
-    m = LoRALinear(base, ctx, layer=1, target="qkv", slice_index=2)
+    m = LoRALinear(copy.deepcopy(base).to(dev), ctx, layer=1, target="qkv", slice_index=2)
     names = ["b", None, "a", "c", "b"]
     with pool.wave(names) as slots:
         if shape == "3d":
@@ -86,7 +91,7 @@ def test_lora_linear_matches_oracle(generator, backend, shape):
             x = torch.randn(5, K, generator=generator)
             ctx.set_token_slots(slots)
             seq = names
-        got = m(x)
+        got = m(x.to(dev)).cpu()
         ctx.clear()
     want = _oracle(base, x, seq, weights, 1, "qkv", [2])
     assert got.shape == want.shape

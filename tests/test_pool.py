@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import lorakern
-from conftest import HAS_CUDA, assert_close_lora
+from conftest import DEVICE, HAS_CUDA, assert_close_lora
 from lorakern.pool import (AdapterInUseError, AdapterPool, AdapterStateError, HostCache, PoolCapacityError,
                            PoolLayout, RowFormat, TargetSpec, TensorAdapter, UnknownAdapterError, save_peft_dir)
 
@@ -376,7 +376,7 @@ def test_end_to_end_pool_plan_add_lora(backend, dtype, g):
     """Heterogeneous ranks, adapters missing some targets, -1 tokens, rows fragmented by evictions and reloads;
     the pool's tensors through LoRAPlan and add_lora give, per token, its adapter applied alone."""
     lay = PoolLayout(2, {"qkv": TargetSpec(24, (16, 8, 8)), "o": TargetSpec(16, (24,))})
-    pool = AdapterPool(lay, max_rows=20, max_slots=6, max_rank=8, dtype=dtype)
+    pool = AdapterPool(lay, max_rows=20, max_slots=6, max_rank=8, dtype=dtype, device=DEVICE)
     ranks = {"r1": 1, "r2": 2, "r3": 3, "r5": 5, "r8": 8, "qonly": 4, "tmp": 6}
     weights, scales = {}, {}
     for k, (aid, r) in enumerate(ranks.items()):
@@ -397,8 +397,9 @@ def test_end_to_end_pool_plan_add_lora(backend, dtype, g):
                 N = sum(spec.n_sizes)
                 x = torch.randn(T, spec.K, generator=g).to(dtype)
                 out0 = torch.randn(T, N, generator=g).to(dtype)
-                out = out0.clone()
-                lorakern.ops.add_lora(out, x, *pool.args(layer, target), plan, backend=backend)
+                out = out0.clone().to(DEVICE)  # on a GPU the pool and the op run there (Triton needs it without its interpreter)
+                lorakern.ops.add_lora(out, x.to(DEVICE), *pool.args(layer, target), plan, backend=backend)
+                out = out.cpu()
                 ref = _dense_expected(out0, x, tok, weights, scales, target, layer, spec)
                 ref_abs = _dense_abs(x, tok, weights, scales, target, layer, spec, N)
                 assert_close_lora(out, ref, ref_abs, dtype, f"{backend} layer {layer} {target}")
