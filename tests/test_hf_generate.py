@@ -63,3 +63,26 @@ def test_beam_search_expanded_rows(hf_setup, peft_ref):
         out = lm.generate(input_ids=ids, attention_mask=mask, **kw)[:, ids.shape[1]:]
     for i, (s, n) in enumerate(zip(seqs, names)):
         assert out[i].tolist() == peft_ref.generate(n, s[None], **kw)[0, s.numel():].tolist(), n
+
+
+@torch.no_grad()
+def test_generate_with_a_compiled_forward(hf_setup):
+    """``model.forward = torch.compile(model.forward, fullgraph=True)``: greedy generation of a mixed batch (prefill
+    and [B, 1] decode steps, each its own graph) gives the tokens of the eager model."""
+    import torch._dynamo
+
+    base, dirs = hf_setup
+    model, lm = attached(base)
+    hs = [lm.load_adapter(dirs["plain"], name="plain"), None, lm.load_adapter(dirs["rslora"], name="rslora")]
+    ids = torch.randint(3, VOCAB, (3, 5), generator=torch.Generator().manual_seed(17))
+    kw = dict(max_new_tokens=4, min_new_tokens=4, do_sample=False, pad_token_id=0)
+    with lm.adapters(hs):
+        eager = model.generate(input_ids=ids, **kw)
+    torch._dynamo.reset()
+    model.forward = torch.compile(model.forward, fullgraph=True)
+    try:
+        with lm.adapters(hs):
+            compiled = model.generate(input_ids=ids, **kw)
+    finally:
+        torch._dynamo.reset()
+    assert torch.equal(eager, compiled)
