@@ -208,7 +208,8 @@ def test_table_ratio_and_skips():
     lines = text.splitlines()
     assert lines[0].split()[:3] == ["op", "backend", "workload"]
     peft = next(l for l in lines if "peft-loop" in l)
-    assert peft.split()[-4] == "4.00"  # (then graph us, kernel us, kernel % peak) 400 us / 100 us of the lorakern torch row
+    # "vs lk" is followed by graph us, kernel us, kernel % peak: 400 us / 100 us of the lorakern torch row
+    assert peft.split()[-4] == "4.00"
     torch_line = next(l for l in lines if l.startswith("add_lora  torch "))
     assert torch_line.split()[-4] == "1.00"
     assert "vllm (1 row): vllm not importable" in text

@@ -15,8 +15,8 @@ import pytest
 import torch
 
 import lorakern
-from conftest import (BACKEND_LIST, CUDA_RUNS, DEVICE, DTYPES, HAS_CUDA, IMPLS, check_accumulated, check_shrink, make_case,
-                      oracle_add, oracle_shrink, random_out, run_case, set_impl)
+from conftest import (BACKEND_LIST, CUDA_RUNS, DEVICE, DTYPES, HAS_CUDA, IMPLS, check_accumulated, check_shrink,
+                      make_case, oracle_add, oracle_shrink, random_out, run_case, set_impl)
 from lorakern.workloads import MIXES, make_lora, make_slots
 
 SMALL = dict(K=48, n_sizes=[40], ranks="1-24", num_adapters=6, mix="uniform")
