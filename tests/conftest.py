@@ -139,11 +139,11 @@ def assert_close_lora(got: torch.Tensor, ref: torch.Tensor, ref_abs: torch.Tenso
     ``C_OUT = 4`` since its final rounding is of the same size as the accumulation error. (Measured: Triton's
     interpreter converts float32 to bf16 by truncation, up to one ulp = ``eps`` — still inside ``2 * eps``; the
     torch backend and correctly rounded kernels stay under ``eps / 2``, i.e. a quarter of the bound.)
-    On a GPU ``C_ACC = 8``: the tensor cores' float32 accumulation aligns the products of each k-step to the
-    largest exponent and truncates instead of rounding (Fasi, Higham, Mikaitis, Pranesh, "Numerical behavior of
-    NVIDIA tensor cores", 2021), so its error is biased and up to twice a rounded sum's (measured on an H100,
-    Triton fp16 shrink at K = 4096: 1.09x the CPU bound). Rounding y or the delta to fp16/bf16 is still ~100x
-    outside it.
+    On a GPU ``C_ACC = 8``: tensor cores accumulate in float32 with the products of a k-step aligned to the largest
+    exponent and truncated rather than rounded (Fasi, Higham, Mikaitis, Pranesh, "Numerical behavior of NVIDIA
+    tensor cores", 2021, on V100-A100), so the error is biased and can reach about twice a rounded sum's (measured
+    on an H100: Triton fp16 shrink at K = 4096 reached 1.09x the CPU bound). Rounding y or the delta to fp16/bf16
+    stays far (>= 100x) outside it.
     The check is two-sided on the absolute error, and NaN anywhere fails.
     """
     on_gpu = got.device.type == "cuda" or HAS_CUDA  # results are often moved to the CPU before this check
