@@ -52,6 +52,13 @@ COMPILED_BACKENDS = [b for b in BACKEND_LIST if b != "torch"]
 IMPLS = ["torch", "triton-gather", "triton-segment"] + (["cuda-gather", "cuda-segment"] if CUDA_RUNS else [])
 
 
+def backend_device(backend: str) -> torch.device:
+    """Where a test that builds its model or pool on the CPU runs ``backend``: the GPU when there is one and the
+    backend is a compiled one (Triton takes CPU tensors only under its interpreter, which runs only without a GPU;
+    the cuda backend, only on its CPU emulator), else the CPU."""
+    return DEVICE if (HAS_CUDA and backend in ("triton", "cuda")) else torch.device("cpu")
+
+
 def set_impl(impl: str, monkeypatch) -> str:
     """Activate a backend variant (``"triton-gather"`` forces that path); returns the backend name.
 

@@ -23,7 +23,7 @@ import copy
 import pytest
 import torch
 
-from conftest import DEVICE, HAS_CUDA
+from conftest import backend_device
 
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
@@ -110,11 +110,8 @@ def peft_ref(hf_setup):
     return ref
 
 
-def hf_device(backend: str) -> torch.device:
-    """Where a test's model runs: on the GPU when there is one and the backend is a compiled one (Triton needs CUDA
-    tensors without its interpreter; the cuda backend, without its CPU emulator), else on the CPU. Inputs go there
-    too; PEFT's reference stays on the CPU."""
-    return DEVICE if (HAS_CUDA and backend in ("triton", "cuda")) else torch.device("cpu")
+#: where a model of a test runs (the reference PEFT model stays on the CPU)
+hf_device = backend_device
 
 
 def attached(base, backend="torch", **kw):

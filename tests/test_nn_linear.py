@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 import lorakern
-from conftest import DEVICE
+from conftest import backend_device
 from lorakern.nn import LoRAContext, LoRALinear, MergedLoRALinear, SliceGroup
 from lorakern.nn.linear import derive_token_slots
 from lorakern.pool import AdapterPool, PoolLayout, TargetSpec, TensorAdapter
@@ -75,8 +75,7 @@ def _linear(n_out, generator, bias=True):
 @pytest.mark.parametrize("shape", ["2d", "3d"])
 @torch.no_grad()
 def test_lora_linear_matches_oracle(generator, backend, shape):
-    # Triton needs CUDA tensors where there is a GPU (its interpreter runs only without one)
-    dev = DEVICE if backend == "triton" else torch.device("cpu")
+    dev = backend_device(backend)
     pool, weights = _setup(generator, device=dev)
     ctx = LoRAContext(pool, backend=backend)
     base = _linear(NKV, generator)
