@@ -106,8 +106,10 @@ for n, b in BACKENDS.items():
     print('backend', n, b.not_supported_reasons(d, torch.bfloat16) or 'ok')"
 
 if run_core; then
-step pytest-gpu "${GPU_TESTS_TIMEOUT:-200}" "$PY" -m pytest -m gpu -q -rfEs -p no:cacheprovider \
-    --junitxml="$OUT/pytest-gpu.xml"
+GPU_XDIST=()  # the -m gpu tests took over 170 s in one process on an H100; spread over workers when possible
+if "$PY" -c "import xdist" >/dev/null 2>&1; then GPU_XDIST=(-n "${GPU_TEST_WORKERS:-8}"); fi
+step pytest-gpu "${GPU_TESTS_TIMEOUT:-200}" "$PY" -m pytest -m gpu -q -rfEs --tb=short -p no:cacheprovider \
+    ${GPU_XDIST[@]+"${GPU_XDIST[@]}"} --junitxml="$OUT/pytest-gpu.xml"
 TESTS_ARGS=()
 GPU_COUNTS="$(junit_counts "$OUT/pytest-gpu.xml")"
 if [ -n "$GPU_COUNTS" ]; then

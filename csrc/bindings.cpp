@@ -98,6 +98,10 @@ PYBIND11_MODULE(LORAKERN_MODULE, m) {
         py::arg("vec"), py::arg("stream"), py::arg("min_blocks") = 2);
   m.def("dense_segment", &dense_segment, py::arg("fields"), py::arg("dtype"), py::arg("mode"), py::arg("k_split"),
         py::arg("stream"));
+  m.def("segment_ctas_per_sm", [](int dtype, int mode) {
+        return lorakern::dense_segment_ctas_per_sm(static_cast<lorakern::DType>(dtype), mode);
+      }, py::arg("dtype"), py::arg("mode"),
+        "CTAs of the segment kernel (mode 1 shrink, 2 expand) that fit on one SM of the current device; 0: unknown");
   m.def("supports_dense_ops", []() { return true; });
   m.def("archs", []() { return std::string(LORAKERN_ARCHS); });
   m.attr("max_rank") = 128;  // lorakern::kMaxRank (dense_gather.cuh)

@@ -115,12 +115,36 @@ def _use_segment(plan_info, dtype, vec: bool) -> bool:
     return plan_info[2] == 1 and vec and dtype in _SEGMENT_DTYPES
 
 
-def _k_split(device, ctas: int, K: int) -> int:
-    """Split K over CTAs (atomic fp32 adds into y) only when the tiles alone would leave SMs idle."""
-    want = 2 * _sm_count(device)
-    if ctas >= want:
+def _k_split(device, ctas: int, K: int, dtype=torch.bfloat16) -> int:
+    """Split K over CTAs (atomic fp32 adds into y) only when the tiles alone would leave SMs idle: the split (up
+    to 8, K chunks of at least 256) with the fewest waves of resident CTAs per unit of work, the smallest on a
+    tie (an H100 holds 3 shrink CTAs per SM: 128 tiles split 3 ways are one wave of 384, where 4 ways would be
+    two)."""
+    slots = _sm_count(device) * _segment_ctas_per_sm(device, dtype, _SHRINK)
+    ctas = max(ctas, 1)
+    if ctas >= slots:
         return 1
-    return max(1, min(8, -(-want // max(ctas, 1)), K // 256))
+    best, best_cost = 1, 1.0
+    for ks in range(2, max(1, min(8, K // 256)) + 1):
+        cost = -(-ctas * ks // slots) / ks
+        if cost < best_cost - 1e-9:
+            best, best_cost = ks, cost
+    return best
+
+
+_SEG_CTAS: dict = {}
+
+
+def _segment_ctas_per_sm(device, dtype, mode: int) -> int:
+    """Resident CTAs per SM of a segment kernel (the CUDA occupancy calculator; 2 on the emulator or if unknown)."""
+    key = (device, dtype, mode)
+    if key not in _SEG_CTAS:
+        n = 0
+        if device.type == "cuda":
+            with torch.cuda.device(device):
+                n = int(_ext(device).segment_ctas_per_sm(_DTYPES[dtype], mode))
+        _SEG_CTAS[key] = n if n > 0 else 2
+    return _SEG_CTAS[key]
 
 
 def _sm_count(device) -> int:
@@ -149,7 +173,7 @@ def _gather_splits(device, ctas: int, mt: int, plan_info, max_n: int, vec_width:
 
 def _segment_shrink(y, x, a_tab, sa_tab, S, page_table, ranks, token_ids, tiles, grid_n):
     max_rank = page_table.shape[1]
-    ks = _k_split(x.device, grid_n * S * -(-max_rank // 64), x.shape[1])
+    ks = _k_split(x.device, grid_n * S * -(-max_rank // 64), x.shape[1], x.dtype)
     _call_segment(_SHRINK, x.dtype, ks, x.device,
                   x=x.data_ptr(), sx_t=x.stride(0), sx_k=x.stride(1), a_ptrs=a_tab.data_ptr(),
                   a_strides=sa_tab.data_ptr(), y=y.data_ptr(), sy_s=y.stride(0), sy_t=y.stride(1),

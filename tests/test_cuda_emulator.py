@@ -207,6 +207,24 @@ def test_kernels_agree_in_every_schedule(monkeypatch):
             assert torch.equal(run[k], ref), f"output {k} differs in schedule {r}"
 
 
+def test_k_split_counts_waves_of_resident_ctas(monkeypatch):
+    """The segment shrink's split-K: the fewest waves of resident CTAs per unit of work, the smallest split on a tie
+    (an H100: 132 SMs x 3 resident shrink CTAs; 128 tiles -> 3 splits = one wave of 384, where the old rule's
+    ceil(264 / 128) = 3 happened to agree but 4 would take two waves)."""
+    from lorakern import cuda_backend
+
+    dev = torch.device("cuda", 7)  # a fake key: the rule reads only the two caches
+    monkeypatch.setitem(cuda_backend._SM_COUNT, dev, 132)
+    monkeypatch.setitem(cuda_backend._SEG_CTAS, (dev, torch.bfloat16, cuda_backend._SHRINK), 3)
+    assert cuda_backend._k_split(dev, 128, 4096) == 3
+    assert cuda_backend._k_split(dev, 396, 4096) == 1    # a full wave already
+    assert cuda_backend._k_split(dev, 200, 4096) == 7    # 1400 CTAs fill 4 waves to 88 %; 2 splits = 2 waves
+    assert cuda_backend._k_split(dev, 128, 512) == 2     # K chunks of at least 256
+    assert cuda_backend._k_split(dev, 1, 4096) == 8      # at most 8
+    monkeypatch.setitem(cuda_backend._SEG_CTAS, (dev, torch.bfloat16, cuda_backend._SHRINK), 1)  # sm_89
+    assert cuda_backend._k_split(dev, 128, 4096) == 1
+
+
 # ------------------------------------------------------------------------------------------------ memcheck
 # The emulator built with AddressSanitizer is the CPU counterpart of compute-sanitizer's memcheck: every tensor is
 # its own heap block with redzones, so a kernel reading or writing past any input or output is reported. It runs in

@@ -48,9 +48,10 @@ cudaError_t dense_gather_t(const DenseParams& p, int mode, int mt, bool vec, int
   }                                                                                                \
   }
 
-#define LORAKERN_SEGMENT_ENTRY(NAME, T)                                                            \
+#define LORAKERN_SEGMENT_ENTRY(NAME, CTAS, T)                                                      \
   namespace lorakern {                                                                             \
   cudaError_t NAME(const DenseParams& p, int mode, int k_split, cudaStream_t s) {                   \
     return launch_dense_segment<T>(p, mode, k_split, s);                                           \
   }                                                                                                \
+  int CTAS(int mode) { return segment_ctas_per_sm_t<T>(mode); }                                    \
   }

@@ -17,6 +17,11 @@
 //     before each block so that reading shared memory nobody wrote poisons the result;
 //   * nvcuda::wmma fragments holding the whole tile (layout is opaque in CUDA, so kernels cannot depend on it),
 //     fp32 accumulation; pointer-alignment and ldm rules of WMMA and of 16-byte vector accesses are checked;
+//   * dynamic shared memory (LORAKERN_DYNAMIC_SMEM), poisoned like the rest;
+//   * cp.async (cp_async16 / cp_async_commit / cp_async_wait in common.cuh): the destination is poisoned at the
+//     copy and the 16 bytes land only when the issuing thread's cp_async_wait retires the copy's commit group,
+//     so a read before the wait (or, by another thread, before the wait and a barrier) sees the poison;
+//     the destination must be shared memory;
 //   * atomicAdd, __ldg, min/max, cudaGetLastError/cudaGetErrorString.
 // An error stops the launch and is returned as cudaErrorLaunchFailure with the message in cudaGetErrorString.
 #pragma once
@@ -47,7 +52,11 @@ extern dim3 g_block_dim, g_grid_dim;
 void sync_block(int line);                                // __syncthreads
 void sync_warp();                                         // a warp-collective rendezvous (all 32 lanes)
 void register_shared(void* p, size_t bytes);              // poison and track a __shared__ array
-int launch(dim3 grid, dim3 block, const std::function<void()>& body);  // 0 or an error
+int launch(dim3 grid, dim3 block, const std::function<void()>& body, int dynamic_smem_bytes = 0);  // 0 or error
+unsigned char* dynamic_smem();                            // the block's dynamic shared memory (poisoned)
+void cp_async16(void* dst, const void* src, bool valid);  // cp.async: lands at the thread's wait_group
+void cp_async_commit();
+void cp_async_wait(int n);
 uint64_t& warp_slot(int lane);                            // exchange slot of `lane` in the current warp
 float* warp_scratch();                                    // 256 floats shared by the current warp's lanes
 cudaError_t last_error();
@@ -131,6 +140,7 @@ inline long max(long a, long b) { return a > b ? a : b; }
 
 // The kernels' 16-byte vector accesses go through this check (a misaligned uint4 access faults on a GPU).
 #define LORAKERN_CHECK_VEC_ALIGN(p) ::lk_emu::check_align((p), 16, "16-byte vector access")
+#define LORAKERN_DYNAMIC_SMEM(name) unsigned char* name = ::lk_emu::dynamic_smem()
 // __shared__ arrays are declared through this so the emulator can poison them per block.
 #define LORAKERN_SHARED_TRACK(name) \
   static ::lk_emu::SharedTag LK_EMU_CAT(lk_emu_tag_, name)(&(name), sizeof(name)); (void)LK_EMU_CAT(lk_emu_tag_, name)

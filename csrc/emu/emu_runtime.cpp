@@ -87,6 +87,16 @@ Launch g;
 std::string g_last_error;
 cudaError_t g_last_code = cudaSuccess;
 std::vector<std::pair<void*, size_t>> g_shared;  // every __shared__ array seen, poisoned before each block
+std::vector<unsigned char> g_dyn;                // dynamic shared memory of the current launch (+128 to align)
+size_t g_dyn_bytes = 0;
+unsigned char* g_dyn_base = nullptr;
+struct PendingCopy {  // one cp.async not yet retired by its thread's wait_group
+  unsigned char* dst;
+  unsigned char data[16];
+  int group;
+};
+std::vector<std::vector<PendingCopy>> g_cp;  // per thread of the block
+std::vector<int> g_cp_open;                   // per thread: id of the group still open (= groups committed)
 int g_order = 2;  // 0 forward, 1 reverse, 2 random (default: seeded, so every run is reproducible)
 uint64_t g_seed = 0;
 
@@ -343,7 +353,58 @@ void register_shared(void* p, size_t bytes) {
   std::memset(p, 0xFF, bytes);
 }
 
-int launch(dim3 grid, dim3 block, const std::function<void()>& body) {
+unsigned char* dynamic_smem() {
+  if (g_dyn_bytes == 0) fail("dynamic shared memory used by a kernel launched without any");
+  return g_dyn_base;
+}
+
+namespace {
+bool in_shared(const void* p, size_t n) {
+  const auto* c = static_cast<const unsigned char*>(p);
+  if (g_dyn_base && c >= g_dyn_base && c + n <= g_dyn_base + g_dyn_bytes) return true;
+  for (auto& r : g_shared) {
+    const auto* b = static_cast<const unsigned char*>(r.first);
+    if (c >= b && c + n <= b + r.second) return true;
+  }
+  return false;
+}
+}  // namespace
+
+void cp_async16(void* dst, const void* src, bool valid) {
+  check_align(dst, 16, "cp.async destination");
+  if (!in_shared(dst, 16)) fail("cp.async destination is not shared memory");
+  PendingCopy c;
+  c.dst = static_cast<unsigned char*>(dst);
+  if (valid) {
+    check_align(src, 16, "cp.async source");
+    std::memcpy(c.data, src, 16);
+  } else {
+    std::memset(c.data, 0, 16);
+  }
+  const int t = static_cast<int>(flat_tid());
+  c.group = g_cp_open[t];
+  g_cp[t].push_back(c);
+  std::memset(dst, 0xFF, 16);  // in flight: whoever reads it before the wait sees the poison
+}
+
+void cp_async_commit() { ++g_cp_open[flat_tid()]; }
+
+void cp_async_wait(int n) {
+  const int t = static_cast<int>(flat_tid());
+  auto& v = g_cp[t];
+  const int limit = g_cp_open[t] - n;  // groups with a smaller id are retired
+  size_t keep = 0;
+  for (size_t i = 0; i < v.size(); ++i) {
+    if (v[i].group < limit) {
+      std::memcpy(v[i].dst, v[i].data, 16);
+    } else {
+      v[keep++] = v[i];
+    }
+  }
+  v.resize(keep);
+}
+
+int launch(dim3 grid, dim3 block, const std::function<void()>& body, int dynamic_smem_bytes) {
   const int n = static_cast<int>(block.x * block.y * block.z);
   if (n <= 0 || n > 1024 || grid.x == 0 || grid.y == 0 || grid.z == 0 || grid.y > 65535 || grid.z > 65535) {
     g_last_code = cudaErrorInvalidConfiguration;
@@ -359,17 +420,36 @@ int launch(dim3 grid, dim3 block, const std::function<void()>& body) {
   g_last_error.clear();
   g_block_dim = block;
   g_grid_dim = grid;
+  if (dynamic_smem_bytes < 0 || dynamic_smem_bytes > 227 * 1024) {
+    g_last_code = cudaErrorInvalidValue;
+    g_last_error = "dynamic shared memory size out of range";
+    return 1;
+  }
+  g_dyn_bytes = static_cast<size_t>(dynamic_smem_bytes);
+  g_dyn.assign(g_dyn_bytes + 128, 0xFF);
+  g_dyn_base = g_dyn_bytes ? reinterpret_cast<unsigned char*>(
+                                 (reinterpret_cast<uintptr_t>(g_dyn.data()) + 127) & ~uintptr_t(127))
+                           : nullptr;
+  g_cp.assign(n, {});
+  g_cp_open.assign(n, 0);
   std::mt19937_64 rng(g_seed);
   for (unsigned bz = 0; bz < grid.z && !g.failed; ++bz)
     for (unsigned by = 0; by < grid.y && !g.failed; ++by)
       for (unsigned bx = 0; bx < grid.x && !g.failed; ++bx) {
         g_block_idx = make_uint3(bx, by, bz);
         for (auto& s : g_shared) std::memset(s.first, 0xFF, s.second);
+        if (g_dyn_base) std::memset(g_dyn_base, 0xFF, g_dyn_bytes);
+        for (int i = 0; i < n; ++i) {
+          g_cp[i].clear();
+          g_cp_open[i] = 0;
+        }
         for (int i = 0; i < n; ++i) start_fiber(g.fibers[i]);
         run_block(n, rng);
       }
   g.current = -1;
   g.body = nullptr;
+  g_dyn_bytes = 0;
+  g_dyn_base = nullptr;
   if (g.failed) {
     g_last_code = cudaErrorLaunchFailure;
     g_last_error = "lorakern CUDA emulator: " + g.error;

@@ -13,6 +13,10 @@
 #ifndef LORAKERN_SHARED_TRACK
 #define LORAKERN_SHARED_TRACK(name) ((void)0)
 #endif
+// The kernel's dynamic shared memory (sized by the launch), 128-byte aligned.
+#ifndef LORAKERN_DYNAMIC_SMEM
+#define LORAKERN_DYNAMIC_SMEM(name) extern __shared__ __align__(128) unsigned char name[]
+#endif
 
 namespace lorakern {
 
@@ -28,6 +32,67 @@ cudaError_t launch_kernel(void (*kernel)(P...), dim3 grid, dim3 block, cudaStrea
   return cudaGetLastError();
 #endif
 }
+
+// The same with `smem_bytes` of dynamic shared memory (above 48 KB the kernel is first allowed to use it).
+template <typename... P, typename... A>
+cudaError_t launch_kernel_smem(void (*kernel)(P...), dim3 grid, dim3 block, int smem_bytes, cudaStream_t stream,
+                               A... args) {
+#ifdef LORAKERN_EMU
+  (void)stream;
+  if (::lk_emu::launch(grid, block, [&] { kernel(args...); }, smem_bytes)) return cudaGetLastError();
+  return cudaSuccess;
+#else
+  if (smem_bytes > 48 * 1024) {
+    const cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes);
+    if (e != cudaSuccess) return e;
+  }
+  kernel<<<grid, block, smem_bytes, stream>>>(args...);
+  return cudaGetLastError();
+#endif
+}
+
+// CTAs of `kernel` (block threads, smem_bytes of dynamic shared memory) that fit on one SM of the current device.
+template <typename... P>
+int ctas_per_sm(void (*kernel)(P...), int threads, int smem_bytes) {
+#ifdef LORAKERN_EMU
+  (void)kernel; (void)threads; (void)smem_bytes;
+  return 2;
+#else
+  if (smem_bytes > 48 * 1024 &&
+      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes) != cudaSuccess) {
+    (void)cudaGetLastError();
+    return 0;
+  }
+  int n = 0;
+  if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kernel, threads, smem_bytes) != cudaSuccess) {
+    (void)cudaGetLastError();
+    return 0;
+  }
+  return n;
+#endif
+}
+
+// Asynchronous 16-byte copies global -> shared (sm_80+ cp.async, L2 only): `valid` false writes 16 zero bytes
+// without reading `src` (which must still be a valid address expression). Completed per thread, by commit groups:
+// cp_async_wait<N>() returns when at most the N most recent groups are still in flight; a __syncthreads() after
+// it makes the data visible to the other threads.
+#ifdef LORAKERN_EMU
+__device__ __forceinline__ void cp_async16(void* dst, const void* src, bool valid) {
+  ::lk_emu::cp_async16(dst, src, valid);
+}
+__device__ __forceinline__ void cp_async_commit() { ::lk_emu::cp_async_commit(); }
+template <int N> __device__ __forceinline__ void cp_async_wait() { ::lk_emu::cp_async_wait(N); }
+#else
+__device__ __forceinline__ void cp_async16(void* dst, const void* src, bool valid) {
+  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(dst));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(src), "r"(valid ? 16 : 0)
+               : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+template <int N> __device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+}
+#endif
 
 // float <-> storage type, one table for every kernel (no body copied per dtype).
 template <typename T> struct Num;

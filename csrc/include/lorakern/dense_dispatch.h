@@ -60,6 +60,12 @@ cudaError_t dense_gather_f32(const DenseParams& p, int mode, int mt, bool vec, i
 // Tensor-core segment path (dense_segment.cuh), fp16 / bf16 only: mode 1 shrink (k_split >= 1), 2 expand.
 cudaError_t dense_segment_f16(const DenseParams& p, int mode, int k_split, cudaStream_t stream);
 cudaError_t dense_segment_bf16(const DenseParams& p, int mode, int k_split, cudaStream_t stream);
+// CTAs of the segment kernel of `mode` that fit on one SM of the current device (0: unknown).
+int dense_segment_ctas_f16(int mode);
+int dense_segment_ctas_bf16(int mode);
+inline int dense_segment_ctas_per_sm(DType dt, int mode) {
+  return dt == DType::kF16 ? dense_segment_ctas_f16(mode) : dt == DType::kBF16 ? dense_segment_ctas_bf16(mode) : 0;
+}
 
 inline cudaError_t dense_segment(const DenseParams& p, DType dt, int mode, int k_split, cudaStream_t stream) {
   switch (dt) {

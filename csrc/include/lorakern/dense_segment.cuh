@@ -5,12 +5,17 @@
 //
 //   segment_shrink_kernel  grid (tiles, slices, rank tiles of 64 [, K splits]):
 //       Y[64 tokens, 64 ranks] = X[tokens, K] @ A[rows, K]^T, X rows gathered through token_ids, A rows through
-//       the page table (only rows below the slot's real rank; rank tiles past it exit). fp32 accumulate; written
-//       to y (float32 [S, T, max_rank]); with K splits the partial sums are added atomically into a zeroed y.
+//       the page table (only rows below the slot's real rank; rank tiles past it exit). K steps of 64 stream
+//       through a 4-deep cp.async ring (three steps in flight while the tensor cores work on one). fp32
+//       accumulate; written to y (float32 [S, T, max_rank]); with K splits the partial sums are added atomically
+//       into a zeroed y.
 //   segment_expand_kernel  grid (tiles, slices, N tiles of 128):
 //       out[tokens, off + n] += scale * Y[tokens, :rank] @ B[rows, n], the rank loop stops at the real rank in
-//       steps of RK = 32 (rows past the rank are never loaded). The fp32 Y enters the tensor cores as a sum of terms of the weight dtype (hi + lo for fp16,
-//       hi + mid + lo for bf16), so the intermediate keeps ~fp32 precision. The epilogue reads, adds and writes out once (16-byte vectors).
+//       steps of RK = 32 (rows past the rank are never loaded; B rows double-buffered by cp.async). The fp32 Y
+//       enters the tensor cores as a sum of terms of the weight dtype (hi + lo for fp16, hi + mid + lo for bf16),
+//       so the intermediate keeps ~fp32 precision. The out tile streams into shared memory by cp.async from the
+//       start, behind the rank loop; the epilogue adds the accumulators to it there and writes it back once with
+//       16-byte stores.
 //
 // Requirements checked by the host (else the gather path runs): 16-byte aligned rows, K and every N_i multiples
 // of 8, unit inner strides.
@@ -26,30 +31,38 @@
 namespace lorakern {
 
 namespace seg {
-// BK = 128: every K step moves 64 tokens x 128 + 64 rank rows x 128 elements (32 KB in bf16) with 8 independent
-// 16-byte loads per thread, so few, wide, latency-bound steps; RK = 32 rank rows per expand step for the same reason.
-constexpr int BM = 64, BR = 64, BK = 128, BN = 128, RK = 32;
+constexpr int BM = 64, BR = 64, BN = 128, RK = 32;
 constexpr int kSegThreads = 256;
-constexpr int LDX = BK + 8;   // smem leading dims: multiples of 8 halves, padded against bank conflicts
+constexpr int kExpandMinBlocks = 3;  // expand: registers capped for 3 CTAs per SM (50 KB of shared memory each)
+// Shrink: K steps of SK = 64 through a STAGES-deep cp.async ring (3 steps, 48 KB, in flight per CTA while the
+// tensor cores work on the fourth); 72 KB of shared memory, so 3 CTAs per SM on an H100 (2 on an A100, 1 on sm_89).
+constexpr int SK = 64, STAGES = 4;
+constexpr int LDX = SK + 8;   // smem leading dims: multiples of 8 halves, padded against bank conflicts
 constexpr int LDY = BR + 4;   // floats
 constexpr int LDR = RK + 8;
 constexpr int LDB = BN + 8;
-constexpr int LDO = BN + 4;
+constexpr int LDT = BN + 8;   // the out tile (T)
+constexpr int LDS = 16 + 4;   // a warp's fp32 fragment stage in the expand epilogue
 
-// Shared memory of each kernel: the K-loop (or rank-loop) tiles and the fp32 accumulator tile written after the
-// loop share one buffer (the accumulator is stored only once the loop's last reads are behind a barrier).
+constexpr int round128(int b) { return (b + 127) / 128 * 128; }
+
+// Dynamic shared memory of each kernel. Shrink: the K ring, aliased after the loop by the fp32 result tile.
 template <typename T> struct ShrinkSmem {
-  static constexpr int kTiles = 2 * BM * LDX * int(sizeof(T));  // xs [BM][LDX], as [BR][LDX]
+  static constexpr int kStage = 2 * BM * LDX * int(sizeof(T));  // xs [BM][LDX], as [BR][LDX]
+  static constexpr int kRing = STAGES * kStage;
   static constexpr int kAcc = BM * LDY * int(sizeof(float));    // ys [BM][LDY]
-  static constexpr int kBytes = kTiles > kAcc ? kTiles : kAcc;
+  static constexpr int kBytes = kRing > kAcc ? kRing : kAcc;
 };
+// Expand: the rank loop's y terms (yhi, ylo, ylo2 [BM][LDR]) and two B buffers [RK][LDB] (aliased after the
+// loop by the warps' fragment stages), then the out tile [BM][LDT], filled by cp.async while the loop runs.
 template <typename T> struct ExpandSmem {
-  // yhi, ylo, ylo2 [BM][LDR], bs [RK][LDB] (T), then the fp32 y stage [BM][RK] (fp16: scaled before the split)
-  static constexpr int kYStage = (3 * BM * LDR + RK * LDB) * int(sizeof(T));
-  static constexpr int kTiles = kYStage + BM * RK * int(sizeof(float));
-  static constexpr int kAcc = BM * LDO * int(sizeof(float));                 // os [BM][LDO]
-  static constexpr int kBytes = kTiles > kAcc ? kTiles : kAcc;
-  static_assert(kYStage % 16 == 0, "y stage alignment");
+  static constexpr int kY = 3 * BM * LDR * int(sizeof(T));
+  static constexpr int kB = RK * LDB * int(sizeof(T));
+  static constexpr int kLoop = kY + 2 * kB;
+  static constexpr int kStage = (kSegThreads / 32) * 16 * LDS * int(sizeof(float));
+  static constexpr int kOutOffset = round128(kLoop > kStage ? kLoop : kStage);
+  static constexpr int kBytes = kOutOffset + BM * LDT * int(sizeof(T));
+  static_assert(kY % 128 == 0 && kB % 128 == 0, "buffer alignment");
 };
 }  // namespace seg
 
@@ -57,14 +70,14 @@ template <typename T>
 __global__ void __launch_bounds__(seg::kSegThreads) segment_shrink_kernel(const DenseParams p, int k_split) {
   using namespace nvcuda;
   using namespace seg;
-  __shared__ __align__(128) unsigned char smem[ShrinkSmem<T>::kBytes];
+  LORAKERN_DYNAMIC_SMEM(smem);
   __shared__ int64_t tok_s[BM];
   __shared__ int64_t rows_s[BR];
-  LORAKERN_SHARED_TRACK(smem);
   LORAKERN_SHARED_TRACK(tok_s);
   LORAKERN_SHARED_TRACK(rows_s);
-  auto xs = reinterpret_cast<T(*)[LDX]>(smem);
-  auto as = reinterpret_cast<T(*)[LDX]>(smem + BM * LDX * sizeof(T));
+  using Tile = T[BM][LDX];
+  auto xs = [&](int st) { return reinterpret_cast<Tile*>(smem + st * ShrinkSmem<T>::kStage)[0]; };
+  auto as = [&](int st) { return reinterpret_cast<Tile*>(smem + st * ShrinkSmem<T>::kStage + BM * LDX * sizeof(T))[0]; };
   auto ys = reinterpret_cast<float(*)[LDY]>(smem);  // after the K loop
 
   const int tile = blockIdx.x, sl = blockIdx.y;
@@ -76,9 +89,10 @@ __global__ void __launch_bounds__(seg::kSegThreads) segment_shrink_kernel(const 
   const int r0 = r_tile * BR;
   if (r0 >= rank) return;
   const int nr = min(BR, rank - r0);
-  const int k_chunk = ((p.K + k_split - 1) / k_split + BK - 1) / BK * BK;
+  const int k_chunk = ((p.K + k_split - 1) / k_split + SK - 1) / SK * SK;
   const int k_begin = ks * k_chunk, k_end = min(p.K, k_begin + k_chunk);
   if (k_begin >= k_end) return;
+  const int steps = (k_end - k_begin + SK - 1) / SK;
 
   const int tid = threadIdx.x, warp = tid >> 5;
   for (int i = tid; i < BM; i += kSegThreads) tok_s[i] = i < len ? p.token_ids[start + i] : -1;
@@ -89,8 +103,22 @@ __global__ void __launch_bounds__(seg::kSegThreads) segment_shrink_kernel(const 
   const T* A = reinterpret_cast<const T*>(p.a_ptrs[sl]);
   const int64_t sa = p.a_strides[sl];
   constexpr int V = 8;                                // 16-byte vectors of 8 halves
-  constexpr int kLoads = BM * (BK / V) / kSegThreads;  // vectors per thread per operand and K step
-  static_assert(BM == BR && BM * (BK / V) % kSegThreads == 0, "tile shapes");
+  constexpr int kLoads = BM * (SK / V) / kSegThreads;  // vectors per thread per operand and K step
+  static_assert(BM == BR && BM * (SK / V) % kSegThreads == 0, "tile shapes");
+
+  // one K step into ring stage `st`: x rows through token_ids, A rank rows through the page table (below the
+  // rank only); zeros past the tile, the rank or K
+  auto issue = [&](int step, int st) {
+    const int k0 = k_begin + step * SK;
+#pragma unroll
+    for (int l = 0; l < kLoads; ++l) {
+      const int i = tid + l * kSegThreads, m = i / (SK / V), c = (i % (SK / V)) * V;
+      const bool in_k = k0 + c < k_end;
+      const bool vx = tok_s[m] >= 0 && in_k, va = rows_s[m] >= 0 && in_k;
+      cp_async16(&xs(st)[m][c], vx ? X + tok_s[m] * p.sx_t + k0 + c : X, vx);
+      cp_async16(&as(st)[m][c], va ? A + rows_s[m] * sa + k0 + c : A, va);
+    }
+  };
 
   // 8 warps over the 4 x 4 fragments of the 64 x 64 output: warp w owns row block w / 2, columns 2 * (w % 2) + {0, 1}
   const int fm = warp >> 1, fn0 = (warp & 1) * 2;
@@ -98,50 +126,32 @@ __global__ void __launch_bounds__(seg::kSegThreads) segment_shrink_kernel(const 
   wmma::fill_fragment(acc[0], 0.f);
   wmma::fill_fragment(acc[1], 0.f);
 
-  // software pipeline: the next K step's x and A vectors are loaded into registers (2 * kLoads 16-byte loads in
-  // flight per thread) while the tensor cores work on the current step in shared memory
-  Vec<T, true> vx[kLoads], va[kLoads];
-  auto load_step = [&](int k0) {
+  // group g holds step g (empty past the last step): before step s, at most STAGES - 2 newer groups are in flight
 #pragma unroll
-    for (int l = 0; l < kLoads; ++l) {
-      const int i = tid + l * kSegThreads, m = i / (BK / V), c = (i % (BK / V)) * V;
-      if (tok_s[m] >= 0 && k0 + c < k_end) {  // x rows through token_ids; zeros past the tile or K
-        load_vec(vx[l], X + tok_s[m] * p.sx_t + k0 + c);
-      } else {
+  for (int s = 0; s < STAGES - 1; ++s) {
+    if (s < steps) issue(s, s);
+    cp_async_commit();
+  }
+  for (int step = 0; step < steps; ++step) {
+    cp_async_wait<STAGES - 2>();
+    __syncthreads();  // step's stage complete for every thread; the stage refilled below was last read a step ago
+    if (step + STAGES - 1 < steps) issue(step + STAGES - 1, (step + STAGES - 1) % STAGES);
+    cp_async_commit();
+    const int st = step % STAGES;
 #pragma unroll
-        for (int e = 0; e < V; ++e) vx[l].v[e] = Num<T>::from_f(0.f);
-      }
-      if (rows_s[m] >= 0 && k0 + c < k_end) {  // A rank rows through the page table, below the rank only
-        load_vec(va[l], A + rows_s[m] * sa + k0 + c);
-      } else {
-#pragma unroll
-        for (int e = 0; e < V; ++e) va[l].v[e] = Num<T>::from_f(0.f);
-      }
-    }
-  };
-  load_step(k_begin);
-  for (int k0 = k_begin; k0 < k_end; k0 += BK) {
-#pragma unroll
-    for (int l = 0; l < kLoads; ++l) {
-      const int i = tid + l * kSegThreads, m = i / (BK / V), c = (i % (BK / V)) * V;
-      store_vec(&xs[m][c], vx[l]);
-      store_vec(&as[m][c], va[l]);
-    }
-    __syncthreads();
-    if (k0 + BK < k_end) load_step(k0 + BK);
-#pragma unroll
-    for (int kk = 0; kk < BK; kk += 16) {
+    for (int kk = 0; kk < SK; kk += 16) {
       wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> fa;
-      wmma::load_matrix_sync(fa, &xs[fm * 16][kk], LDX);
+      wmma::load_matrix_sync(fa, &xs(st)[fm * 16][kk], LDX);
 #pragma unroll
       for (int f = 0; f < 2; ++f) {
         wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> fb;  // (k, j) at as[j][k]: A^T
-        wmma::load_matrix_sync(fb, &as[(fn0 + f) * 16][kk], LDX);
+        wmma::load_matrix_sync(fb, &as(st)[(fn0 + f) * 16][kk], LDX);
         wmma::mma_sync(acc[f], fa, fb, acc[f]);
       }
     }
-    __syncthreads();  // the tiles are rewritten by the next step (and ys aliases them)
   }
+  cp_async_wait<0>();  // only empty groups are left; nothing may land in ys
+  __syncthreads();     // the ring's last reads are done (ys aliases it)
 #pragma unroll
   for (int f = 0; f < 2; ++f) wmma::store_matrix_sync(&ys[fm * 16][(fn0 + f) * 16], acc[f], LDY, wmma::mem_row_major);
   __syncthreads();
@@ -156,21 +166,20 @@ __global__ void __launch_bounds__(seg::kSegThreads) segment_shrink_kernel(const 
 }
 
 template <typename T>
-__global__ void __launch_bounds__(seg::kSegThreads) segment_expand_kernel(const DenseParams p) {
+__global__ void __launch_bounds__(seg::kSegThreads, seg::kExpandMinBlocks) segment_expand_kernel(const DenseParams p) {
   using namespace nvcuda;
   using namespace seg;
-  __shared__ __align__(128) unsigned char smem[ExpandSmem<T>::kBytes];
+  using E = ExpandSmem<T>;
+  LORAKERN_DYNAMIC_SMEM(smem);
   __shared__ int64_t tok_s[BM];
-  LORAKERN_SHARED_TRACK(smem);
+  __shared__ float wmax_s[kSegThreads / 32];
   LORAKERN_SHARED_TRACK(tok_s);
+  LORAKERN_SHARED_TRACK(wmax_s);
   auto yhi = reinterpret_cast<T(*)[LDR]>(smem);
   auto ylo = reinterpret_cast<T(*)[LDR]>(smem + BM * LDR * sizeof(T));
   auto ylo2 = reinterpret_cast<T(*)[LDR]>(smem + 2 * BM * LDR * sizeof(T));  // third term, bf16 only
-  auto bs = reinterpret_cast<T(*)[LDB]>(smem + 3 * BM * LDR * sizeof(T));
-  auto ystage = reinterpret_cast<float(*)[RK]>(smem + ExpandSmem<T>::kYStage);
-  auto os = reinterpret_cast<float(*)[LDO]>(smem);  // after the rank loop
-  __shared__ float wmax_s[kSegThreads / 32];
-  LORAKERN_SHARED_TRACK(wmax_s);
+  auto bs = [&](int buf) { return reinterpret_cast<T(*)[LDB]>(smem + E::kY + buf * E::kB); };
+  auto ot = reinterpret_cast<T(*)[LDT]>(smem + E::kOutOffset);
 
   constexpr bool kThreeTerms = std::is_same<T, __nv_bfloat16>::value;  // bf16: 3 x 8 bits ~ fp32's 24
   // fp16 tops out at 65504, below what a float32 y may hold: y enters the split divided by a power of two S (exact)
@@ -188,13 +197,51 @@ __global__ void __launch_bounds__(seg::kSegThreads) segment_expand_kernel(const 
   for (int i = tid; i < BM; i += kSegThreads) tok_s[i] = i < len ? p.token_ids[start + i] : -1;
   __syncthreads();
 
-  // (Reading the out tile into registers before the rank loop was tried: 72 -> 127 registers, 3 -> 2 CTAs per SM,
-  // and the prefill expand went from 163 to 191 us on an H100. The out tile is read in the epilogue.)
   constexpr int V = 8;
-
   const T* B = reinterpret_cast<const T*>(p.b_ptrs[sl]);
   const int64_t sb = p.b_strides[sl];
   const float* Y = p.y + sl * p.sy_s;
+  const int64_t off = p.offsets[sl];
+  T* O = reinterpret_cast<T*>(p.out);
+
+  // B rows rc .. rc + RK (below the rank) into buffer `buf`, zeros past the rank or N_i
+  const int32_t* pt = p.page_table + slot * p.s_pt;  // the slot's rank rows
+  const T* Bn = B + n0;
+  static_assert(RK * (BN / V) % kSegThreads == 0, "B tile");
+  auto issue_b = [&](int rc, int buf) {
+#pragma unroll
+    for (int l = 0; l < RK * (BN / V) / kSegThreads; ++l) {
+      const int i = tid + l * kSegThreads, j = i / (BN / V), c = (i % (BN / V)) * V;
+      const bool ok = rc + j < rank && n0 + c < n_i;
+      cp_async16(&bs(buf)[j][c], ok ? Bn + pt[rc + j] * sb + c : B, ok);
+    }
+  };
+  // Commit groups: B(0), B(1), the out tile, then B(s + 2) after step s. Step 0 and 1 wait for all but the 2
+  // newest groups, later steps for all but the newest; the out tile is needed only by the epilogue, so it streams
+  // in behind the rank loop (rows past the tile and columns past N_i are neither read nor written).
+  issue_b(0, 0);
+  cp_async_commit();
+  if (RK < rank) issue_b(RK, 1);
+  cp_async_commit();
+  for (int i = tid; i < BM * (BN / V); i += kSegThreads) {
+    const int m = i / (BN / V), c = (i % (BN / V)) * V;
+    if (m < len && n0 + c < n_i) cp_async16(&ot[m][c], O + tok_s[m] * p.so_t + off + n0 + c, true);
+  }
+  cp_async_commit();
+
+  // the fp32 y of a rank step (L2-resident: the shrink has just written it), RK columns per warp row
+  constexpr int kY = BM * RK / kSegThreads;  // per thread: column j = tid % RK, rows tid / RK + l * (threads / RK)
+  static_assert(BM * RK % kSegThreads == 0 && kSegThreads % RK == 0, "y staging");
+  float yv[kY];
+  auto load_y = [&](int rc) {
+    const bool in_rank = rc + tid % RK < rank;
+    const float* Yc = Y + (rc + tid % RK) * p.sy_r;
+#pragma unroll
+    for (int l = 0; l < kY; ++l) {
+      const int m = tid / RK + l * (kSegThreads / RK);
+      yv[l] = (tok_s[m] >= 0 && in_rank) ? Yc[tok_s[m] * p.sy_t] : 0.f;
+    }
+  };
 
   // 8 warps over the 4 x 8 fragments of the 64 x 128 tile: warp w owns row block w / 2, columns 4 * (w % 2) + {0..3}
   const int fm = warp >> 1, fn0 = (warp & 1) * 4;
@@ -203,15 +250,12 @@ __global__ void __launch_bounds__(seg::kSegThreads) segment_expand_kernel(const 
   for (int f = 0; f < 4; ++f) wmma::fill_fragment(acc[f], 0.f);
 
   float S = 1.f, inv_S = 1.f;  // fp16's scale (see kScaled)
-  for (int rc = 0; rc < rank; rc += RK) {  // the slot's real rank, RK rows at a time
+  for (int rc = 0, step = 0; rc < rank; rc += RK, ++step) {  // the slot's real rank, RK rows at a time
+    load_y(rc);
     if constexpr (kScaled) {
       float amax = 0.f;
-      for (int i = tid; i < BM * RK; i += kSegThreads) {
-        const int m = i / RK, j = i % RK;
-        const float v = (tok_s[m] >= 0 && rc + j < rank) ? Y[tok_s[m] * p.sy_t + (rc + j) * p.sy_r] : 0.f;
-        ystage[m][j] = v;
-        amax = fmaxf(amax, fabsf(v));
-      }
+#pragma unroll
+      for (int l = 0; l < kY; ++l) amax = fmaxf(amax, fabsf(yv[l]));
       amax = warp_max(amax);
       if (lane == 0) wmax_s[warp] = amax;
       __syncthreads();
@@ -228,14 +272,10 @@ __global__ void __launch_bounds__(seg::kSegThreads) segment_expand_kernel(const 
         inv_S = ldexpf(1.f, 14 - e);
       }
     }
-    for (int i = tid; i < BM * RK; i += kSegThreads) {
-      const int m = i / RK, j = i % RK;
-      float v;
-      if constexpr (kScaled) {
-        v = ystage[m][j] * inv_S;  // a power of two: exact
-      } else {
-        v = (tok_s[m] >= 0 && rc + j < rank) ? Y[tok_s[m] * p.sy_t + (rc + j) * p.sy_r] : 0.f;
-      }
+#pragma unroll
+    for (int l = 0; l < kY; ++l) {
+      const int m = tid / RK + l * (kSegThreads / RK), j = tid % RK;
+      const float v = kScaled ? yv[l] * inv_S : yv[l];  // a power of two: exact
       const T hi = Num<T>::from_f(v);
       const float r1 = v - Num<T>::to_f(hi);
       const T lo = Num<T>::from_f(r1);
@@ -243,21 +283,11 @@ __global__ void __launch_bounds__(seg::kSegThreads) segment_expand_kernel(const 
       ylo[m][j] = lo;
       if constexpr (kThreeTerms) ylo2[m][j] = Num<T>::from_f(r1 - Num<T>::to_f(lo));
     }
-    for (int i = tid; i < RK * (BN / V); i += kSegThreads) {
-      const int j = i / (BN / V), c = (i % (BN / V)) * V;
-      Vec<T, true> v;
-      if (rc + j < rank && n0 + c < n_i) {
-        const int64_t row = p.page_table[slot * p.s_pt + rc + j];  // entries below the rank only
-        load_vec(v, B + row * sb + n0 + c);
-      } else {
-#pragma unroll
-        for (int e = 0; e < V; ++e) v.v[e] = Num<T>::from_f(0.f);
-      }
-      store_vec(&bs[j][c], v);
-    }
+    if (step < 2) cp_async_wait<2>(); else cp_async_wait<1>();  // this step's B rows (and, from step 2, the out tile)
     __syncthreads();
-#pragma unroll
-    for (int kk = 0; kk < RK; kk += 16) {
+    const int buf = step & 1;
+#pragma unroll 1
+    for (int kk = 0; kk < RK; kk += 16) {  // not unrolled: one k slice's fragments live at a time (80 registers)
       wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> fh, fl, fl2;
       wmma::load_matrix_sync(fh, &yhi[fm * 16][kk], LDR);
       wmma::load_matrix_sync(fl, &ylo[fm * 16][kk], LDR);
@@ -265,30 +295,43 @@ __global__ void __launch_bounds__(seg::kSegThreads) segment_expand_kernel(const 
 #pragma unroll
       for (int f = 0; f < 4; ++f) {
         wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> fb;
-        wmma::load_matrix_sync(fb, &bs[kk][(fn0 + f) * 16], LDB);
+        wmma::load_matrix_sync(fb, &bs(buf)[kk][(fn0 + f) * 16], LDB);
         wmma::mma_sync(acc[f], fh, fb, acc[f]);
         wmma::mma_sync(acc[f], fl, fb, acc[f]);
         if constexpr (kThreeTerms) wmma::mma_sync(acc[f], fl2, fb, acc[f]);
       }
     }
-    __syncthreads();  // the tiles are rewritten by the next step (and os aliases them)
+    __syncthreads();  // the y terms and this B buffer are rewritten next (and the fragment stages alias them)
+    if (rc + 2 * RK < rank) issue_b(rc + 2 * RK, buf);
+    cp_async_commit();
   }
-#pragma unroll
-  for (int f = 0; f < 4; ++f) wmma::store_matrix_sync(&os[fm * 16][(fn0 + f) * 16], acc[f], LDO, wmma::mem_row_major);
-  __syncthreads();
 
+  // Epilogue: each warp passes its fragments through its own fp32 stage into the out tile (in shared memory),
+  // then the block writes the tile back with 16-byte stores.
+  cp_async_wait<0>();
+  __syncthreads();
   const float scale = (p.scales ? p.scales[slot] : 1.0f) * S;
-  const int64_t off = p.offsets[sl];
-  T* O = reinterpret_cast<T*>(p.out);
+  float(*stage)[LDS] = reinterpret_cast<float(*)[LDS]>(smem + warp * 16 * LDS * sizeof(float));
+#pragma unroll
+  for (int f = 0; f < 4; ++f) {
+    wmma::store_matrix_sync(&stage[0][0], acc[f], LDS, wmma::mem_row_major);
+    __syncwarp();
+    const int r = lane >> 1, c = (lane & 1) * V;  // 16 rows x 2 vectors of the fragment
+    T* o = &ot[fm * 16 + r][(fn0 + f) * 16 + c];
+    Vec<T, true> v;
+    load_vec_rw(v, o);
+#pragma unroll
+    for (int e = 0; e < V; ++e) v.v[e] = Num<T>::from_f(Num<T>::to_f(v.v[e]) + scale * stage[r][c + e]);
+    store_vec(o, v);
+    __syncwarp();  // the stage is rewritten by the next fragment
+  }
+  __syncthreads();
   for (int i = tid; i < BM * (BN / V); i += kSegThreads) {
     const int m = i / (BN / V), c = (i % (BN / V)) * V;
     if (m < len && n0 + c < n_i) {
-      T* o = O + tok_s[m] * p.so_t + off + n0 + c;
       Vec<T, true> v;
-      load_vec_rw(v, o);
-#pragma unroll
-      for (int e = 0; e < V; ++e) v.v[e] = Num<T>::from_f(Num<T>::to_f(v.v[e]) + scale * os[m][c + e]);
-      store_vec(o, v);
+      load_vec_rw(v, &ot[m][c]);
+      store_vec(O + tok_s[m] * p.so_t + off + n0 + c, v);
     }
   }
 }
@@ -300,12 +343,22 @@ cudaError_t launch_dense_segment(const DenseParams& p, int mode, int k_split, cu
   if (mode == 1) {
     const int r_tiles = (p.max_rank + seg::BR - 1) / seg::BR;
     dim3 grid(p.num_tiles, p.num_slices, r_tiles * max(k_split, 1));
-    return launch_kernel(segment_shrink_kernel<T>, grid, dim3(seg::kSegThreads), stream, p, max(k_split, 1));
+    return launch_kernel_smem(segment_shrink_kernel<T>, grid, dim3(seg::kSegThreads), seg::ShrinkSmem<T>::kBytes,
+                              stream, p, max(k_split, 1));
   } else if (mode == 2) {
     dim3 grid(p.num_tiles, p.num_slices, (p.max_n + seg::BN - 1) / seg::BN);
-    return launch_kernel(segment_expand_kernel<T>, grid, dim3(seg::kSegThreads), stream, p);
+    return launch_kernel_smem(segment_expand_kernel<T>, grid, dim3(seg::kSegThreads), seg::ExpandSmem<T>::kBytes,
+                              stream, p);
   }
   return cudaErrorInvalidValue;
+}
+
+// CTAs per SM of the segment kernel of `mode` on the current device (0 when unknown), for the host's split-K rule.
+template <typename T>
+int segment_ctas_per_sm_t(int mode) {
+  if (mode == 1) return ctas_per_sm(segment_shrink_kernel<T>, seg::kSegThreads, seg::ShrinkSmem<T>::kBytes);
+  if (mode == 2) return ctas_per_sm(segment_expand_kernel<T>, seg::kSegThreads, seg::ExpandSmem<T>::kBytes);
+  return 0;
 }
 
 }  // namespace lorakern
