@@ -25,9 +25,9 @@
 # STEPS picks what runs (each set fits one 10-minute call of the lent machine):
 #   STEPS=core (default)   steps 1-4: install, nvidia-smi, pytest -m gpu, the add_lora benchmark
 #   STEPS=tests            step 5: the full suite on the GPU (its counts go into the newest results JSON); with
-#                          pytest-xdist, TEST_WORKERS (default 14) workers; failing test names in failures.txt
-#   STEPS=extra            bench_mla.py, bench_moe.py, bench_pool.py (results as JSON under $OUT), and the decode
-#                          kernel at 2 and 4 CTAs per SM (LORAKERN_CUDA_GATHER_MIN_BLOCKS) side by side
+#                          pytest-xdist, TEST_WORKERS (default 14) workers (worksteal); TESTS_EXTRA: more pytest
+#                          arguments; failing test names in failures.txt, their tracebacks in failures-tb.txt
+#   STEPS=extra            bench_mla.py, bench_moe.py, bench_pool.py (results as JSON under $OUT)
 #   STEPS=all              everything (more than one call's worth)
 # e.g.  bash bench/gpu_check.sh;  SKIP_INSTALL=1 STEPS=tests bash bench/gpu_check.sh;  SKIP_INSTALL=1 STEPS=extra ...
 set -u
@@ -108,7 +108,7 @@ for n, b in BACKENDS.items():
 if run_core; then
 GPU_XDIST=()  # the -m gpu tests took over 170 s in one process on an H100; spread over workers when possible
 if "$PY" -c "import xdist" >/dev/null 2>&1; then GPU_XDIST=(-n "${GPU_TEST_WORKERS:-8}"); fi
-step pytest-gpu "${GPU_TESTS_TIMEOUT:-200}" "$PY" -m pytest -m gpu -q -rfEs --tb=short -p no:cacheprovider \
+step pytest-gpu "${GPU_TESTS_TIMEOUT:-200}" env LORAKERN_FAILURE_LOG="$OUT/failures-tb.txt" "$PY" -m pytest -m gpu -q -rfEs --tb=short -p no:cacheprovider \
     ${GPU_XDIST[@]+"${GPU_XDIST[@]}"} --junitxml="$OUT/pytest-gpu.xml"
 TESTS_ARGS=()
 GPU_COUNTS="$(junit_counts "$OUT/pytest-gpu.xml")"
@@ -144,8 +144,11 @@ if run_tests; then
 # two runs on an H100 stopped at ~90 % with failures whose names were lost)
 XDIST=()
 if "$PY" -c "import xdist" >/dev/null 2>&1; then XDIST=(-n "${TEST_WORKERS:-14}"); fi
-step pytest-all "${ALL_TESTS_TIMEOUT:-500}" "$PY" -m pytest -v -rfE -p no:cacheprovider \
-    ${XDIST[@]+"${XDIST[@]}"} --junitxml="$OUT/pytest-all.xml"
+# worksteal: the slow tests (model sizes, sanitizer, HF compile) no longer wait at the end of a worker's queue;
+# failure tracebacks go to $OUT/failures-tb.txt as they happen (tests/conftest.py, LORAKERN_FAILURE_LOG)
+if [ ${#XDIST[@]} -gt 0 ]; then XDIST+=(--dist worksteal); fi
+step pytest-all "${ALL_TESTS_TIMEOUT:-500}" env LORAKERN_FAILURE_LOG="$OUT/failures-tb.txt" "$PY" -m pytest -v -rfE \
+    --durations=60 -p no:cacheprovider ${XDIST[@]+"${XDIST[@]}"} --junitxml="$OUT/pytest-all.xml" ${TESTS_EXTRA:-}
 grep -E "(FAILED|ERROR) tests/" "$LOG" | sed -E 's/^\[gw[0-9]+\] *(\[ *[0-9]+%\] *)?//' | sort -u > "$OUT/failures.txt" || true
 log "failures so far: $(wc -l < "$OUT/failures.txt") (names in $OUT/failures.txt)"
 ALL_COUNTS="$(junit_counts "$OUT/pytest-all.xml")"
@@ -163,12 +166,6 @@ fi  # tests
 
 if run_extra; then
     TAG="${COMMIT%%+*}"
-    # A/B of the decode kernel's occupancy variant (docs/cuda.md, "Choices not yet measured")
-    for mb in 2 4; do
-        step "profile-min-blocks-$mb" "${AB_TIMEOUT:-90}" env LORAKERN_CUDA_GATHER_MIN_BLOCKS=$mb "$PY" \
-            bench/profile_add_lora.py --backends cuda --json "$OUT/profile-min-blocks-$mb-$TAG.json" \
-            --filter "decode-qkv distinct" "rank-128" "sweep distinct T=1024"
-    done
     step bench-mla "${MLA_TIMEOUT:-150}" "$PY" bench/bench_mla.py --json "$OUT/mla-$TAG.json"
     step bench-moe "${MOE_TIMEOUT:-200}" "$PY" bench/bench_moe.py --json "$OUT/moe-$TAG.json"
     step bench-pool "${POOL_TIMEOUT:-200}" "$PY" bench/bench_pool.py --json "$OUT/pool-$TAG.json"

@@ -71,9 +71,8 @@ void check(cudaError_t err, const char* what) {
   if (err != cudaSuccess) throw std::runtime_error(std::string("lorakern ") + what + ": " + cudaGetErrorString(err));
 }
 
-void dense_gather(const std::vector<int64_t>& a, int dtype, int mode, int mt, bool vec, int64_t stream,
-                  int min_blocks) {
-  check(lorakern::dense_gather(unpack(a), static_cast<lorakern::DType>(dtype), mode, mt, vec, min_blocks,
+void dense_gather(const std::vector<int64_t>& a, int dtype, int mode, int mt, bool vec, int64_t stream) {
+  check(lorakern::dense_gather(unpack(a), static_cast<lorakern::DType>(dtype), mode, mt, vec,
                                ptr<cudaStream_t>(stream)), "dense_gather");
 }
 
@@ -95,7 +94,7 @@ PYBIND11_MODULE(LORAKERN_MODULE, m) {
   m.attr("emulated") = false;
 #endif
   m.def("dense_gather", &dense_gather, py::arg("fields"), py::arg("dtype"), py::arg("mode"), py::arg("mt"),
-        py::arg("vec"), py::arg("stream"), py::arg("min_blocks") = 2);
+        py::arg("vec"), py::arg("stream"));
   m.def("dense_segment", &dense_segment, py::arg("fields"), py::arg("dtype"), py::arg("mode"), py::arg("k_split"),
         py::arg("stream"));
   m.def("segment_ctas_per_sm", [](int dtype, int mode) {

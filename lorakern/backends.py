@@ -113,6 +113,22 @@ def _triton_reasons(b, device, dtype):
     return []
 
 
+_CUDA_EXT_FACTS: dict = {}
+
+
+def _cuda_ext_facts(ext):
+    """(archs the extension was built for, whether it has the dense kernels), read from the module once in eager
+    mode. torch.compile cannot trace a call into the pybind11 module: while tracing, the facts read earlier are
+    used, or, before any eager call, none (an arch the build lacks then fails at the kernel launch, by name)."""
+    facts = _CUDA_EXT_FACTS.get("facts")
+    if facts is None:
+        if torch.compiler.is_compiling():
+            return [], True
+        built = [a.strip() for a in getattr(ext, "archs", lambda: "")().split(",") if a.strip()]
+        facts = _CUDA_EXT_FACTS["facts"] = (built, bool(getattr(ext, "supports_dense_ops", lambda: False)()))
+    return facts
+
+
 def _cuda_reasons(b, device, dtype):
     if device.type == "cpu" and cuda_emulate():
         emu = cuda_emulator()
@@ -127,12 +143,11 @@ def _cuda_reasons(b, device, dtype):
     cc = torch.cuda.get_device_capability(device)
     if cc < (8, 0):
         reasons.append(f"compute capability {cc[0]}.{cc[1]} is below the minimum 8.0")
-    built = [a.strip() for a in getattr(ext, "archs", lambda: "")().split(",") if a.strip()]
+    built, supported = _cuda_ext_facts(ext)
     want = f"{cc[0]}{cc[1]}"
     if built and not any(a.rstrip("af") == want for a in built):
         reasons.append(f"the extension was built for sm_{', sm_'.join(built)}, not for this device's sm_{want} "
                        "(rebuild with LORAKERN_CUDA_ARCHS)")
-    supported = getattr(ext, "supports_dense_ops", lambda: False)()
     if not supported:
         reasons.append("the built extension does not provide the dense LoRA kernels yet")
     return reasons

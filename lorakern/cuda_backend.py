@@ -88,19 +88,8 @@ def _fields(f):
     return vals
 
 
-def _min_blocks(mode: int, mt: int) -> int:
-    """CTAs per SM the gather kernel's registers are sized for: 2, or 4 for the decode instantiation (fused,
-    one token per pass) when ``LORAKERN_CUDA_GATHER_MIN_BLOCKS=4`` (an A/B knob until a GPU run decides)."""
-    raw = os.environ.get("LORAKERN_CUDA_GATHER_MIN_BLOCKS", "").strip()
-    if not raw:
-        return 2
-    if raw not in ("2", "4"):
-        raise ValueError(f"LORAKERN_CUDA_GATHER_MIN_BLOCKS: expected 2 or 4, got {raw!r}")
-    return 4 if raw == "4" and mode == _FUSED and mt == 1 else 2
-
-
 def _call(mode, dtype, mt, vec, device, **f):
-    _ext(device).dense_gather(_fields(f), _DTYPES[dtype], mode, mt, vec, _stream(device), _min_blocks(mode, mt))
+    _ext(device).dense_gather(_fields(f), _DTYPES[dtype], mode, mt, vec, _stream(device))
 
 
 def _call_segment(mode, dtype, k_split, device, **f):

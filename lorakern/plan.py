@@ -32,7 +32,7 @@ from typing import Optional, Sequence, Union
 
 import torch
 
-__all__ = ["LoRAPlan", "PlanStats", "GATHER_BLOCK_M", "SEGMENT_BLOCK_M"]
+__all__ = ["LoRAPlan", "PlanStats", "GATHER_BLOCK_M", "SEGMENT_BLOCK_M", "canonical_device"]
 
 #: token block of the fused gather (decode) path and of the segment path; the plan keeps a work list for each.
 GATHER_BLOCK_M = 16
@@ -66,6 +66,15 @@ def _as_slots(slots) -> torch.Tensor:
     if slots.dim() != 1:
         raise ValueError(f"slots: expected a 1-D tensor [T], got shape {tuple(slots.shape)}")
     return slots
+
+
+def canonical_device(device) -> torch.device:
+    """``device`` with its index: a bare ``"cuda"`` is the current CUDA device (what a tensor created there reports),
+    so that ``torch.device("cuda")`` and ``cuda:0`` compare equal when device 0 is current."""
+    d = torch.device(device)
+    if d.type == "cuda" and d.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return d
 
 
 class LoRAPlan:

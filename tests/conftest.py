@@ -89,6 +89,17 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+def pytest_runtest_logreport(report):
+    """LORAKERN_FAILURE_LOG=<file>: append each failure's traceback to the file as it happens (pytest prints them
+    only at the end of the session, which a run stopped by a time limit never reaches: the lent GPU machine's
+    10-minute calls). Under pytest-xdist the controller receives every worker's reports here."""
+    path = os.environ.get("LORAKERN_FAILURE_LOG")
+    if not path or not report.failed:
+        return
+    with open(path, "a") as f:
+        f.write(f"==== {report.nodeid} ({report.when})\n{report.longreprtext}\n\n")
+
+
 # ------------------------------------------------------------------------------------------------ fixtures
 def seed_of(nodeid: str) -> int:
     """A seed fixed by the test's node id: every run reproducible, every test different."""

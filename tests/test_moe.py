@@ -241,7 +241,7 @@ def test_moe_large_torch(generator):
     E, K, topk, T = 256, 24, 8, 2048
     ranks = torch.randint(1, 65, (32,), generator=g).tolist()
     ranks[3] = 0
-    L = make_moe_lora(g, E=E, K=K, n_sizes=[16, 16], ranks=ranks, dtype=torch.float64, device="cpu",
+    L = make_moe_lora(g, E=E, K=K, n_sizes=[16, 16], ranks=ranks, dtype=torch.float64,
                       missing_expert_frac=0.1)
     ids, w = make_routing(g, T, topk, E, skew=True)
     slots = lorakern.workloads.make_slots("zipf:1.2", T, 32, none_frac=0.1, generator=g)

@@ -487,27 +487,3 @@ def test_cuda_gather_splits_agree_with_one_cta_per_tile(op, dtype, splits, gener
     assert torch.equal(a.view(torch.uint8), b.view(torch.uint8))
 
 
-@pytest.mark.cuda_emulate
-@pytest.mark.skipif(not CUDA_RUNS, reason="no CUDA extension and no CPU emulator of it")
-@pytest.mark.parametrize("dtype", DTYPES, ids=_dname)
-def test_cuda_decode_kernel_sized_for_4_ctas_gives_the_same_bits(dtype, generator, monkeypatch):
-    """LORAKERN_CUDA_GATHER_MIN_BLOCKS=4 runs the decode instantiation compiled for 4 CTAs per SM: same bits as the
-    default one; a value other than 2 or 4 is refused by name."""
-    from lorakern import cuda_backend
-
-    monkeypatch.setenv("LORAKERN_TRITON_PATH", "gather")
-    # one token per adapter: the decode instantiation (fused, one token per pass)
-    case = make_case(generator, T=12, K=264, n_sizes=[72, 40], ranks="1-32", num_adapters=16, mix="distinct",
-                     none_frac=0.1, dtype=dtype)
-    seen = []
-    real = cuda_backend._min_blocks
-    monkeypatch.setattr(cuda_backend, "_min_blocks", lambda *a: seen.append(real(*a)) or seen[-1])
-    results = []
-    for value in ("2", "4"):
-        monkeypatch.setenv("LORAKERN_CUDA_GATHER_MIN_BLOCKS", value)
-        results.append(run_case("add_lora", "cuda", case, torch.Generator().manual_seed(3)).detach().cpu())
-    assert seen == [2, 4]
-    assert torch.equal(results[0].view(torch.uint8), results[1].view(torch.uint8))
-    monkeypatch.setenv("LORAKERN_CUDA_GATHER_MIN_BLOCKS", "3")
-    with pytest.raises(ValueError, match="LORAKERN_CUDA_GATHER_MIN_BLOCKS"):
-        run_case("add_lora", "cuda", case, generator)

@@ -1,7 +1,6 @@
 // lorakern: the instantiation matrix of the dense gather kernels for one dtype (included by dense_<dtype>.cu, one
 // small translation unit per dtype so that a 2-core build compiles them in parallel).
 //   gather  fused, MoE: MT in {1, 4} x VEC in {true, false};  shrink, expand: MT = 4 x VEC in {true, false};
-//           fused MT = 1 once more with 4 CTAs per SM (min_blocks = 4) x VEC.
 //   segment (fp16 / bf16 only): shrink, expand.
 #pragma once
 
@@ -12,13 +11,7 @@
 namespace lorakern {
 
 template <typename T>
-cudaError_t dense_gather_t(const DenseParams& p, int mode, int mt, bool vec, int min_blocks, cudaStream_t s) {
-  if (min_blocks == 4) {  // the decode instantiation sized for 4 CTAs per SM (dense_gather.cuh, MINB)
-    if (mode == 0 && mt == 1) return vec ? launch_dense_gather<T, 1, true, Mode::kFused, 4>(p, s)
-                                         : launch_dense_gather<T, 1, false, Mode::kFused, 4>(p, s);
-    return cudaErrorInvalidValue;
-  }
-  if (min_blocks != 2) return cudaErrorInvalidValue;
+cudaError_t dense_gather_t(const DenseParams& p, int mode, int mt, bool vec, cudaStream_t s) {
   if (mode == 0) {
     if (mt == 1) return vec ? launch_dense_gather<T, 1, true, Mode::kFused>(p, s)
                             : launch_dense_gather<T, 1, false, Mode::kFused>(p, s);
@@ -43,8 +36,8 @@ cudaError_t dense_gather_t(const DenseParams& p, int mode, int mt, bool vec, int
 
 #define LORAKERN_DENSE_ENTRY(NAME, T)                                                              \
   namespace lorakern {                                                                             \
-  cudaError_t NAME(const DenseParams& p, int mode, int mt, bool vec, int min_blocks, cudaStream_t s) { \
-    return dense_gather_t<T>(p, mode, mt, vec, min_blocks, s);                                     \
+  cudaError_t NAME(const DenseParams& p, int mode, int mt, bool vec, cudaStream_t s) {             \
+    return dense_gather_t<T>(p, mode, mt, vec, s);                                                 \
   }                                                                                                \
   }
 

@@ -47,14 +47,14 @@ struct DenseParams {
 enum class DType : int { kF16 = 0, kBF16 = 1, kF32 = 2 };
 
 // mode: 0 fused (shrink + expand), 1 shrink, 2 expand, 3 fused MoE (add_lora_moe); mt: tokens per pass (1 or 4;
-// 1 only for the fused modes); min_blocks: CTAs per SM the registers are sized for (2; 4 only for mode 0, mt 1);
+// 1 only for the fused modes);
 // vec: 16-byte vector loads (the caller checked alignment). Returns cudaErrorInvalidValue for a combination that
 // was not instantiated.
-cudaError_t dense_gather_f16(const DenseParams& p, int mode, int mt, bool vec, int min_blocks,
+cudaError_t dense_gather_f16(const DenseParams& p, int mode, int mt, bool vec,
                              cudaStream_t stream);
-cudaError_t dense_gather_bf16(const DenseParams& p, int mode, int mt, bool vec, int min_blocks,
+cudaError_t dense_gather_bf16(const DenseParams& p, int mode, int mt, bool vec,
                              cudaStream_t stream);
-cudaError_t dense_gather_f32(const DenseParams& p, int mode, int mt, bool vec, int min_blocks,
+cudaError_t dense_gather_f32(const DenseParams& p, int mode, int mt, bool vec,
                              cudaStream_t stream);
 
 // Tensor-core segment path (dense_segment.cuh), fp16 / bf16 only: mode 1 shrink (k_split >= 1), 2 expand.
@@ -75,12 +75,12 @@ inline cudaError_t dense_segment(const DenseParams& p, DType dt, int mode, int k
   }
 }
 
-inline cudaError_t dense_gather(const DenseParams& p, DType dt, int mode, int mt, bool vec, int min_blocks,
+inline cudaError_t dense_gather(const DenseParams& p, DType dt, int mode, int mt, bool vec,
                                 cudaStream_t stream) {
   switch (dt) {
-    case DType::kF16: return dense_gather_f16(p, mode, mt, vec, min_blocks, stream);
-    case DType::kBF16: return dense_gather_bf16(p, mode, mt, vec, min_blocks, stream);
-    case DType::kF32: return dense_gather_f32(p, mode, mt, vec, min_blocks, stream);
+    case DType::kF16: return dense_gather_f16(p, mode, mt, vec, stream);
+    case DType::kBF16: return dense_gather_bf16(p, mode, mt, vec, stream);
+    case DType::kF32: return dense_gather_f32(p, mode, mt, vec, stream);
   }
   return cudaErrorInvalidValue;
 }
