@@ -28,6 +28,10 @@
 #                          pytest-xdist, TEST_WORKERS (default 14) workers (worksteal); TESTS_EXTRA: more pytest
 #                          arguments; failing test names in failures.txt, their tracebacks in failures-tb.txt
 #   STEPS=extra            bench_mla.py, bench_moe.py, bench_pool.py (results as JSON under $OUT)
+#   STEPS=tune             the add_lora benchmark on the main cases (TUNE_FILTER), Nsight Compute on the prefill
+#                          segment kernels and the decode gather kernel (ncu-*.txt), bench/sweep_variants.sh (the
+#                          kernels' tuning macros side by side), then the cuda-backend op suites on the GPU
+#                          (TUNE_TESTS_TIMEOUT): one call of a session that changes kernels
 #   STEPS=all              everything (more than one call's worth)
 # e.g.  bash bench/gpu_check.sh;  SKIP_INSTALL=1 STEPS=tests bash bench/gpu_check.sh;  SKIP_INSTALL=1 STEPS=extra ...
 set -u
@@ -81,6 +85,7 @@ STEPS="${STEPS:-core}"
 run_core() { [ "$STEPS" = core ] || [ "$STEPS" = all ]; }
 run_tests() { [ "$STEPS" = tests ] || [ "$STEPS" = all ]; }
 run_extra() { [ "$STEPS" = extra ] || [ "$STEPS" = all ]; }
+run_tune() { [ "$STEPS" = tune ]; }
 
 if [ "${SKIP_INSTALL:-0}" = 1 ]; then
     log "=== install: skipped (SKIP_INSTALL=1)"
@@ -171,6 +176,39 @@ if run_extra; then
     step bench-pool "${POOL_TIMEOUT:-200}" "$PY" bench/bench_pool.py --json "$OUT/pool-$TAG.json"
 fi
 
+if run_tune; then
+    step bench "${BENCH_TIMEOUT:-90}" "$PY" -m lorakern bench --device cuda --out "$OUT" \
+        --filter "${TUNE_FILTER:-decode-qkv distinct|prefill|mixed-ranks|rank-}"
+    if command -v ncu >/dev/null 2>&1; then
+        step ncu "${NCU_TIMEOUT:-80}" bash -c "ncu --clock-control none --kernel-name regex:'segment|dense_gather' \
+            --launch-count 3 --section SpeedOfLight --section MemoryWorkloadAnalysis --section Occupancy \
+            --section WarpStateStats --section LaunchStats $PY bench/ncu_case.py --calls 1 \
+            --filter 'prefill uniform' 'decode-qkv distinct' > '$OUT/ncu.txt' 2>&1"
+    fi
+    step sweep "${SWEEP_TIMEOUT:-260}" env OUT="$OUT/sweep" VARIANT_TIMEOUT="${VARIANT_TIMEOUT:-40}" \
+        bash bench/sweep_variants.sh ${SWEEP_VARIANTS:-}
+    [ -f "$OUT/sweep/sweep-summary.txt" ] && cat "$OUT/sweep/sweep-summary.txt" | tee -a "$LOG"
+    XDIST=()
+    if "$PY" -c "import xdist" >/dev/null 2>&1; then XDIST=(-n "${TEST_WORKERS:-14}" --dist worksteal); fi
+    step pytest-cuda "${TUNE_TESTS_TIMEOUT:-130}" env LORAKERN_FAILURE_LOG="$OUT/failures-tb.txt" "$PY" -m pytest -q \
+        -rfE -p no:cacheprovider ${XDIST[@]+"${XDIST[@]}"} --junitxml="$OUT/pytest-cuda.xml" tests/test_ops_lora.py \
+        tests/test_moe.py tests/test_mla.py tests/test_cuda_graphs.py tests/test_registration.py \
+        -k "cuda or opcheck or moe_large"
+    CUDA_COUNTS="$(junit_counts "$OUT/pytest-cuda.xml")"
+    log "tests (cuda-backend op suites on the GPU): passed failed skipped = ${CUDA_COUNTS:-none (did not finish)}"
+fi
+
 log "done: exit status $STATUS; results in $OUT"
-ls -la "$OUT" >>"$LOG" 2>&1
+ls -laR "$OUT" >>"$LOG" 2>&1
+# the lent machine returns at most 8 files: with more, everything goes into one archive, and only the archive, the
+# log, the summaries and the top-level results stay beside it (sub-folders and junit files are in the archive only)
+if [ "$(find "$OUT" -type f | wc -l)" -gt 8 ]; then
+    if tar czf "/tmp/lorakern-results.tgz" -C "$OUT" .; then
+        [ -f "$OUT/sweep/sweep-summary.txt" ] && cp "$OUT/sweep/sweep-summary.txt" "$OUT/"
+        find "$OUT" -mindepth 1 -type d -exec rm -rf {} + 2>/dev/null
+        rm -f "$OUT"/*.xml "$OUT/nvidia-smi.txt"
+        mv /tmp/lorakern-results.tgz "$OUT/results.tgz"
+        log "packed $(tar tzf "$OUT/results.tgz" | grep -vc '/$') files into $OUT/results.tgz; beside it: $(ls "$OUT" | tr '\n' ' ')"
+    fi
+fi
 exit $STATUS

@@ -58,6 +58,7 @@ def main(argv=None) -> int:
     ap.add_argument("--filter", nargs="*", default=[], help="substrings of case labels (any matches)")
     ap.add_argument("--backends", nargs="*", default=["cuda", "triton"])
     ap.add_argument("--json", default=None)
+    ap.add_argument("--quick", action="store_true", help="graph time and kernels only (no eager or host timing)")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("profile_add_lora: needs a CUDA GPU", file=sys.stderr)
@@ -76,9 +77,10 @@ def main(argv=None) -> int:
                 continue
             try:
                 bad = C._check(fn, out, inp, case.dtype)
-                eager = measure(fn, device=dev, warmup=5, reps=100, budget_s=1.0).median_us
+                eager = float("nan") if args.quick else measure(fn, device=dev, warmup=5, reps=100,
+                                                                   budget_s=1.0).median_us
                 graph = measure_graph(fn, device=dev, warmup=5, reps=100, budget_s=1.0).median_us
-                host = _host_us(fn)
+                host = float("nan") if args.quick else _host_us(fn)
                 ks = _kernels(fn)
             except Exception as e:  # report and go on with the next
                 print(f"   {name}: failed: {type(e).__name__}: {e}", flush=True)

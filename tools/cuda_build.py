@@ -7,6 +7,8 @@ Environment:
   LORAKERN_CUDA_ARCHS          semicolon/comma list, default "80;89;90a" (sm_80, sm_89, sm_90a)
   CUDA_HOME / CUDA_PATH        toolkit root (default: the nvcc on PATH, then /usr/local/cuda)
   LORAKERN_NVCC_THREADS        nvcc --threads (default 1)
+  LORAKERN_NVCC_DEFINES        extra -D definitions for nvcc and the emulation build, space-separated (the kernels'
+                               tuning macros, e.g. "LORAKERN_SEG_STAGES=3"; bench/sweep_segment.sh)
   LORAKERN_SKIP_CUDA_EMU=1     do not build ``lorakern._C_emu``, the same kernels compiled with the host C++
                                compiler for the CPU emulator (csrc/emu/; needs only the toolkit's headers)
   CXX                          host compiler of the emulation build (default c++)
@@ -60,6 +62,17 @@ def archs() -> list:
     return out
 
 
+def defines() -> list:
+    """-D flags from LORAKERN_NVCC_DEFINES ("NAME=VALUE NAME2=VALUE2"), checked: NAME must be a LORAKERN_ macro."""
+    out = []
+    for d in os.environ.get("LORAKERN_NVCC_DEFINES", "").split():
+        name = d.split("=", 1)[0]
+        if not name.startswith("LORAKERN_") or not name.replace("_", "").isalnum():
+            raise ValueError(f"LORAKERN_NVCC_DEFINES: {d!r} is not a LORAKERN_* macro definition")
+        out.append(f"-D{d}")
+    return out
+
+
 def gencode_flags(arch_list) -> list:
     flags = []
     for a in arch_list:
@@ -81,6 +94,7 @@ def compile_flags(arch_list) -> list:
         f"-Xptxas={PTXAS_FLAGS}",
         f"--threads={os.environ.get('LORAKERN_NVCC_THREADS', '1')}",
         "'-DLORAKERN_ARCHS=\"" + ",".join(arch_list) + "\"'",
+        *defines(),
         "-I", str(CSRC / "include"), "-I", str(CSRC / "dense"),
         "-I", pybind11.get_include(), "-I", sysconfig.get_paths()["include"],
     ] + gencode_flags(arch_list)
@@ -136,7 +150,7 @@ def emu_flags(include: Path) -> list:
     return [
         "-O2", "-std=c++17", "-fPIC", "-fvisibility=hidden", "-x", "c++", "-DLORAKERN_EMU",
         "-fno-strict-aliasing",  # the kernels read 16-byte vectors through uint4 casts, as CUDA code does
-        "-Wall", "-Wno-unknown-pragmas", "-Werror",
+        "-Wall", "-Wno-unknown-pragmas", "-Werror", *defines(),
         "-include", str(CSRC / "emu" / "cuda_emu.h"),
         "-I", str(CSRC / "include"), "-I", str(CSRC / "dense"), "-I", str(CSRC / "emu"), "-isystem", str(include),
         "-isystem", pybind11.get_include(), "-isystem", sysconfig.get_paths()["include"],

@@ -23,6 +23,19 @@
 #include "lorakern/common.cuh"
 #include "lorakern/dense_dispatch.h"
 
+// Tuning macros (compile time; the defaults are the measured configuration, bench/sweep_segment.sh times the others
+// on a GPU by rebuilding with LORAKERN_NVCC_DEFINES). Both apply to one token per pass (MT = 1: decode, MoE):
+//   LORAKERN_GATHER_SHRINK_ROWS   rank rows a warp reduces together (1; 2 shares each x load between two rows
+//                                 and keeps twice the A loads in flight)
+//   LORAKERN_GATHER_EXPAND_COLS   16-byte column chunks a thread accumulates together (1; 2 keeps twice the B
+//                                 loads in flight)
+#ifndef LORAKERN_GATHER_SHRINK_ROWS
+#define LORAKERN_GATHER_SHRINK_ROWS 1
+#endif
+#ifndef LORAKERN_GATHER_EXPAND_COLS
+#define LORAKERN_GATHER_EXPAND_COLS 1
+#endif
+
 namespace lorakern {
 
 constexpr int kMaxRank = 128;   // rank limit of this path (declared by the Python backend)
@@ -100,34 +113,55 @@ __global__ void __launch_bounds__(kThreads, 2) dense_gather_kernel(const DensePa
     }
 
     if constexpr (MODE != Mode::kExpand) {
-      // ---- shrink: y[m][j] = x[tok_m] . A[row_j], warps over the real rank, lanes over K
-      for (int j = warp; j < rank; j += kWarps) {
-        const T* a = A + rows_s[j] * sa;
-        float acc[MT];
+      // ---- shrink: y[m][j] = x[tok_m] . A[row_j], warps over the real rank (R rows together), lanes over K
+      constexpr int R = MT == 1 ? LORAKERN_GATHER_SHRINK_ROWS : 1;
+      static_assert(R == 1 || R == 2, "LORAKERN_GATHER_SHRINK_ROWS: 1 or 2");
+      for (int j = warp; j < rank; j += R * kWarps) {
+        const T* a[R];
+        bool has[R];
 #pragma unroll
-        for (int m = 0; m < MT; ++m) acc[m] = 0.f;
-#pragma unroll (MT == 1 ? 8 : 2)
+        for (int r = 0; r < R; ++r) {
+          has[r] = j + r * kWarps < rank;  // warp-uniform
+          a[r] = A + rows_s[has[r] ? j + r * kWarps : j] * sa;
+        }
+        float acc[R][MT];
+#pragma unroll
+        for (int r = 0; r < R; ++r)
+#pragma unroll
+          for (int m = 0; m < MT; ++m) acc[r][m] = 0.f;
+#pragma unroll (MT == 1 ? 8 / R : 2)
         for (int k = lane * W; k < p.K; k += 32 * W) {
-          V av;
-          load_vec(av, a + k);
+          V av[R];
+#pragma unroll
+          for (int r = 0; r < R; ++r)
+            if (has[r]) load_vec(av[r], a[r] + k);
 #pragma unroll
           for (int m = 0; m < MT; ++m) {
             if (m < mt) {
               V xv;
               load_vec(xv, X + xrow[m] + k * p.sx_k);
 #pragma unroll
-              for (int e = 0; e < W; ++e) acc[m] += Num<T>::to_f(xv.v[e]) * Num<T>::to_f(av.v[e]);
+              for (int r = 0; r < R; ++r)
+                if (has[r]) {
+#pragma unroll
+                  for (int e = 0; e < W; ++e) acc[r][m] += Num<T>::to_f(xv.v[e]) * Num<T>::to_f(av[r].v[e]);
+                }
             }
           }
         }
 #pragma unroll
-        for (int m = 0; m < MT; ++m) {
-          const float s = warp_sum(acc[m]);
-          if (lane == 0) {
-            if constexpr (kFusedLike) {
-              y_s[m][j] = s;
-            } else {
-              if (m < mt) p.y[sl * p.sy_s + tok[m] * p.sy_t + j * p.sy_r] = s;
+        for (int r = 0; r < R; ++r) {
+          if (!has[r]) continue;
+          const int jr = j + r * kWarps;
+#pragma unroll
+          for (int m = 0; m < MT; ++m) {
+            const float s = warp_sum(acc[r][m]);
+            if (lane == 0) {
+              if constexpr (kFusedLike) {
+                y_s[m][jr] = s;
+              } else {
+                if (m < mt) p.y[sl * p.sy_s + tok[m] * p.sy_t + jr * p.sy_r] = s;
+              }
             }
           }
         }
@@ -142,32 +176,49 @@ __global__ void __launch_bounds__(kThreads, 2) dense_gather_kernel(const DensePa
     if constexpr (MODE != Mode::kShrink) {
       __syncthreads();
       // ---- expand: out[tok_m, off + n] += scale * sum_j y[m][j] * B[row_j, n], threads over N chunks
-      for (int n = n_lo + tid * W; n < n_hi; n += kThreads * W) {
-        float acc[MT][W];
+      constexpr int C = MT == 1 ? LORAKERN_GATHER_EXPAND_COLS : 1;  // column chunks per thread and pass
+      static_assert(C == 1 || C == 2, "LORAKERN_GATHER_EXPAND_COLS: 1 or 2");
+      for (int n0 = n_lo + tid * W; n0 < n_hi; n0 += C * kThreads * W) {
+        float acc[C][MT][W];
 #pragma unroll
-        for (int m = 0; m < MT; ++m)
+        for (int c = 0; c < C; ++c)
 #pragma unroll
-          for (int e = 0; e < W; ++e) acc[m][e] = 0.f;
-#pragma unroll (MT == 1 ? 8 : 2)
+          for (int m = 0; m < MT; ++m)
+#pragma unroll
+            for (int e = 0; e < W; ++e) acc[c][m][e] = 0.f;
+        bool has[C];
+#pragma unroll
+        for (int c = 0; c < C; ++c) has[c] = n0 + c * kThreads * W < n_hi;
+#pragma unroll (MT == 1 ? 8 / C : 2)
         for (int j = 0; j < rank; ++j) {
-          V bv;
-          load_vec(bv, B + rows_s[j] * sb + n);
+          const T* b = B + rows_s[j] * sb + n0;
 #pragma unroll
-          for (int m = 0; m < MT; ++m) {
-            const float yv = y_s[m][j];
+          for (int c = 0; c < C; ++c) {
+            if (!has[c]) continue;
+            V bv;
+            load_vec(bv, b + c * kThreads * W);
 #pragma unroll
-            for (int e = 0; e < W; ++e) acc[m][e] += yv * Num<T>::to_f(bv.v[e]);
+            for (int m = 0; m < MT; ++m) {
+              const float yv = y_s[m][j];
+#pragma unroll
+              for (int e = 0; e < W; ++e) acc[c][m][e] += yv * Num<T>::to_f(bv.v[e]);
+            }
           }
         }
 #pragma unroll
-        for (int m = 0; m < MT; ++m) {
-          if (m < mt) {
-            T* o = O + orow[m] + (off + n) * p.so_n;
-            V ov;
-            load_vec_rw(ov, o);
+        for (int c = 0; c < C; ++c) {
+          if (!has[c]) continue;
+          const int n = n0 + c * kThreads * W;
 #pragma unroll
-            for (int e = 0; e < W; ++e) ov.v[e] = Num<T>::from_f(Num<T>::to_f(ov.v[e]) + wt[m] * acc[m][e]);
-            store_vec(o, ov);
+          for (int m = 0; m < MT; ++m) {
+            if (m < mt) {
+              T* o = O + orow[m] + (off + n) * p.so_n;
+              V ov;
+              load_vec_rw(ov, o);
+#pragma unroll
+              for (int e = 0; e < W; ++e) ov.v[e] = Num<T>::from_f(Num<T>::to_f(ov.v[e]) + wt[m] * acc[c][m][e]);
+              store_vec(o, ov);
+            }
           }
         }
       }

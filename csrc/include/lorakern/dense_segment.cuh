@@ -30,13 +30,45 @@
 
 namespace lorakern {
 
+// Tuning macros (compile time; the defaults are the measured configuration, bench/sweep_segment.sh times the
+// others on a GPU by rebuilding with LORAKERN_NVCC_DEFINES):
+//   LORAKERN_SEG_SK, LORAKERN_SEG_STAGES   shrink K step and cp.async ring depth (64, 4: 72 KB of shared memory)
+//   LORAKERN_SEG_EXPAND_MINB               expand CTAs per SM the registers are capped for (3: 80 registers)
+//   LORAKERN_SEG_Y_PREFETCH                expand: the next rank step's y loaded into registers during the MMAs
+//                                          (0; 1 needs EXPAND_MINB = 2 to fit)
+//   LORAKERN_SEG_RK                        expand rank step (32; 64 halves the steps and barriers at r = 64)
+//   LORAKERN_SEG_BF16_TERMS                bf16 terms of the fp32 intermediate in the expand (3 ~ 24 bits; 2 ~ 16)
+#ifndef LORAKERN_SEG_SK
+#define LORAKERN_SEG_SK 64
+#endif
+#ifndef LORAKERN_SEG_STAGES
+#define LORAKERN_SEG_STAGES 4
+#endif
+#ifndef LORAKERN_SEG_EXPAND_MINB
+#define LORAKERN_SEG_EXPAND_MINB 3
+#endif
+#ifndef LORAKERN_SEG_Y_PREFETCH
+#define LORAKERN_SEG_Y_PREFETCH 0
+#endif
+#ifndef LORAKERN_SEG_RK
+#define LORAKERN_SEG_RK 32
+#endif
+#ifndef LORAKERN_SEG_BF16_TERMS
+#define LORAKERN_SEG_BF16_TERMS 3
+#endif
+
 namespace seg {
-constexpr int BM = 64, BR = 64, BN = 128, RK = 32;
+// (BN = 256 was tried: 8 fragments per warp spill at 128 registers)
+constexpr int BM = 64, BR = 64, BN = 128, RK = LORAKERN_SEG_RK;
+constexpr int kWarpFrags = BN / 32;  // expand: 16 x 16 accumulator fragments per warp (8 warps over 4 x BN / 16)
+static_assert(RK % 16 == 0 && RK <= 64, "expand rank step");
 constexpr int kSegThreads = 256;
-constexpr int kExpandMinBlocks = 3;  // expand: registers capped for 3 CTAs per SM (50 KB of shared memory each)
+constexpr int kExpandMinBlocks = LORAKERN_SEG_EXPAND_MINB;  // expand: 3 CTAs per SM (50 KB of shared memory each)
+constexpr bool kYPrefetch = LORAKERN_SEG_Y_PREFETCH != 0;     // the next step's y in registers during the MMAs
 // Shrink: K steps of SK = 64 through a STAGES-deep cp.async ring (3 steps, 48 KB, in flight per CTA while the
 // tensor cores work on the fourth); 72 KB of shared memory, so 3 CTAs per SM on an H100 (2 on an A100, 1 on sm_89).
-constexpr int SK = 64, STAGES = 4;
+constexpr int SK = LORAKERN_SEG_SK, STAGES = LORAKERN_SEG_STAGES;
+static_assert(SK % 16 == 0 && STAGES >= 2, "shrink ring");
 constexpr int LDX = SK + 8;   // smem leading dims: multiples of 8 halves, padded against bank conflicts
 constexpr int LDY = BR + 4;   // floats
 constexpr int LDR = RK + 8;
@@ -181,7 +213,7 @@ __global__ void __launch_bounds__(seg::kSegThreads, seg::kExpandMinBlocks) segme
   auto bs = [&](int buf) { return reinterpret_cast<T(*)[LDB]>(smem + E::kY + buf * E::kB); };
   auto ot = reinterpret_cast<T(*)[LDT]>(smem + E::kOutOffset);
 
-  constexpr bool kThreeTerms = std::is_same<T, __nv_bfloat16>::value;  // bf16: 3 x 8 bits ~ fp32's 24
+  constexpr bool kThreeTerms = std::is_same<T, __nv_bfloat16>::value && LORAKERN_SEG_BF16_TERMS == 3;  // 3 x 8 bits
   // fp16 tops out at 65504, below what a float32 y may hold: y enters the split divided by a power of two S (exact)
   // with |y / S| <= 2^14; S only grows along the rank loop (the accumulator is rescaled when it does) and the
   // epilogue multiplies by it. S = 1 unless some |y| > 2^14.
@@ -243,15 +275,16 @@ __global__ void __launch_bounds__(seg::kSegThreads, seg::kExpandMinBlocks) segme
     }
   };
 
-  // 8 warps over the 4 x 8 fragments of the 64 x 128 tile: warp w owns row block w / 2, columns 4 * (w % 2) + {0..3}
-  const int fm = warp >> 1, fn0 = (warp & 1) * 4;
-  wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[4];
+  // 8 warps over the 4 x (BN / 16) fragments of the 64 x BN tile: warp w owns row block w / 2 and kWarpFrags columns
+  const int fm = warp >> 1, fn0 = (warp & 1) * kWarpFrags;
+  wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[kWarpFrags];
 #pragma unroll
-  for (int f = 0; f < 4; ++f) wmma::fill_fragment(acc[f], 0.f);
+  for (int f = 0; f < kWarpFrags; ++f) wmma::fill_fragment(acc[f], 0.f);
 
   float S = 1.f, inv_S = 1.f;  // fp16's scale (see kScaled)
+  if constexpr (kYPrefetch) load_y(0);
   for (int rc = 0, step = 0; rc < rank; rc += RK, ++step) {  // the slot's real rank, RK rows at a time
-    load_y(rc);
+    if constexpr (!kYPrefetch) load_y(rc);
     if constexpr (kScaled) {
       float amax = 0.f;
 #pragma unroll
@@ -266,7 +299,7 @@ __global__ void __launch_bounds__(seg::kSegThreads, seg::kExpandMinBlocks) segme
       if (e > 14 && ldexpf(1.f, e - 14) > S) {  // block-uniform: every thread computed the same amax
         const float grow = ldexpf(1.f, e - 14) * inv_S;
 #pragma unroll
-        for (int f = 0; f < 4; ++f)
+        for (int f = 0; f < kWarpFrags; ++f)
           for (int i = 0; i < acc[f].num_elements; ++i) acc[f].x[i] /= grow;  // any fragment layout: uniform
         S = ldexpf(1.f, e - 14);
         inv_S = ldexpf(1.f, 14 - e);
@@ -285,6 +318,9 @@ __global__ void __launch_bounds__(seg::kSegThreads, seg::kExpandMinBlocks) segme
     }
     if (step < 2) cp_async_wait<2>(); else cp_async_wait<1>();  // this step's B rows (and, from step 2, the out tile)
     __syncthreads();
+    if constexpr (kYPrefetch) {
+      if (rc + RK < rank) load_y(rc + RK);  // the split above has consumed yv
+    }
     const int buf = step & 1;
 #pragma unroll 1
     for (int kk = 0; kk < RK; kk += 16) {  // not unrolled: one k slice's fragments live at a time (80 registers)
@@ -293,7 +329,7 @@ __global__ void __launch_bounds__(seg::kSegThreads, seg::kExpandMinBlocks) segme
       wmma::load_matrix_sync(fl, &ylo[fm * 16][kk], LDR);
       if constexpr (kThreeTerms) wmma::load_matrix_sync(fl2, &ylo2[fm * 16][kk], LDR);
 #pragma unroll
-      for (int f = 0; f < 4; ++f) {
+      for (int f = 0; f < kWarpFrags; ++f) {
         wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> fb;
         wmma::load_matrix_sync(fb, &bs(buf)[kk][(fn0 + f) * 16], LDB);
         wmma::mma_sync(acc[f], fh, fb, acc[f]);
@@ -313,7 +349,7 @@ __global__ void __launch_bounds__(seg::kSegThreads, seg::kExpandMinBlocks) segme
   const float scale = (p.scales ? p.scales[slot] : 1.0f) * S;
   float(*stage)[LDS] = reinterpret_cast<float(*)[LDS]>(smem + warp * 16 * LDS * sizeof(float));
 #pragma unroll
-  for (int f = 0; f < 4; ++f) {
+  for (int f = 0; f < kWarpFrags; ++f) {
     wmma::store_matrix_sync(&stage[0][0], acc[f], LDS, wmma::mem_row_major);
     __syncwarp();
     const int r = lane >> 1, c = (lane & 1) * V;  // 16 rows x 2 vectors of the fragment

@@ -1,0 +1,87 @@
+#!/usr/bin/env bash
+# The kernels' compile-time tuning variants, timed side by side on a GPU in one call (a tuning aid: the recorded
+# benchmark is `python -m lorakern bench`). For each variant: rebuild lorakern._C with its LORAKERN_NVCC_DEFINES
+# (the macros at the top of csrc/include/lorakern/dense_segment.cuh and dense_gather.cuh; one arch, ~10-20 s) over
+# the installed module, then bench/profile_add_lora.py on the cases the variant concerns: graph time, kernel times,
+# and the result checked against the float64 reference (a wrong result is printed as WRONG, never hidden). The
+# default build is put back at the end.
+#
+#   LORAKERN_CUDA_ARCHS=90a OUT=<dir> bash bench/sweep_variants.sh [variant ...]    (default: all of them)
+#
+# Needs the package installed in place (pip install --no-build-isolation --no-deps -e .). Writes
+# $OUT/sweep-<variant>.txt / .json and $OUT/sweep-summary.txt. VARIANT_TIMEOUT (default 60 s) bounds each profile.
+set -u
+cd "$(dirname "$0")/.." || exit 1
+OUT="${OUT:-bench/results}"
+mkdir -p "$OUT"
+PY="${PYTHON:-python}"
+unset TRITON_INTERPRET
+SO="$("$PY" -c "import lorakern._C as m; print(m.__file__)" 2>/dev/null)"
+if [ -z "$SO" ]; then
+    echo "sweep_variants: lorakern._C is not installed (pip install --no-build-isolation --no-deps -e .)" >&2
+    exit 2
+fi
+WORK="$(mktemp -d)"
+
+SEG_CASES=("prefill uniform" "prefill-qkv")
+DEC_CASES=("decode-qkv distinct" "rank-128-qkv")
+declare -A DEFS KIND
+add() { DEFS[$1]="$2"; KIND[$1]="$3"; ORDER+=("$1"); }
+ORDER=()
+add default "" both
+add seg-k128-s3 "LORAKERN_SEG_SK=128 LORAKERN_SEG_STAGES=3" seg
+add seg-k64-s3 "LORAKERN_SEG_STAGES=3" seg
+add seg-expand-2cta "LORAKERN_SEG_EXPAND_MINB=2 LORAKERN_SEG_Y_PREFETCH=1" seg
+add seg-bf16-2terms "LORAKERN_SEG_BF16_TERMS=2" seg
+add seg-rk64 "LORAKERN_SEG_RK=64" seg
+add gather-rows2 "LORAKERN_GATHER_SHRINK_ROWS=2" dec
+add gather-cols2 "LORAKERN_GATHER_EXPAND_COLS=2" dec
+add gather-rows2-cols2 "LORAKERN_GATHER_SHRINK_ROWS=2 LORAKERN_GATHER_EXPAND_COLS=2" dec
+
+WANT=()
+for v in "${@:-${ORDER[@]}}"; do
+    if [ -z "${KIND[$v]+x}" ]; then
+        echo "sweep_variants: unknown variant $v (known: ${ORDER[*]})" >&2
+    else
+        WANT+=("$v")
+    fi
+done
+for v in "${WANT[@]}"; do
+    echo "=== $v: LORAKERN_NVCC_DEFINES='${DEFS[$v]}'"
+    if ! LORAKERN_NVCC_DEFINES="${DEFS[$v]}" timeout 300 "$PY" tools/cuda_build.py "$WORK/$v/_C.so" \
+            > "$OUT/sweep-$v.build.txt" 2>&1; then
+        echo "    build failed (or a ptxas warning): $OUT/sweep-$v.build.txt"; tail -3 "$OUT/sweep-$v.build.txt"
+        continue
+    fi
+    cp "$WORK/$v/_C.so" "$SO"
+    cases=()
+    case "${KIND[$v]}" in
+        seg) cases=("${SEG_CASES[@]}") ;;
+        dec) cases=("${DEC_CASES[@]}") ;;
+        *) cases=("${SEG_CASES[@]}" "${DEC_CASES[@]}") ;;
+    esac
+    timeout "${VARIANT_TIMEOUT:-60}" "$PY" bench/profile_add_lora.py --quick --backends cuda --json "$OUT/sweep-$v.json" \
+        --filter "${cases[@]}" 2>&1 | grep -v -e "UserWarning" -e "_warn_once" | tee "$OUT/sweep-$v.txt"
+done
+
+# put the default build back
+if [ -f "$WORK/default/_C.so" ]; then
+    cp "$WORK/default/_C.so" "$SO"
+else
+    LORAKERN_NVCC_DEFINES="" "$PY" tools/cuda_build.py "$WORK/default/_C.so" >/dev/null 2>&1 && cp "$WORK/default/_C.so" "$SO"
+fi
+rm -rf "$WORK"
+
+"$PY" - "$OUT" "${WANT[@]}" <<'PYEOF' | tee "$OUT/sweep-summary.txt"
+import json, os, sys
+out, names = sys.argv[1], sys.argv[2:]
+print(f"{'variant':<20} {'case':<58} {'graph us':>9} {'kernels us':>11}  check")
+for n in names:
+    p = os.path.join(out, f"sweep-{n}.json")
+    if not os.path.exists(p):
+        print(f"{n:<20} (no result)")
+        continue
+    for r in json.load(open(p)):
+        ks = sum(t for _, t in r["kernels"])
+        print(f"{n:<20} {r['case'][:58]:<58} {r['graph_us']:9.1f} {ks:11.1f}  {'WRONG ' + r['wrong'] if r['wrong'] else 'ok'}")
+PYEOF
