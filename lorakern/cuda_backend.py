@@ -109,6 +109,11 @@ def _k_split(device, ctas: int, K: int, dtype=torch.bfloat16) -> int:
     to 8, K chunks of at least 256) with the fewest waves of resident CTAs per unit of work, the smallest on a
     tie (an H100 holds 3 shrink CTAs per SM: 128 tiles split 3 ways are one wave of 384, where 4 ways would be
     two)."""
+    forced = os.environ.get("LORAKERN_CUDA_SEGMENT_K_SPLIT", "").strip()  # a tuning knob (bench/README.md)
+    if forced:
+        if not forced.isdigit() or int(forced) < 1:
+            raise ValueError(f"LORAKERN_CUDA_SEGMENT_K_SPLIT: expected a positive integer, got {forced!r}")
+        return max(1, min(int(forced), K // 64))
     slots = _sm_count(device) * _segment_ctas_per_sm(device, dtype, _SHRINK)
     ctas = max(ctas, 1)
     if ctas >= slots:
