@@ -104,26 +104,34 @@ def _use_segment(plan_info, dtype, vec: bool) -> bool:
     return plan_info[2] == 1 and vec and dtype in _SEGMENT_DTYPES
 
 
+#: K steps (of 64) per shrink CTA the split aims at: 3 splits at K = 4096 (22 steps) were the fastest or within 2 %
+#: of it in every prefill case measured on an H100 (bench/results/ksplit-h100-20261122-beb08e2.txt)
+_K_STEPS_PER_CTA = 22
+
+
 def _k_split(device, ctas: int, K: int, dtype=torch.bfloat16) -> int:
-    """Split K over CTAs (atomic fp32 adds into y) only when the tiles alone would leave SMs idle: the split (up
-    to 8, K chunks of at least 256) with the fewest waves of resident CTAs per unit of work, the smallest on a
-    tie (an H100 holds 3 shrink CTAs per SM: 128 tiles split 3 ways are one wave of 384, where 4 ways would be
-    two)."""
-    forced = os.environ.get("LORAKERN_CUDA_SEGMENT_K_SPLIT", "").strip()  # a tuning knob (bench/README.md)
+    """How many CTAs share a tile's K (atomic fp32 adds into y). Below 4 waves of resident CTAs: the larger of
+    (a) K / (64 x _K_STEPS_PER_CTA), shorter CTAs keeping more loads in flight (prefill qkv on the H100: 155 µs
+    unsplit, 131 µs in 3), and (b) the split (up to 8, K chunks of at least 256) with the fewest waves of resident
+    CTAs per unit of work, the smallest on a tie, which fills the GPU when there are few tiles. From 4 waves on,
+    no split. ``LORAKERN_CUDA_SEGMENT_K_SPLIT=<n>`` forces n (a tuning knob)."""
+    forced = os.environ.get("LORAKERN_CUDA_SEGMENT_K_SPLIT", "").strip()
     if forced:
         if not forced.isdigit() or int(forced) < 1:
             raise ValueError(f"LORAKERN_CUDA_SEGMENT_K_SPLIT: expected a positive integer, got {forced!r}")
         return max(1, min(int(forced), K // 64))
     slots = _sm_count(device) * _segment_ctas_per_sm(device, dtype, _SHRINK)
     ctas = max(ctas, 1)
-    if ctas >= slots:
+    if ctas >= 4 * slots:
         return 1
+    by_steps = max(1, min(8, round(K / (64 * _K_STEPS_PER_CTA))))
     best, best_cost = 1, 1.0
-    for ks in range(2, max(1, min(8, K // 256)) + 1):
-        cost = -(-ctas * ks // slots) / ks
-        if cost < best_cost - 1e-9:
-            best, best_cost = ks, cost
-    return best
+    if ctas < slots:
+        for ks in range(2, max(1, min(8, K // 256)) + 1):
+            cost = -(-ctas * ks // slots) / ks
+            if cost < best_cost - 1e-9:
+                best, best_cost = ks, cost
+    return max(by_steps, best)
 
 
 _SEG_CTAS: dict = {}

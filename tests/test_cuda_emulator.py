@@ -126,10 +126,12 @@ def test_wmma_matches_a_float64_product(selftest):
 # ------------------------------------------------------------------------------------------------ the real kernels
 @pytest.mark.skipif(HAS_CUDA, reason="the emulator is for machines without a GPU")
 def test_cuda_backend_on_cpu_needs_the_emulate_switch(monkeypatch):
-    from lorakern.backends import BACKENDS, cuda_emulator
+    from lorakern.backends import BACKENDS, cuda_emulator, cuda_extension
 
     if isinstance(cuda_emulator(), str):
         pytest.skip(cuda_emulator())
+    if isinstance(cuda_extension(), str):  # LORAKERN_SKIP_CUDA=1 builds: the refusal names the missing extension
+        pytest.skip(cuda_extension())
     monkeypatch.delenv("LORAKERN_CUDA_EMULATE", raising=False)
     reasons = BACKENDS["cuda"].not_supported_reasons(torch.device("cpu"), torch.float16, 16)
     assert any("LORAKERN_CUDA_EMULATE" in r for r in reasons)
@@ -207,22 +209,31 @@ def test_kernels_agree_in_every_schedule(monkeypatch):
             assert torch.equal(run[k], ref), f"output {k} differs in schedule {r}"
 
 
-def test_k_split_counts_waves_of_resident_ctas(monkeypatch):
-    """The segment shrink's split-K: the fewest waves of resident CTAs per unit of work, the smallest split on a tie
-    (an H100: 132 SMs x 3 resident shrink CTAs; 128 tiles -> 3 splits = one wave of 384, where the old rule's
-    ceil(264 / 128) = 3 happened to agree but 4 would take two waves)."""
+def test_k_split_rule(monkeypatch):
+    """The segment shrink's split-K (cuda_backend._k_split): ~22 K steps of 64 per CTA (3 splits at K = 4096, the
+    H100's best), more when few tiles leave SMs idle (the fewest waves of resident CTAs per unit of work), none
+    from 4 waves on; LORAKERN_CUDA_SEGMENT_K_SPLIT forces a value and refuses a non-positive one."""
     from lorakern import cuda_backend
 
     dev = torch.device("cuda", 7)  # a fake key: the rule reads only the two caches
+    monkeypatch.delenv("LORAKERN_CUDA_SEGMENT_K_SPLIT", raising=False)
     monkeypatch.setitem(cuda_backend._SM_COUNT, dev, 132)
     monkeypatch.setitem(cuda_backend._SEG_CTAS, (dev, torch.bfloat16, cuda_backend._SHRINK), 3)
-    assert cuda_backend._k_split(dev, 128, 4096) == 3
-    assert cuda_backend._k_split(dev, 396, 4096) == 1    # a full wave already
-    assert cuda_backend._k_split(dev, 200, 4096) == 7    # 1400 CTAs fill 4 waves to 88 %; 2 splits = 2 waves
-    assert cuda_backend._k_split(dev, 128, 512) == 2     # K chunks of at least 256
-    assert cuda_backend._k_split(dev, 1, 4096) == 8      # at most 8
+    assert cuda_backend._k_split(dev, 128, 4096) == 3     # one wave of 384
+    assert cuda_backend._k_split(dev, 405, 4096) == 3     # prefill qkv: 155 -> 131 us measured
+    assert cuda_backend._k_split(dev, 200, 4096) == 7     # 1400 CTAs fill 4 waves to 88 %
+    assert cuda_backend._k_split(dev, 4 * 396, 4096) == 1  # enough waves: no split
+    assert cuda_backend._k_split(dev, 128, 512) == 2      # few K steps: waves only, K chunks of at least 256
+    assert cuda_backend._k_split(dev, 1, 4096) == 8       # at most 8
+    assert cuda_backend._k_split(dev, 1, 64) == 1
     monkeypatch.setitem(cuda_backend._SEG_CTAS, (dev, torch.bfloat16, cuda_backend._SHRINK), 1)  # sm_89
-    assert cuda_backend._k_split(dev, 128, 4096) == 1
+    assert cuda_backend._k_split(dev, 128, 4096) == 3
+    monkeypatch.setenv("LORAKERN_CUDA_SEGMENT_K_SPLIT", "5")
+    assert cuda_backend._k_split(dev, 4 * 396, 4096) == 5
+    assert cuda_backend._k_split(dev, 4 * 396, 128) == 2   # capped at K / 64
+    monkeypatch.setenv("LORAKERN_CUDA_SEGMENT_K_SPLIT", "0")
+    with pytest.raises(ValueError, match="LORAKERN_CUDA_SEGMENT_K_SPLIT"):
+        cuda_backend._k_split(dev, 1, 4096)
 
 
 # ------------------------------------------------------------------------------------------------ memcheck

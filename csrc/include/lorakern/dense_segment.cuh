@@ -12,8 +12,8 @@
 //   segment_expand_kernel  grid (tiles, slices, N tiles of 128):
 //       out[tokens, off + n] += scale * Y[tokens, :rank] @ B[rows, n], the rank loop stops at the real rank in
 //       steps of RK = 32 (rows past the rank are never loaded; B rows double-buffered by cp.async). The fp32 Y
-//       enters the tensor cores as a sum of two terms of the weight dtype (hi + lo: ~22 bits for fp16, ~16 for
-//       bf16; LORAKERN_SEG_BF16_TERMS=3 adds a third bf16 term), far below the output's rounding. The out tile streams into shared memory by cp.async from the
+//       enters the tensor cores as a sum of terms of the weight dtype (hi + lo for fp16, hi + mid + lo for bf16),
+//       so the intermediate keeps ~fp32 precision. The out tile streams into shared memory by cp.async from the
 //       start, behind the rank loop; the epilogue adds the accumulators to it there and writes it back once with
 //       16-byte stores.
 //
@@ -37,8 +37,9 @@ namespace lorakern {
 //   LORAKERN_SEG_Y_PREFETCH                expand: the next rank step's y loaded into registers during the MMAs
 //                                          (0; 1 needs EXPAND_MINB = 2 to fit)
 //   LORAKERN_SEG_RK                        expand rank step (32; 64 halves the steps and barriers at r = 64)
-//   LORAKERN_SEG_BF16_TERMS                bf16 terms of the fp32 intermediate in the expand (2: ~16 bits, 2^-8 of
-//                                          the bf16 output's rounding; 3: ~24 bits, 9 % slower expand on an H100)
+//   LORAKERN_SEG_BF16_TERMS                bf16 terms of the fp32 intermediate in the expand (3: ~24 bits, the
+//                                          contract's fp32; 2: ~16 bits, 9 % faster expand on an H100, but outside
+//                                          the fp32 tolerance where the sum cancels: not a default)
 #ifndef LORAKERN_SEG_SK
 #define LORAKERN_SEG_SK 64
 #endif
@@ -55,7 +56,7 @@ namespace lorakern {
 #define LORAKERN_SEG_RK 32
 #endif
 #ifndef LORAKERN_SEG_BF16_TERMS
-#define LORAKERN_SEG_BF16_TERMS 2
+#define LORAKERN_SEG_BF16_TERMS 3
 #endif
 
 namespace seg {
