@@ -202,6 +202,10 @@ def ptxas_warnings(text: str) -> list:
 
 
 if __name__ == "__main__":
+    if len(sys.argv) > 2 or (len(sys.argv) == 2 and sys.argv[1].startswith("-")):
+        print("usage: python tools/cuda_build.py [OUTPUT.so]   (default build/_C.so; objects and build.log beside "
+              "it; environment: see the module docstring)", file=sys.stderr)
+        sys.exit(2)
     out = Path(sys.argv[1]) if len(sys.argv) > 1 else ROOT / "build" / "_C.so"
     text = build(out, out.parent / "obj", log=out.parent / "build.log")
     warns = ptxas_warnings(text)
