@@ -123,6 +123,25 @@ def test_wmma_matches_a_float64_product(selftest):
     torch.testing.assert_close(torch.tensor(c, dtype=torch.float64).view(16, 16), ref, rtol=1e-5, atol=1e-5)
 
 
+def test_ldmatrix_and_mma_sync_match_a_float64_product(selftest):
+    """ldmatrix .x4 (.trans for B stored [k][n]) and mma.sync m16n8k16 in the emulator, through the PTX per-lane
+    fragment layouts (the kernels' LORAKERN_SEG_MMA path stands on them)."""
+    g = torch.Generator().manual_seed(6)
+    a = torch.randn(16, 16, generator=g).bfloat16().double()
+    b = torch.randn(16, 16, generator=g).bfloat16().double()
+    err, d = selftest.mma(a.flatten().tolist(), b.flatten().tolist())
+    assert err == ""
+    ref = a @ b + 1.0
+    torch.testing.assert_close(torch.tensor(d, dtype=torch.float64).view(16, 16), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_cp_async_lands_only_at_the_wait(selftest):
+    err, out = selftest.run("cp_async_waited")
+    assert err == "" and out[:4] == [1.0, 2.0, 3.0, 4.0]
+    err, out = selftest.run("cp_async_unwaited")
+    assert err == "" and all(v != v for v in out[:4])  # the NaN poison: the copy has not landed
+
+
 # ------------------------------------------------------------------------------------------------ the real kernels
 @pytest.mark.skipif(HAS_CUDA, reason="the emulator is for machines without a GPU")
 def test_cuda_backend_on_cpu_needs_the_emulate_switch(monkeypatch):

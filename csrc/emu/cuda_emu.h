@@ -22,6 +22,7 @@
 //     copy and the 16 bytes land only when the issuing thread's cp_async_wait retires the copy's commit group,
 //     so a read before the wait (or, by another thread, before the wait and a barrier) sees the poison;
 //     the destination must be shared memory;
+//   * mma.sync m16n8k16 and ldmatrix .x4 (common.cuh) with the PTX per-lane fragment layouts, as warp collectives;
 //   * atomicAdd, __ldg, min/max, cudaGetLastError/cudaGetErrorString.
 // An error stops the launch and is returned as cudaErrorLaunchFailure with the message in cudaGetErrorString.
 #pragma once
@@ -58,7 +59,8 @@ void cp_async16(void* dst, const void* src, bool valid);  // cp.async: lands at 
 void cp_async_commit();
 void cp_async_wait(int n);
 uint64_t& warp_slot(int lane);                            // exchange slot of `lane` in the current warp
-float* warp_scratch();                                    // 256 floats shared by the current warp's lanes
+float* warp_scratch();                                    // 512 words shared by the current warp's lanes
+bool is_shared(const void* p, size_t bytes);             // [p, p + bytes) lies in shared memory
 cudaError_t last_error();
 const char* error_string(cudaError_t e);
 void set_schedule(int order, uint64_t seed);             // 0 forward, 1 reverse, 2 random(seed)
@@ -87,6 +89,76 @@ inline void check_align(const void* p, size_t a, const char* what) {
   if (reinterpret_cast<uintptr_t>(p) % a)
     fail(std::string("misaligned address: ") + what + " needs " + std::to_string(a) + "-byte alignment, got " +
          std::to_string(reinterpret_cast<uintptr_t>(p)));
+}
+
+// ---- mma.sync / ldmatrix (common.cuh's ldmatrix_x4 and mma_16816): the PTX fragment layouts, lane by lane
+// (g = lane / 4, q = lane % 4; two 16-bit elements per 32-bit register, the lower one first):
+//   ldmatrix .x4: lanes 8i..8i+7 give the row addresses of 8x8 matrix i; register i of a lane holds row g,
+//                 columns 2q, 2q+1 of matrix i (.trans: rows 2q, 2q+1 of column g);
+//   mma m16n8k16: A (16x16, row) a0 = (g, 2q..), a1 = (g+8, 2q..), a2 = (g, 2q+8..), a3 = (g+8, 2q+8..);
+//                 B (16x8, col) b0 = (k 2q.., n g), b1 = (k 2q+8.., n g); C, D (16x8 f32) c0, c1 = (g, 2q..),
+//                 c2, c3 = (g+8, 2q..).
+template <typename T>
+inline float half_bits_to_f(uint16_t bits) {
+  T v;
+  std::memcpy(static_cast<void*>(&v), &bits, 2);
+  if constexpr (std::is_same<T, __half>::value) {
+    return __half2float(v);
+  } else {
+    return __bfloat162float(v);
+  }
+}
+
+inline void ldmatrix_x4(uint32_t r[4], const void* row, bool trans) {
+  const int lane = static_cast<int>(flat_tid() & 31);
+  check_align(row, 16, "ldmatrix row address");
+  if (!is_shared(row, 16)) fail("ldmatrix row address is not shared memory");
+  sync_warp();
+  warp_slot(lane) = reinterpret_cast<uintptr_t>(row);
+  sync_warp();
+  for (int i = 0; i < 4; ++i) {
+    uint16_t e[2];
+    for (int k = 0; k < 2; ++k) {
+      const int rr = trans ? 2 * (lane % 4) + k : lane / 4, cc = trans ? lane / 4 : 2 * (lane % 4) + k;
+      const auto* base = reinterpret_cast<const uint16_t*>(static_cast<uintptr_t>(warp_slot(8 * i + rr)));
+      std::memcpy(&e[k], base + cc, 2);
+    }
+    r[i] = static_cast<uint32_t>(e[0]) | (static_cast<uint32_t>(e[1]) << 16);
+  }
+  sync_warp();  // the slots are reused
+}
+
+template <typename T>
+inline void mma_16816(float d[4], const uint32_t a[4], const uint32_t b[2], const float c[4]) {
+  const int lane = static_cast<int>(flat_tid() & 31);
+  auto* w = reinterpret_cast<uint32_t*>(warp_scratch());
+  sync_warp();
+  for (int i = 0; i < 4; ++i) w[lane * 6 + i] = a[i];
+  for (int i = 0; i < 2; ++i) w[lane * 6 + 4 + i] = b[i];
+  sync_warp();
+  float A[16][16], B[16][8];
+  for (int L = 0; L < 32; ++L) {
+    const int g = L / 4, q = L % 4;
+    const uint32_t* f = w + L * 6;
+    for (int e = 0; e < 2; ++e) {
+      A[g][2 * q + e] = half_bits_to_f<T>(static_cast<uint16_t>(f[0] >> (16 * e)));
+      A[g + 8][2 * q + e] = half_bits_to_f<T>(static_cast<uint16_t>(f[1] >> (16 * e)));
+      A[g][2 * q + 8 + e] = half_bits_to_f<T>(static_cast<uint16_t>(f[2] >> (16 * e)));
+      A[g + 8][2 * q + 8 + e] = half_bits_to_f<T>(static_cast<uint16_t>(f[3] >> (16 * e)));
+      B[2 * q + e][g] = half_bits_to_f<T>(static_cast<uint16_t>(f[4] >> (16 * e)));
+      B[2 * q + 8 + e][g] = half_bits_to_f<T>(static_cast<uint16_t>(f[5] >> (16 * e)));
+    }
+  }
+  sync_warp();  // every lane has read the operands before the scratch is reused
+  const int g = lane / 4, q = lane % 4;
+  float out[4];
+  for (int h = 0; h < 2; ++h)
+    for (int e = 0; e < 2; ++e) {
+      float acc = c[2 * h + e];
+      for (int k = 0; k < 16; ++k) acc += A[g + 8 * h][k] * B[k][2 * q + e];
+      out[2 * h + e] = acc;
+    }
+  for (int i = 0; i < 4; ++i) d[i] = out[i];
 }
 
 // Registers a __shared__ array on first use in a block: poisoned before the block's first read.

@@ -76,7 +76,7 @@ struct Launch {
   bool failed = false;
   std::string error;
   std::vector<uint64_t> slots;  // warp exchange slots, 32 per warp
-  std::vector<float> scratch;   // 256 floats per warp (WMMA results)
+  std::vector<float> scratch;   // 512 words per warp (WMMA results, mma.sync operands)
   Ctx sched;
   void* asan_fake = nullptr;             // the scheduler's
   const void* sched_bottom = nullptr;    // the scheduler's stack, learned by the first fiber switched to
@@ -346,7 +346,7 @@ void sync_warp() {
 
 uint64_t& warp_slot(int lane) { return g.slots[(flat_tid() & ~31u) + lane]; }
 
-float* warp_scratch() { return g.scratch.data() + 256 * (flat_tid() >> 5); }
+float* warp_scratch() { return g.scratch.data() + 512 * (flat_tid() >> 5); }
 
 void register_shared(void* p, size_t bytes) {
   g_shared.emplace_back(p, bytes);
@@ -369,6 +369,8 @@ bool in_shared(const void* p, size_t n) {
   return false;
 }
 }  // namespace
+
+bool is_shared(const void* p, size_t bytes) { return in_shared(p, bytes); }
 
 void cp_async16(void* dst, const void* src, bool valid) {
   check_align(dst, 16, "cp.async destination");
@@ -413,7 +415,7 @@ int launch(dim3 grid, dim3 block, const std::function<void()>& body, int dynamic
   }
   if (static_cast<int>(g.fibers.size()) < n) g.fibers.resize(n);
   g.slots.assign(((n + 31) / 32) * 32, 0);
-  g.scratch.assign(((n + 31) / 32) * 256, 0.f);
+  g.scratch.assign(((n + 31) / 32) * 512, 0.f);
   g.body = &body;
   g.failed = false;
   g.error.clear();

@@ -88,6 +88,40 @@ __global__ void wmma_16(const __half* a, const __half* b_colmajor, float* c) {
   for (int i = threadIdx.x; i < 256; i += 32) c[i] = cs[i];
 }
 
+// D[16x16] = A[16x16] @ B[16x16] + 1 through ldmatrix (.x4; B [k][n] through .trans) and two mma.sync m16n8k16
+// (bf16), stored by the PTX accumulator layout: lane (g, q) holds rows g, g + 8, columns 2q, 2q + 1 of each n8 tile.
+__global__ void mma_16(const __nv_bfloat16* a, const __nv_bfloat16* b_kn, float* d) {
+  __shared__ __align__(128) __nv_bfloat16 as[16 * 16];
+  __shared__ __align__(128) __nv_bfloat16 bs[16 * 16];
+  LORAKERN_SHARED_TRACK(as);
+  LORAKERN_SHARED_TRACK(bs);
+  for (int i = threadIdx.x; i < 256; i += 32) { as[i] = a[i]; bs[i] = b_kn[i]; }
+  __syncwarp();
+  const int lane = threadIdx.x & 31, g = lane >> 2, q = lane & 3;
+  uint32_t fa[4], fb[4];
+  lorakern::ldmatrix_x4(fa, &as[(lane & 15) * 16 + (lane >> 4) * 8], false);
+  lorakern::ldmatrix_x4(fb, &bs[(lane & 15) * 16 + (lane >> 4) * 8], true);
+  for (int t = 0; t < 2; ++t) {
+    float c[4] = {1.f, 1.f, 1.f, 1.f};
+    const uint32_t bb[2] = {fb[2 * t], fb[2 * t + 1]};
+    lorakern::mma_16816<__nv_bfloat16>(c, fa, bb, c);
+    for (int h = 0; h < 2; ++h)
+      for (int e = 0; e < 2; ++e) d[(g + 8 * h) * 16 + t * 8 + 2 * q + e] = c[2 * h + e];
+  }
+}
+
+// cp.async of 16 bytes into shared memory, read back with (WAIT) or without the wait: the emulator must show the
+// poison in the second case.
+template <bool WAIT>
+__global__ void cp_async_read(const float* src, float* out) {
+  __shared__ __align__(16) float s[4];
+  LORAKERN_SHARED_TRACK(s);
+  lorakern::cp_async16(s, src, true);
+  lorakern::cp_async_commit();
+  if constexpr (WAIT) lorakern::cp_async_wait<0>();
+  for (int i = 0; i < 4; ++i) out[i] = s[i];
+}
+
 py::tuple result(cudaError_t e, const std::vector<float>& v) {
   return py::make_tuple(e == cudaSuccess ? std::string() : std::string(cudaGetErrorString(e)), v);
 }
@@ -106,6 +140,11 @@ py::tuple run(const std::string& name, int order, int seed) {
     e = launch_kernel(shuffle_after_lanes_exit, dim3(1), dim3(32), nullptr, out.data());
   else if (name == "shuffle_vs_barrier") e = launch_kernel(shuffle_vs_barrier, dim3(1), dim3(32), nullptr, out.data());
   else if (name == "misaligned_vector") e = launch_kernel(misaligned_vector, dim3(1), dim3(1), nullptr, out.data());
+  else if (name == "cp_async_waited" || name == "cp_async_unwaited") {
+    alignas(16) static const float src[4] = {1.f, 2.f, 3.f, 4.f};
+    e = name == "cp_async_waited" ? launch_kernel(cp_async_read<true>, dim3(1), dim3(1), nullptr, src, out.data())
+                                  : launch_kernel(cp_async_read<false>, dim3(1), dim3(1), nullptr, src, out.data());
+  }
   else throw std::invalid_argument("unknown self-test kernel " + name);
   lk_emu::set_schedule(2, 0);
   return result(e, out);
@@ -119,6 +158,15 @@ py::tuple wmma_product(const std::vector<float>& a, const std::vector<float>& b_
                                       static_cast<const __half*>(ah.data()), static_cast<const __half*>(bh.data()),
                                       c.data());
   return result(e, c);
+}
+
+py::tuple mma_product(const std::vector<float>& a, const std::vector<float>& b_kn) {
+  std::vector<__nv_bfloat16> ah(256), bh(256);
+  for (int i = 0; i < 256; ++i) { ah[i] = __float2bfloat16_rn(a.at(i)); bh[i] = __float2bfloat16_rn(b_kn.at(i)); }
+  std::vector<float> d(256);
+  const cudaError_t e = launch_kernel(mma_16, dim3(1), dim3(32), nullptr, static_cast<const __nv_bfloat16*>(ah.data()),
+                                      static_cast<const __nv_bfloat16*>(bh.data()), d.data());
+  return result(e, d);
 }
 
 __global__ void read_past_end(const float* p, int n, float* out) { out[0] = p[n]; }
@@ -136,5 +184,6 @@ float out_of_bounds(int n) {
 PYBIND11_MODULE(emu_selftest, m) {
   m.def("run", &run, py::arg("name"), py::arg("order") = 2, py::arg("seed") = 0);
   m.def("wmma", &wmma_product);
+  m.def("mma", &mma_product);
   m.def("out_of_bounds", &out_of_bounds);
 }

@@ -36,6 +36,8 @@ namespace lorakern {
 //   LORAKERN_SEG_EXPAND_MINB               expand CTAs per SM the registers are capped for (3: 80 registers)
 //   LORAKERN_SEG_Y_PREFETCH                expand: the next rank step's y loaded into registers during the MMAs
 //                                          (0; 1 needs EXPAND_MINB = 2 to fit)
+//   LORAKERN_SEG_MMA                       expand on mma.sync + ldmatrix instead of WMMA (0; 1: the accumulators
+//                                          go from registers into the out tile, no fp32 staging; not yet timed)
 //   LORAKERN_SEG_RK                        expand rank step (32; 64 halves the steps and barriers at r = 64)
 //   LORAKERN_SEG_BF16_TERMS                bf16 terms of the fp32 intermediate in the expand (3: ~24 bits, the
 //                                          contract's fp32; 2: ~16 bits, 9 % faster expand on an H100, but outside
@@ -54,6 +56,9 @@ namespace lorakern {
 #endif
 #ifndef LORAKERN_SEG_RK
 #define LORAKERN_SEG_RK 32
+#endif
+#ifndef LORAKERN_SEG_MMA
+#define LORAKERN_SEG_MMA 0
 #endif
 #ifndef LORAKERN_SEG_BF16_TERMS
 #define LORAKERN_SEG_BF16_TERMS 3
@@ -279,9 +284,17 @@ __global__ void __launch_bounds__(seg::kSegThreads, seg::kExpandMinBlocks) segme
 
   // 8 warps over the 4 x (BN / 16) fragments of the 64 x BN tile: warp w owns row block w / 2 and kWarpFrags columns
   const int fm = warp >> 1, fn0 = (warp & 1) * kWarpFrags;
+#if LORAKERN_SEG_MMA
+  float acc[2 * kWarpFrags][4];  // mma.sync: two n8 tiles per 16-column fragment, 4 fp32 per lane each
+#pragma unroll
+  for (int t = 0; t < 2 * kWarpFrags; ++t)
+#pragma unroll
+    for (int i = 0; i < 4; ++i) acc[t][i] = 0.f;
+#else
   wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[kWarpFrags];
 #pragma unroll
   for (int f = 0; f < kWarpFrags; ++f) wmma::fill_fragment(acc[f], 0.f);
+#endif
 
   float S = 1.f, inv_S = 1.f;  // fp16's scale (see kScaled)
   if constexpr (kYPrefetch) load_y(0);
@@ -300,9 +313,16 @@ __global__ void __launch_bounds__(seg::kSegThreads, seg::kExpandMinBlocks) segme
       frexpf(amax, &e);  // amax < 2^e
       if (e > 14 && ldexpf(1.f, e - 14) > S) {  // block-uniform: every thread computed the same amax
         const float grow = ldexpf(1.f, e - 14) * inv_S;
+#if LORAKERN_SEG_MMA
+#pragma unroll
+        for (int t = 0; t < 2 * kWarpFrags; ++t)
+#pragma unroll
+          for (int i = 0; i < 4; ++i) acc[t][i] /= grow;
+#else
 #pragma unroll
         for (int f = 0; f < kWarpFrags; ++f)
           for (int i = 0; i < acc[f].num_elements; ++i) acc[f].x[i] /= grow;  // any fragment layout: uniform
+#endif
         S = ldexpf(1.f, e - 14);
         inv_S = ldexpf(1.f, 14 - e);
       }
@@ -326,6 +346,27 @@ __global__ void __launch_bounds__(seg::kSegThreads, seg::kExpandMinBlocks) segme
     const int buf = step & 1;
 #pragma unroll 1
     for (int kk = 0; kk < RK; kk += 16) {  // not unrolled: one k slice's fragments live at a time (80 registers)
+#if LORAKERN_SEG_MMA
+      // A (y terms, [m][k]): lane l addresses row l % 16, columns kk + 8 (l / 16) of the warp's 16 rows
+      uint32_t ah[4], al[4], al2[4];
+      ldmatrix_x4(ah, &yhi[fm * 16 + (lane & 15)][kk + (lane >> 4) * 8], false);
+      ldmatrix_x4(al, &ylo[fm * 16 + (lane & 15)][kk + (lane >> 4) * 8], false);
+      if constexpr (kThreeTerms) ldmatrix_x4(al2, &ylo2[fm * 16 + (lane & 15)][kk + (lane >> 4) * 8], false);
+#pragma unroll
+      for (int f = 0; f < kWarpFrags; ++f) {
+        // B ([k][n]) transposed: k row kk + l % 16, columns of n8 tile l / 16 -> {b0, b1} of the fragment's two tiles
+        uint32_t bq[4];
+        ldmatrix_x4(bq, &bs(buf)[kk + (lane & 15)][(fn0 + f) * 16 + (lane >> 4) * 8], true);
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const uint32_t bb[2] = {bq[2 * h], bq[2 * h + 1]};
+          float* c = acc[2 * f + h];
+          mma_16816<T>(c, ah, bb, c);
+          mma_16816<T>(c, al, bb, c);
+          if constexpr (kThreeTerms) mma_16816<T>(c, al2, bb, c);
+        }
+      }
+#else
       wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> fh, fl, fl2;
       wmma::load_matrix_sync(fh, &yhi[fm * 16][kk], LDR);
       wmma::load_matrix_sync(fl, &ylo[fm * 16][kk], LDR);
@@ -338,6 +379,7 @@ __global__ void __launch_bounds__(seg::kSegThreads, seg::kExpandMinBlocks) segme
         wmma::mma_sync(acc[f], fl, fb, acc[f]);
         if constexpr (kThreeTerms) wmma::mma_sync(acc[f], fl2, fb, acc[f]);
       }
+#endif
     }
     __syncthreads();  // the y terms and this B buffer are rewritten next (and the fragment stages alias them)
     if (rc + 2 * RK < rank) issue_b(rc + 2 * RK, buf);
@@ -349,6 +391,19 @@ __global__ void __launch_bounds__(seg::kSegThreads, seg::kExpandMinBlocks) segme
   cp_async_wait<0>();
   __syncthreads();
   const float scale = (p.scales ? p.scales[slot] : 1.0f) * S;
+#if LORAKERN_SEG_MMA
+  {  // each lane owns rows g, g + 8 and columns 2q, 2q + 1 of every n8 tile: added in place, no staging
+    const int g = lane >> 2, q = lane & 3;
+#pragma unroll
+    for (int t = 0; t < 2 * kWarpFrags; ++t)
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        T* o = &ot[fm * 16 + g + 8 * h][fn0 * 16 + t * 8 + 2 * q];
+        o[0] = Num<T>::from_f(Num<T>::to_f(o[0]) + scale * acc[t][2 * h]);
+        o[1] = Num<T>::from_f(Num<T>::to_f(o[1]) + scale * acc[t][2 * h + 1]);
+      }
+  }
+#else
   float(*stage)[LDS] = reinterpret_cast<float(*)[LDS]>(smem + warp * 16 * LDS * sizeof(float));
 #pragma unroll
   for (int f = 0; f < kWarpFrags; ++f) {
@@ -363,6 +418,7 @@ __global__ void __launch_bounds__(seg::kSegThreads, seg::kExpandMinBlocks) segme
     store_vec(o, v);
     __syncwarp();  // the stage is rewritten by the next fragment
   }
+#endif
   __syncthreads();
   for (int i = tid; i < BM * (BN / V); i += kSegThreads) {
     const int m = i / (BN / V), c = (i % (BN / V)) * V;
