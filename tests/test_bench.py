@@ -127,6 +127,25 @@ def test_measure_cpu_stats():
     assert 0 <= t.p20_us <= t.median_us <= t.p80_us
 
 
+def test_l2_flush_mode(monkeypatch):
+    """LORAKERN_BENCH_FLUSH picks how the L2 is flushed between timed calls (write by default, or read), refuses
+    anything else by name, and is recorded with the run."""
+    monkeypatch.delenv("LORAKERN_BENCH_FLUSH", raising=False)
+    assert H.flush_mode() == "write"
+    buf = torch.ones(64, dtype=torch.uint8)
+    H._flush(buf, "write")
+    assert int(buf.sum()) == 0
+    buf.fill_(1)
+    H._flush(buf, "read")
+    assert int(buf.sum()) == 64  # read only
+    monkeypatch.setenv("LORAKERN_BENCH_FLUSH", "read")
+    assert H.flush_mode() == "read"
+    assert H.environment("cpu")["l2_flush"] == "read"
+    monkeypatch.setenv("LORAKERN_BENCH_FLUSH", "evict")
+    with pytest.raises(ValueError, match="LORAKERN_BENCH_FLUSH"):
+        H.flush_mode()
+
+
 def test_measure_budget_cuts_reps_but_keeps_minimum():
     import time
 

@@ -6,7 +6,10 @@ Timing
 
 * CUDA: CUDA events around each call, after warm-up; between calls a 256 MiB buffer is zeroed (larger than the
   L2 of any current GPU: 50 MB on H100, 60 MB on B200), so that every call reads its adapter rows from HBM, as
-  a layer of a real model does (the previous layer's weights have evicted them).
+  a layer of a real model does (the previous layer's weights have evicted them). The zeroing leaves the L2 full
+  of dirty lines, which the timed call then writes back as it misses (as after a layer's GEMM wrote its output);
+  ``LORAKERN_BENCH_FLUSH=read`` flushes by reading the buffer instead (clean lines: the call's own traffic
+  only). The results record which (``l2_flush``).
 * CPU: ``time.perf_counter`` around each call, after warm-up, no flush (writing a buffer larger than the last
   level cache would take longer than the small quick shapes themselves).
 
@@ -113,7 +116,23 @@ def _stats(samples_us: Sequence[float]) -> Timing:
 
 @functools.lru_cache(maxsize=None)
 def _flush_buffer(device: str) -> torch.Tensor:
-    return torch.empty(FLUSH_BYTES, dtype=torch.uint8, device=device)
+    return torch.zeros(FLUSH_BYTES, dtype=torch.uint8, device=device)
+
+
+def flush_mode() -> str:
+    """How :func:`measure` flushes the L2 between calls: ``write`` (zero a 256 MiB buffer; the default) or ``read``
+    (read it: ``LORAKERN_BENCH_FLUSH=read``)."""
+    mode = os.environ.get("LORAKERN_BENCH_FLUSH", "write").strip() or "write"
+    if mode not in ("write", "read"):
+        raise ValueError(f"LORAKERN_BENCH_FLUSH: expected 'write' or 'read', got {mode!r}")
+    return mode
+
+
+def _flush(buf: torch.Tensor, mode: str) -> None:
+    if mode == "write":
+        buf.zero_()
+    else:
+        buf.view(torch.int64).amax()  # reads all of it; the result is dropped
 
 
 def measure(
@@ -169,6 +188,7 @@ def _measure_cpu(fn, warmup: int, reps: int, budget: float, min_reps: int) -> Ti
 def _measure_cuda(fn, dev: torch.device, warmup: int, reps: int, flush: bool, budget: float,
                   min_reps: int) -> Timing:
     buf = _flush_buffer(str(dev)) if flush else None
+    mode = flush_mode()
     with torch.cuda.device(dev):
         torch.cuda.synchronize()
         t0 = time.perf_counter()
@@ -180,7 +200,7 @@ def _measure_cuda(fn, dev: torch.device, warmup: int, reps: int, flush: bool, bu
         # one timed call to size the run
         s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         if buf is not None:
-            buf.zero_()
+            _flush(buf, mode)
         s.record()
         fn()
         e.record()
@@ -189,7 +209,7 @@ def _measure_cuda(fn, dev: torch.device, warmup: int, reps: int, flush: bool, bu
         if buf is not None:  # the flush also costs wall time; count it against the budget
             fs, fe = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             fs.record()
-            buf.zero_()
+            _flush(buf, mode)
             fe.record()
             torch.cuda.synchronize()
             flush_s = fs.elapsed_time(fe) * 1e-3
@@ -198,7 +218,7 @@ def _measure_cuda(fn, dev: torch.device, warmup: int, reps: int, flush: bool, bu
         ends = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
         for i in range(n):
             if buf is not None:
-                buf.zero_()
+                _flush(buf, mode)
             starts[i].record()
             fn()
             ends[i].record()
@@ -483,6 +503,7 @@ def environment(device) -> dict:
         "triton": triton_version,
         "cuda": torch.version.cuda,
         "triton_interpret": os.environ.get("TRITON_INTERPRET", "0") == "1",
+        "l2_flush": flush_mode(),
     }
 
 
@@ -677,6 +698,8 @@ def _markdown(doc: dict) -> str:
     ]
     if doc.get("mode"):
         lines.append(f"- mode: {doc['mode']}")
+    if doc.get("l2_flush"):
+        lines.append(f"- L2 flush between timed calls on a GPU: {doc['l2_flush']} (256 MiB; LORAKERN_BENCH_FLUSH)")
     if doc.get("commit_note"):
         lines.append(f"- note: {doc['commit_note']}")
     if doc.get("complete") is False:
