@@ -30,8 +30,8 @@
 #   STEPS=extra            bench_mla.py, bench_moe.py, bench_pool.py (results as JSON under $OUT)
 #   STEPS=tune             the add_lora benchmark on the main cases (TUNE_FILTER), Nsight Compute on the prefill
 #                          segment kernels and the decode gather kernel (ncu.txt), bench/sweep_variants.sh on
-#                          SWEEP_VARIANTS (default "default seg-mma": the variants not yet timed; the others were,
-#                          docs/cuda.md), then the cuda-backend op suites on the GPU
+#                          SWEEP_VARIANTS (default "default seg-mma gather-xsmem": the variants not yet timed; the
+#                          others were, docs/cuda.md), then the cuda-backend op suites on the GPU
 #                          (TUNE_TESTS_TIMEOUT): one call of a session that changes kernels
 #   STEPS=all              everything (more than one call's worth)
 # e.g.  bash bench/gpu_check.sh;  SKIP_INSTALL=1 STEPS=tests bash bench/gpu_check.sh;  SKIP_INSTALL=1 STEPS=extra ...
@@ -187,7 +187,7 @@ if run_tune; then
             --filter 'prefill uniform' 'decode-qkv distinct' > '$OUT/ncu.txt' 2>&1"
     fi
     step sweep "${SWEEP_TIMEOUT:-260}" env OUT="$OUT/sweep" VARIANT_TIMEOUT="${VARIANT_TIMEOUT:-40}" \
-        bash bench/sweep_variants.sh ${SWEEP_VARIANTS:-default seg-mma}
+        bash bench/sweep_variants.sh ${SWEEP_VARIANTS:-default seg-mma gather-xsmem}
     [ -f "$OUT/sweep/sweep-summary.txt" ] && cat "$OUT/sweep/sweep-summary.txt" | tee -a "$LOG"
     XDIST=()
     if "$PY" -c "import xdist" >/dev/null 2>&1; then XDIST=(-n "${TEST_WORKERS:-14}" --dist worksteal); fi

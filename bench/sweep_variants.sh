@@ -36,6 +36,7 @@ add seg-bf16-2terms "LORAKERN_SEG_BF16_TERMS=2" seg
 add seg-rk64 "LORAKERN_SEG_RK=64" seg
 add seg-mma "LORAKERN_SEG_MMA=1" seg
 add gather-rows2 "LORAKERN_GATHER_SHRINK_ROWS=2" dec
+add gather-xsmem "LORAKERN_GATHER_X_SMEM=1" dec
 add gather-cols2 "LORAKERN_GATHER_EXPAND_COLS=2" dec
 add gather-rows2-cols2 "LORAKERN_GATHER_SHRINK_ROWS=2 LORAKERN_GATHER_EXPAND_COLS=2" dec
 

@@ -66,3 +66,15 @@ def test_vector_path_alignment_rules():
     assert not _vec_ok(2, [a.t()])             # inner stride != 1
     assert not _vec_ok(2, [a], offsets=[4])    # slice offset not a multiple of 8
     assert _vec_ok(4, [torch.empty(8, 12)])    # fp32: 4 per vector
+
+
+def test_relative_output_lands_where_asked(tmp_path, monkeypatch):
+    """ninja runs in the build folder: a relative output path (or build folder) is resolved against the caller's
+    working directory first, not the build folder (a relative output once landed inside the build folder)."""
+    monkeypatch.chdir(tmp_path)
+    ninja_file = cuda_build._write_ninja(Path("obj"), Path("out/_C_emu.so"), "c++", [], "c++ -shared",
+                                         [str(cuda_build.CSRC / "bindings.cpp")])
+    text = ninja_file.read_text()
+    assert ninja_file == (tmp_path / "obj" / "build.ninja")
+    assert f"build {tmp_path / 'out' / '_C_emu.so'}: link" in text.replace("$ ", " ").replace("$:", ":")
+    assert str(tmp_path / "obj" / "bindings.cpp.o") in text.replace("$ ", " ").replace("$:", ":")

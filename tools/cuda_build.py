@@ -105,7 +105,10 @@ def _q(s: str) -> str:
 
 
 def _write_ninja(build_dir: Path, output: Path, compiler: str, flags: list, link: str, srcs: list) -> Path:
-    """A build.ninja compiling each of ``srcs`` to an object with ``compiler`` and linking ``output``."""
+    """A build.ninja compiling each of ``srcs`` to an object with ``compiler`` and linking ``output``. Paths are
+    made absolute: ninja runs in ``build_dir``, where a relative ``output`` would land."""
+    build_dir = Path(build_dir).resolve()
+    output = Path(output).resolve()
     build_dir.mkdir(parents=True, exist_ok=True)
     lines = [
         "ninja_required_version = 1.3",

@@ -27,8 +27,15 @@
 // on a GPU by rebuilding with LORAKERN_NVCC_DEFINES). Both apply to one token per pass (MT = 1: decode, MoE):
 //   LORAKERN_GATHER_SHRINK_ROWS   rank rows a warp reduces together (1; 2 shares each x load between two rows
 //                                 and keeps twice the A loads in flight)
+//   LORAKERN_GATHER_X_SMEM        1: in the decode instantiation (fused, MT = 1) each pass's x row is staged in
+//                                 shared memory (dynamic, K x 2 bytes up to 32 KB; registers capped for 3 CTAs per
+//                                 SM) and the shrink reads x from there instead of L1/L2 (on the H100 the decode
+//                                 kernel's L2 traffic nearly equals its DRAM traffic); 0 = off
 //   LORAKERN_GATHER_EXPAND_COLS   16-byte column chunks a thread accumulates together (1; 2 keeps twice the B
 //                                 loads in flight)
+#ifndef LORAKERN_GATHER_X_SMEM
+#define LORAKERN_GATHER_X_SMEM 0
+#endif
 #ifndef LORAKERN_GATHER_SHRINK_ROWS
 #define LORAKERN_GATHER_SHRINK_ROWS 1
 #endif
@@ -48,10 +55,16 @@ enum class Mode : int { kFused = 0, kShrink = 1, kExpand = 2, kMoe = 3 };
 
 // Registers sized for 2 CTAs per SM (<= 128). The decode instantiation sized for 4 (<= 64 registers) was timed on
 // an H100 (256 x 256 distinct, r = 16, qkv): 68.9 us against 68.3 us for this one, so it was dropped.
-template <typename T, int MT, bool VEC, Mode MODE>
-__global__ void __launch_bounds__(kThreads, 2) dense_gather_kernel(const DenseParams p) {
+template <typename T, int MT, bool VEC, Mode MODE, bool XS = false>
+__global__ void __launch_bounds__(kThreads, XS ? 3 : 2) dense_gather_kernel(const DenseParams p) {
   using V = Vec<T, VEC>;
   constexpr int W = V::N;
+  static_assert(!XS || (MT == 1 && VEC && MODE == Mode::kFused), "x staging: the decode instantiation only");
+  T* xs = nullptr;  // XS: the pass's x row in dynamic shared memory
+  if constexpr (XS) {
+    LORAKERN_DYNAMIC_SMEM(xs_raw);
+    xs = reinterpret_cast<T*>(xs_raw);
+  }
   __shared__ float y_s[MT][kMaxRank];
   __shared__ int64_t rows_s[kMaxRank];
   LORAKERN_SHARED_TRACK(y_s);
@@ -112,6 +125,14 @@ __global__ void __launch_bounds__(kThreads, 2) dense_gather_kernel(const DensePa
       }
     }
 
+    if constexpr (XS) {  // the previous pass's readers of xs are behind its closing barrier
+      for (int k = tid * W; k < p.K; k += kThreads * W) {
+        V v;
+        load_vec(v, X + xrow[0] + k);
+        store_vec(xs + k, v);
+      }
+      __syncthreads();
+    }
     if constexpr (MODE != Mode::kExpand) {
       // ---- shrink: y[m][j] = x[tok_m] . A[row_j], warps over the real rank (R rows together), lanes over K
       constexpr int R = MT == 1 ? LORAKERN_GATHER_SHRINK_ROWS : 1;
@@ -139,7 +160,11 @@ __global__ void __launch_bounds__(kThreads, 2) dense_gather_kernel(const DensePa
           for (int m = 0; m < MT; ++m) {
             if (m < mt) {
               V xv;
-              load_vec(xv, X + xrow[m] + k * p.sx_k);
+              if constexpr (XS) {
+                xv = *reinterpret_cast<const V*>(xs + k);
+              } else {
+                load_vec(xv, X + xrow[m] + k * p.sx_k);
+              }
 #pragma unroll
               for (int r = 0; r < R; ++r)
                 if (has[r]) {
@@ -234,6 +259,13 @@ cudaError_t launch_dense_gather(const DenseParams& p, cudaStream_t stream) {
   if (p.m_split < 1 || p.n_split < 1 || (MODE == Mode::kShrink && p.n_split != 1)) return cudaErrorInvalidValue;
   dim3 grid(static_cast<unsigned>(p.num_tiles), static_cast<unsigned>(p.num_slices),
             static_cast<unsigned>(p.m_split * p.n_split));
+#if LORAKERN_GATHER_X_SMEM
+  if constexpr (MT == 1 && VEC && MODE == Mode::kFused) {  // (the MoE one spills at 3 CTAs per SM)
+    const int bytes = p.K * int(sizeof(T));
+    if (bytes <= 32 * 1024)
+      return launch_kernel_smem(dense_gather_kernel<T, MT, VEC, MODE, true>, grid, dim3(kThreads), bytes, stream, p);
+  }
+#endif
   return launch_kernel(dense_gather_kernel<T, MT, VEC, MODE>, grid, dim3(kThreads), stream, p);
 }
 
