@@ -78,3 +78,23 @@ def test_relative_output_lands_where_asked(tmp_path, monkeypatch):
     assert ninja_file == (tmp_path / "obj" / "build.ninja")
     assert f"build {tmp_path / 'out' / '_C_emu.so'}: link" in text.replace("$ ", " ").replace("$:", ":")
     assert str(tmp_path / "obj" / "bindings.cpp.o") in text.replace("$ ", " ").replace("$:", ":")
+
+
+def test_sweep_variants_are_well_formed_macro_sets(monkeypatch):
+    """Every variant bench/sweep_variants.sh (and tools/variant_check.py --all) builds is a set of LORAKERN_* macros
+    the build accepts, and each macro is one the kernel headers define a default for."""
+    import variant_check
+
+    variants = variant_check.sweep_variants()
+    assert {"seg-mma", "gather-xsmem", "seg-bf16-2terms"} <= set(variants)
+    headers = "".join((cuda_build.CSRC / "include" / "lorakern" / h).read_text()
+                      for h in ("dense_segment.cuh", "dense_gather.cuh"))
+    for name, defs in variants.items():
+        monkeypatch.setenv("LORAKERN_NVCC_DEFINES", defs)
+        flags = cuda_build.defines()
+        assert flags, name
+        for f in flags:
+            assert f"#ifndef {f[2:].split('=')[0]}" in headers, (name, f)
+    monkeypatch.setenv("LORAKERN_NVCC_DEFINES", "NOT_OURS=1")
+    with pytest.raises(ValueError, match="LORAKERN_NVCC_DEFINES"):
+        cuda_build.defines()

@@ -78,20 +78,25 @@ MUTATIONS = [
 TESTS = ["tests/test_ops_lora.py", "tests/test_moe.py", "-k", "cuda and not 2048"]
 
 
+def copy_repo(work: Path) -> None:
+    """The repository's tracked and untracked-not-ignored files, as they are in the working tree, into ``work``."""
+    files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
+                           capture_output=True, text=True, check=True).stdout.split()
+    for f in files:
+        if (ROOT / f).is_file():
+            (work / f).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / f, work / f)
+
+
 def main(argv) -> int:
     sys.path.insert(0, str(ROOT / "tools"))
     import cuda_build
 
-    files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
-                           capture_output=True, text=True, check=True).stdout.split()
     ext = sysconfig.get_config_var("EXT_SUFFIX")
     survivors = []
     with tempfile.TemporaryDirectory(prefix="lorakern-mut-") as tmp:
         work = Path(tmp) / "repo"
-        for f in files:
-            if (ROOT / f).is_file():
-                (work / f).parent.mkdir(parents=True, exist_ok=True)
-                shutil.copy2(ROOT / f, work / f)
+        copy_repo(work)
         for i, (what, rel, old, new) in enumerate(MUTATIONS):
             if argv and str(i) not in argv:
                 continue
