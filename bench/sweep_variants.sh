@@ -31,14 +31,10 @@ ORDER=()
 add default "" both
 add seg-k128-s3 "LORAKERN_SEG_SK=128 LORAKERN_SEG_STAGES=3" seg
 add seg-k64-s3 "LORAKERN_SEG_STAGES=3" seg
-add seg-expand-2cta "LORAKERN_SEG_EXPAND_MINB=2 LORAKERN_SEG_Y_PREFETCH=1" seg
 add seg-bf16-2terms "LORAKERN_SEG_BF16_TERMS=2" seg
-add seg-rk64 "LORAKERN_SEG_RK=64" seg
 add seg-mma "LORAKERN_SEG_MMA=1" seg
 add gather-rows2 "LORAKERN_GATHER_SHRINK_ROWS=2" dec
 add gather-xsmem "LORAKERN_GATHER_X_SMEM=1" dec
-add gather-cols2 "LORAKERN_GATHER_EXPAND_COLS=2" dec
-add gather-rows2-cols2 "LORAKERN_GATHER_SHRINK_ROWS=2 LORAKERN_GATHER_EXPAND_COLS=2" dec
 
 WANT=()
 for v in "${@:-${ORDER[@]}}"; do

@@ -23,7 +23,7 @@
 #include "lorakern/common.cuh"
 #include "lorakern/dense_dispatch.h"
 
-// Tuning macros (compile time; the defaults are the measured configuration, bench/sweep_segment.sh times the others
+// Tuning macros (compile time; the defaults are the measured configuration, bench/sweep_variants.sh times the others
 // on a GPU by rebuilding with LORAKERN_NVCC_DEFINES). Both apply to one token per pass (MT = 1: decode, MoE):
 //   LORAKERN_GATHER_SHRINK_ROWS   rank rows a warp reduces together (1; 2 shares each x load between two rows
 //                                 and keeps twice the A loads in flight)
@@ -31,16 +31,13 @@
 //                                 shared memory (dynamic, K x 2 bytes up to 32 KB; registers capped for 3 CTAs per
 //                                 SM) and the shrink reads x from there instead of L1/L2 (on the H100 the decode
 //                                 kernel's L2 traffic nearly equals its DRAM traffic); 0 = off
-//   LORAKERN_GATHER_EXPAND_COLS   16-byte column chunks a thread accumulates together (1; 2 keeps twice the B
-//                                 loads in flight)
+// (LORAKERN_GATHER_EXPAND_COLS, two column chunks per thread in the expand, timed 10-15 % slower on the H100 and
+// was removed.)
 #ifndef LORAKERN_GATHER_X_SMEM
 #define LORAKERN_GATHER_X_SMEM 0
 #endif
 #ifndef LORAKERN_GATHER_SHRINK_ROWS
 #define LORAKERN_GATHER_SHRINK_ROWS 1
-#endif
-#ifndef LORAKERN_GATHER_EXPAND_COLS
-#define LORAKERN_GATHER_EXPAND_COLS 1
 #endif
 
 namespace lorakern {
@@ -201,49 +198,32 @@ __global__ void __launch_bounds__(kThreads, XS ? 3 : 2) dense_gather_kernel(cons
     if constexpr (MODE != Mode::kShrink) {
       __syncthreads();
       // ---- expand: out[tok_m, off + n] += scale * sum_j y[m][j] * B[row_j, n], threads over N chunks
-      constexpr int C = MT == 1 ? LORAKERN_GATHER_EXPAND_COLS : 1;  // column chunks per thread and pass
-      static_assert(C == 1 || C == 2, "LORAKERN_GATHER_EXPAND_COLS: 1 or 2");
-      for (int n0 = n_lo + tid * W; n0 < n_hi; n0 += C * kThreads * W) {
-        float acc[C][MT][W];
+      for (int n = n_lo + tid * W; n < n_hi; n += kThreads * W) {
+        float acc[MT][W];
 #pragma unroll
-        for (int c = 0; c < C; ++c)
+        for (int m = 0; m < MT; ++m)
 #pragma unroll
-          for (int m = 0; m < MT; ++m)
-#pragma unroll
-            for (int e = 0; e < W; ++e) acc[c][m][e] = 0.f;
-        bool has[C];
-#pragma unroll
-        for (int c = 0; c < C; ++c) has[c] = n0 + c * kThreads * W < n_hi;
-#pragma unroll (MT == 1 ? 8 / C : 2)
+          for (int e = 0; e < W; ++e) acc[m][e] = 0.f;
+#pragma unroll (MT == 1 ? 8 : 2)
         for (int j = 0; j < rank; ++j) {
-          const T* b = B + rows_s[j] * sb + n0;
+          V bv;
+          load_vec(bv, B + rows_s[j] * sb + n);
 #pragma unroll
-          for (int c = 0; c < C; ++c) {
-            if (!has[c]) continue;
-            V bv;
-            load_vec(bv, b + c * kThreads * W);
+          for (int m = 0; m < MT; ++m) {
+            const float yv = y_s[m][j];
 #pragma unroll
-            for (int m = 0; m < MT; ++m) {
-              const float yv = y_s[m][j];
-#pragma unroll
-              for (int e = 0; e < W; ++e) acc[c][m][e] += yv * Num<T>::to_f(bv.v[e]);
-            }
+            for (int e = 0; e < W; ++e) acc[m][e] += yv * Num<T>::to_f(bv.v[e]);
           }
         }
 #pragma unroll
-        for (int c = 0; c < C; ++c) {
-          if (!has[c]) continue;
-          const int n = n0 + c * kThreads * W;
+        for (int m = 0; m < MT; ++m) {
+          if (m < mt) {
+            T* o = O + orow[m] + (off + n) * p.so_n;
+            V ov;
+            load_vec_rw(ov, o);
 #pragma unroll
-          for (int m = 0; m < MT; ++m) {
-            if (m < mt) {
-              T* o = O + orow[m] + (off + n) * p.so_n;
-              V ov;
-              load_vec_rw(ov, o);
-#pragma unroll
-              for (int e = 0; e < W; ++e) ov.v[e] = Num<T>::from_f(Num<T>::to_f(ov.v[e]) + wt[m] * acc[c][m][e]);
-              store_vec(o, ov);
-            }
+            for (int e = 0; e < W; ++e) ov.v[e] = Num<T>::from_f(Num<T>::to_f(ov.v[e]) + wt[m] * acc[m][e]);
+            store_vec(o, ov);
           }
         }
       }

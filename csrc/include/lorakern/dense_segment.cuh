@@ -30,32 +30,21 @@
 
 namespace lorakern {
 
-// Tuning macros (compile time; the defaults are the measured configuration, bench/sweep_segment.sh times the
+// Tuning macros (compile time; the defaults are the measured configuration, bench/sweep_variants.sh times the
 // others on a GPU by rebuilding with LORAKERN_NVCC_DEFINES):
 //   LORAKERN_SEG_SK, LORAKERN_SEG_STAGES   shrink K step and cp.async ring depth (64, 4: 72 KB of shared memory)
-//   LORAKERN_SEG_EXPAND_MINB               expand CTAs per SM the registers are capped for (3: 80 registers)
-//   LORAKERN_SEG_Y_PREFETCH                expand: the next rank step's y loaded into registers during the MMAs
-//                                          (0; 1 needs EXPAND_MINB = 2 to fit)
 //   LORAKERN_SEG_MMA                       expand on mma.sync + ldmatrix instead of WMMA (0; 1: the accumulators
 //                                          go from registers into the out tile, no fp32 staging; not yet timed)
-//   LORAKERN_SEG_RK                        expand rank step (32; 64 halves the steps and barriers at r = 64)
 //   LORAKERN_SEG_BF16_TERMS                bf16 terms of the fp32 intermediate in the expand (3: ~24 bits, the
 //                                          contract's fp32; 2: ~16 bits, 9 % faster expand on an H100, but outside
 //                                          the fp32 tolerance where the sum cancels: not a default)
+// Timed on the H100 and removed, no faster: 2 expand CTAs per SM with the next rank step's y prefetched into
+// registers (0-4 % slower), rank steps of 64 (1-4 % slower).
 #ifndef LORAKERN_SEG_SK
 #define LORAKERN_SEG_SK 64
 #endif
 #ifndef LORAKERN_SEG_STAGES
 #define LORAKERN_SEG_STAGES 4
-#endif
-#ifndef LORAKERN_SEG_EXPAND_MINB
-#define LORAKERN_SEG_EXPAND_MINB 3
-#endif
-#ifndef LORAKERN_SEG_Y_PREFETCH
-#define LORAKERN_SEG_Y_PREFETCH 0
-#endif
-#ifndef LORAKERN_SEG_RK
-#define LORAKERN_SEG_RK 32
 #endif
 #ifndef LORAKERN_SEG_MMA
 #define LORAKERN_SEG_MMA 0
@@ -66,12 +55,10 @@ namespace lorakern {
 
 namespace seg {
 // (BN = 256 was tried: 8 fragments per warp spill at 128 registers)
-constexpr int BM = 64, BR = 64, BN = 128, RK = LORAKERN_SEG_RK;
+constexpr int BM = 64, BR = 64, BN = 128, RK = 32;
 constexpr int kWarpFrags = BN / 32;  // expand: 16 x 16 accumulator fragments per warp (8 warps over 4 x BN / 16)
-static_assert(RK % 16 == 0 && RK <= 64, "expand rank step");
 constexpr int kSegThreads = 256;
-constexpr int kExpandMinBlocks = LORAKERN_SEG_EXPAND_MINB;  // expand: 3 CTAs per SM (50 KB of shared memory each)
-constexpr bool kYPrefetch = LORAKERN_SEG_Y_PREFETCH != 0;     // the next step's y in registers during the MMAs
+constexpr int kExpandMinBlocks = 3;  // expand: 3 CTAs per SM (50 KB of shared memory each; <= 80 registers)
 // Shrink: K steps of SK = 64 through a STAGES-deep cp.async ring (3 steps, 48 KB, in flight per CTA while the
 // tensor cores work on the fourth); 72 KB of shared memory, so 3 CTAs per SM on an H100 (2 on an A100, 1 on sm_89).
 constexpr int SK = LORAKERN_SEG_SK, STAGES = LORAKERN_SEG_STAGES;
@@ -297,9 +284,8 @@ __global__ void __launch_bounds__(seg::kSegThreads, seg::kExpandMinBlocks) segme
 #endif
 
   float S = 1.f, inv_S = 1.f;  // fp16's scale (see kScaled)
-  if constexpr (kYPrefetch) load_y(0);
   for (int rc = 0, step = 0; rc < rank; rc += RK, ++step) {  // the slot's real rank, RK rows at a time
-    if constexpr (!kYPrefetch) load_y(rc);
+    load_y(rc);
     if constexpr (kScaled) {
       float amax = 0.f;
 #pragma unroll
@@ -340,9 +326,6 @@ __global__ void __launch_bounds__(seg::kSegThreads, seg::kExpandMinBlocks) segme
     }
     if (step < 2) cp_async_wait<2>(); else cp_async_wait<1>();  // this step's B rows (and, from step 2, the out tile)
     __syncthreads();
-    if constexpr (kYPrefetch) {
-      if (rc + RK < rank) load_y(rc + RK);  // the split above has consumed yv
-    }
     const int buf = step & 1;
 #pragma unroll 1
     for (int kk = 0; kk < RK; kk += 16) {  // not unrolled: one k slice's fragments live at a time (80 registers)
