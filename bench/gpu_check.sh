@@ -28,10 +28,12 @@
 #                          pytest-xdist, TEST_WORKERS (default 14) workers (worksteal); TESTS_EXTRA: more pytest
 #                          arguments; failing test names in failures.txt, their tracebacks in failures-tb.txt
 #   STEPS=extra            bench_mla.py, bench_moe.py, bench_pool.py (results as JSON under $OUT)
-#   STEPS=tune             the add_lora benchmark on the main cases (TUNE_FILTER), Nsight Compute on the prefill
-#                          segment kernels and the decode gather kernel (ncu.txt), bench/sweep_variants.sh on
-#                          SWEEP_VARIANTS (default "default seg-mma gather-xsmem": the variants not yet timed; the
-#                          others were, docs/cuda.md), then the cuda-backend op suites on the GPU
+#   STEPS=tune             the add_lora benchmark on the main cases (TUNE_FILTER) for TUNE_BACKENDS (default
+#                          "cuda cuda-fused triton": cuda-fused = the fused segment kernel), Nsight Compute on the
+#                          prefill segment kernels and the decode gather kernel (ncu.txt) and on the fused kernel
+#                          (ncu-fused.txt), bench/sweep_variants.sh on SWEEP_VARIANTS (default "default seg-mma
+#                          seg-fused gather-xsmem": the variants not yet timed; the others were, docs/cuda.md),
+#                          then the cuda-backend op suites on the GPU
 #                          (TUNE_TESTS_TIMEOUT): one call of a session that changes kernels
 #   STEPS=all              everything (more than one call's worth)
 # e.g.  bash bench/gpu_check.sh;  SKIP_INSTALL=1 STEPS=tests bash bench/gpu_check.sh;  SKIP_INSTALL=1 STEPS=extra ...
@@ -178,16 +180,22 @@ if run_extra; then
 fi
 
 if run_tune; then
-    step bench "${BENCH_TIMEOUT:-90}" "$PY" -m lorakern bench --device cuda --out "$OUT" \
+    # shellcheck disable=SC2086
+    step bench "${BENCH_TIMEOUT:-110}" "$PY" -m lorakern bench --device cuda --out "$OUT" \
+        --backends ${TUNE_BACKENDS:-cuda cuda-fused triton} \
         --filter "${TUNE_FILTER:-decode-qkv distinct|prefill|mixed-ranks|rank-}"
     if command -v ncu >/dev/null 2>&1; then
         step ncu "${NCU_TIMEOUT:-80}" bash -c "ncu --clock-control none --kernel-name regex:'segment|dense_gather' \
             --launch-count 3 --section SpeedOfLight --section MemoryWorkloadAnalysis --section Occupancy \
             --section WarpStateStats --section LaunchStats $PY bench/ncu_case.py --calls 1 \
             --filter 'prefill uniform' 'decode-qkv distinct' > '$OUT/ncu.txt' 2>&1"
+        step ncu-fused "${NCU_TIMEOUT:-80}" bash -c "ncu --clock-control none --kernel-name regex:'segment_fused' \
+            --launch-count 2 --section SpeedOfLight --section MemoryWorkloadAnalysis --section Occupancy \
+            --section WarpStateStats --section LaunchStats $PY bench/ncu_case.py --calls 1 --backend cuda-fused \
+            --filter 'prefill uniform' 'prefill-qkv' > '$OUT/ncu-fused.txt' 2>&1"
     fi
     step sweep "${SWEEP_TIMEOUT:-260}" env OUT="$OUT/sweep" VARIANT_TIMEOUT="${VARIANT_TIMEOUT:-40}" \
-        bash bench/sweep_variants.sh ${SWEEP_VARIANTS:-default seg-mma gather-xsmem}
+        bash bench/sweep_variants.sh ${SWEEP_VARIANTS:-default seg-mma seg-fused gather-xsmem}
     [ -f "$OUT/sweep/sweep-summary.txt" ] && cat "$OUT/sweep/sweep-summary.txt" | tee -a "$LOG"
     XDIST=()
     if "$PY" -c "import xdist" >/dev/null 2>&1; then XDIST=(-n "${TEST_WORKERS:-14}" --dist worksteal); fi

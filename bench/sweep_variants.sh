@@ -25,14 +25,17 @@ WORK="$(mktemp -d)"
 
 SEG_CASES=("prefill uniform" "prefill-qkv")
 DEC_CASES=("decode-qkv distinct" "rank-128-qkv")
-declare -A DEFS KIND
-add() { DEFS[$1]="$2"; KIND[$1]="$3"; ORDER+=("$1"); }
+declare -A DEFS KIND ENVS
+# add NAME "MACROS" KIND ["ENV=VALUE ..."]: a build (MACROS for LORAKERN_NVCC_DEFINES) and, optionally, run-time
+# settings of the profile (a variant with no macros reuses the default build)
+add() { DEFS[$1]="$2"; KIND[$1]="$3"; ENVS[$1]="${4:-}"; ORDER+=("$1"); }
 ORDER=()
 add default "" both
 add seg-k128-s3 "LORAKERN_SEG_SK=128 LORAKERN_SEG_STAGES=3" seg
 add seg-k64-s3 "LORAKERN_SEG_STAGES=3" seg
 add seg-bf16-2terms "LORAKERN_SEG_BF16_TERMS=2" seg
 add seg-mma "LORAKERN_SEG_MMA=1" seg
+add seg-fused "" seg "LORAKERN_CUDA_SEGMENT=fused"
 add gather-rows2 "LORAKERN_GATHER_SHRINK_ROWS=2" dec
 add gather-xsmem "LORAKERN_GATHER_X_SMEM=1" dec
 
@@ -45,8 +48,10 @@ for v in "${@:-${ORDER[@]}}"; do
     fi
 done
 for v in "${WANT[@]}"; do
-    echo "=== $v: LORAKERN_NVCC_DEFINES='${DEFS[$v]}'"
-    if ! LORAKERN_NVCC_DEFINES="${DEFS[$v]}" timeout 300 "$PY" tools/cuda_build.py "$WORK/$v/_C.so" \
+    echo "=== $v: LORAKERN_NVCC_DEFINES='${DEFS[$v]}' ${ENVS[$v]}"
+    if [ -z "${DEFS[$v]}" ] && [ -f "$WORK/default/_C.so" ]; then
+        mkdir -p "$WORK/$v" && cp "$WORK/default/_C.so" "$WORK/$v/_C.so"
+    elif ! LORAKERN_NVCC_DEFINES="${DEFS[$v]}" timeout 300 "$PY" tools/cuda_build.py "$WORK/$v/_C.so" \
             > "$OUT/sweep-$v.build.txt" 2>&1; then
         echo "    build failed (or a ptxas warning): $OUT/sweep-$v.build.txt"; tail -3 "$OUT/sweep-$v.build.txt"
         continue
@@ -58,7 +63,8 @@ for v in "${WANT[@]}"; do
         dec) cases=("${DEC_CASES[@]}") ;;
         *) cases=("${SEG_CASES[@]}" "${DEC_CASES[@]}") ;;
     esac
-    timeout "${VARIANT_TIMEOUT:-60}" "$PY" bench/profile_add_lora.py --quick --backends cuda --json "$OUT/sweep-$v.json" \
+    # shellcheck disable=SC2086
+    env ${ENVS[$v]} timeout "${VARIANT_TIMEOUT:-60}" "$PY" bench/profile_add_lora.py --quick --backends cuda --json "$OUT/sweep-$v.json" \
         --filter "${cases[@]}" 2>&1 | grep -v -e "UserWarning" -e "_warn_once" | tee "$OUT/sweep-$v.txt"
 done
 

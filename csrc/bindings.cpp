@@ -101,6 +101,23 @@ PYBIND11_MODULE(LORAKERN_MODULE, m) {
         return lorakern::dense_segment_ctas_per_sm(static_cast<lorakern::DType>(dtype), mode);
       }, py::arg("dtype"), py::arg("mode"),
         "CTAs of the segment kernel (mode 1 shrink, 2 expand) that fit on one SM of the current device; 0: unknown");
+  m.def("segment_fused_smem", [](int dtype, int num_slices, int max_rank) {
+        return lorakern::dense_segment_fused_smem(static_cast<lorakern::DType>(dtype), num_slices, max_rank);
+      }, py::arg("dtype"), py::arg("num_slices"), py::arg("max_rank"),
+        "dynamic shared memory (bytes) of the fused segment kernel (mode 3); 0: not supported for these sizes");
+  m.def("max_smem_per_block", []() {
+#ifdef LORAKERN_EMU
+        return 227 * 1024;  // the emulator's limit (an H100's)
+#else
+        int dev = 0, v = 0;
+        if (cudaGetDevice(&dev) != cudaSuccess ||
+            cudaDeviceGetAttribute(&v, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev) != cudaSuccess) {
+          (void)cudaGetLastError();
+          return 0;
+        }
+        return v;
+#endif
+      }, "the current device's opt-in shared memory per block (bytes; 0: unknown)");
   m.def("supports_dense_ops", []() { return true; });
   m.def("archs", []() { return std::string(LORAKERN_ARCHS); });
   m.attr("max_rank") = 128;  // lorakern::kMaxRank (dense_gather.cuh)

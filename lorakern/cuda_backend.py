@@ -8,8 +8,10 @@ tensors into that call. Kernels: csrc/include/lorakern/dense_gather.cuh (gather 
 Segment path (csrc/include/lorakern/dense_segment.cuh), chosen when the plan says adapters have long runs of
 tokens (the same heuristic as Triton's, ``lorakern.ops.lora.choose_path``) and the dtype is fp16/bf16 with
 16-byte-aligned rows: a WMMA tensor-core shrink over 64-token tiles (split over K when the tiles alone would not
-fill the GPU) writing a float32 ``y``, then a WMMA expand that feeds ``y`` as a hi + lo pair. Otherwise (fp32,
-unaligned shapes) long segments run on the gather kernel, in passes of 4 tokens.
+fill the GPU) writing a float32 ``y``, then a WMMA expand that feeds ``y`` as a hi + lo pair. Or, for add_lora
+with ``LORAKERN_CUDA_SEGMENT=fused|auto`` (:func:`_segment_mode`), both in one mma.sync kernel, one CTA per tile,
+``y`` kept on chip. Otherwise (fp32, unaligned shapes) long segments run on the gather kernel, in passes of 4
+tokens.
 
 CPU tensors (only under ``LORAKERN_CUDA_EMULATE=1``, see lorakern.backends) go to ``lorakern._C_emu``: the same
 kernel sources on the CPU emulator, with host pointers, no stream, and :data:`EMULATED_SMS` multiprocessors.
@@ -28,6 +30,7 @@ from lorakern.plan import GATHER_BLOCK_M
 
 _DTYPES = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2}
 _FUSED, _SHRINK, _EXPAND, _MOE = 0, 1, 2, 3
+_SEG_FUSED = 3  # dense_segment's mode 3: shrink + expand in one CTA per tile
 
 #: order of the int64 fields the binding reads (csrc/bindings.cpp, DenseParams)
 _DENSE_FIELDS = (
@@ -173,6 +176,58 @@ def _gather_splits(device, ctas: int, mt: int, plan_info, max_n: int, vec_width:
     return m, n
 
 
+#: values of LORAKERN_CUDA_SEGMENT (how add_lora runs the segment path)
+SEGMENT_MODES = ("split", "fused", "auto")
+_FUSED_FITS: dict = {}
+
+
+def _segment_mode(device, dtype, num_slices: int, max_rank: int, grid_s: int) -> str:
+    """``"fused"`` or ``"split"``: how add_lora runs the segment path (``LORAKERN_CUDA_SEGMENT``).
+
+    * ``split`` (the default, measured): the shrink writes a float32 y [S, T, max_rank] (split over K, atomic
+      adds), then the expand reads it;
+    * ``fused``: segment_fused_kernel, one CTA per 64-token tile doing the shrink of every slice and then the
+      expand, y never leaving the SM (no split-K, no atomics: deterministic), wherever its layout fits: every
+      slice's rank columns (max_rank rounded up to 16, times the slices) <= 256 and its shared memory within the
+      device's limit; else split;
+    * ``auto``: fused where it fits and the tiles fill every SM (one CTA per SM), else split.
+
+    Not timed on a GPU yet, hence not the default (docs/cuda.md)."""
+    mode = os.environ.get("LORAKERN_CUDA_SEGMENT", "").strip().lower() or "split"
+    if mode not in SEGMENT_MODES:
+        raise ValueError(f"LORAKERN_CUDA_SEGMENT: expected one of {', '.join(SEGMENT_MODES)}, got {mode!r}")
+    if mode == "split" or not _fused_fits(device, dtype, num_slices, max_rank):
+        return "split"
+    if mode == "auto" and grid_s < _sm_count(device):
+        return "split"
+    return "fused"
+
+
+def _fused_fits(device, dtype, num_slices: int, max_rank: int) -> bool:
+    key = (device, dtype, num_slices, max_rank)
+    if key not in _FUSED_FITS:
+        ext = _ext(device)
+        need = int(ext.segment_fused_smem(_DTYPES[dtype], num_slices, max_rank))
+        if device.type == "cuda":
+            with torch.cuda.device(device):
+                have = int(ext.max_smem_per_block())
+        else:
+            have = int(ext.max_smem_per_block())
+        _FUSED_FITS[key] = 0 < need <= have
+    return _FUSED_FITS[key]
+
+
+def _segment_fused(out, x, a_tab, sa_tab, b_tab, sb_tab, n_tab, off_tab, lora_b, page_table, ranks, scales,
+                   token_ids, tiles, grid_n):
+    _call_segment(_SEG_FUSED, x.dtype, 1, x.device,
+                  x=x.data_ptr(), sx_t=x.stride(0), sx_k=x.stride(1), a_ptrs=a_tab.data_ptr(),
+                  a_strides=sa_tab.data_ptr(), b_ptrs=b_tab.data_ptr(), b_strides=sb_tab.data_ptr(),
+                  n_sizes=n_tab.data_ptr(), offsets=off_tab.data_ptr(), out=out.data_ptr(), so_t=out.stride(0),
+                  so_n=out.stride(1), K=x.shape[1], max_rank=page_table.shape[1],
+                  max_n=max(b.shape[1] for b in lora_b),
+                  **_common(page_table, ranks, scales, tiles, token_ids, grid_n, len(lora_b)))
+
+
 def _segment_shrink(y, x, a_tab, sa_tab, S, page_table, ranks, token_ids, tiles, grid_n):
     max_rank = page_table.shape[1]
     ks = _k_split(x.device, grid_n * S * -(-max_rank // 64), x.shape[1], x.dtype)
@@ -212,6 +267,10 @@ def add_lora(out, x, lora_a, lora_b, page_table, ranks, scales, token_ids, tiles
     if _use_segment(plan_info, x.dtype, vec):
         grid_s = plan_info[1]
         if grid_s == 0:
+            return
+        if _segment_mode(x.device, x.dtype, len(lora_a), page_table.shape[1], grid_s) == "fused":
+            _segment_fused(out, x, a_tab, sa_tab, b_tab, sb_tab, n_tab, off_tab, lora_b, page_table, ranks, scales,
+                           token_ids, tiles_segment, grid_s)
             return
         y = torch.zeros((len(lora_a), x.shape[0], page_table.shape[1]), dtype=torch.float32, device=x.device)
         _segment_shrink(y, x, a_tab, sa_tab, len(lora_a), page_table, ranks, token_ids, tiles_segment, grid_s)

@@ -48,8 +48,10 @@ CUDA_RUNS = _cuda_backend_usable() or _cuda_emulator_usable()
 BACKEND_LIST = ["torch", "triton"] + (["cuda"] if CUDA_RUNS else [])
 #: the compiled ones
 COMPILED_BACKENDS = [b for b in BACKEND_LIST if b != "torch"]
-#: backend variants: each compiled backend once per forced code path (LORAKERN_TRITON_PATH)
-IMPLS = ["torch", "triton-gather", "triton-segment"] + (["cuda-gather", "cuda-segment"] if CUDA_RUNS else [])
+#: backend variants: each compiled backend once per forced code path (LORAKERN_TRITON_PATH); "cuda-fused" is the
+#: cuda segment path with add_lora on the fused kernel (LORAKERN_CUDA_SEGMENT=fused; shrink and expand as segment)
+IMPLS = ["torch", "triton-gather", "triton-segment"] + (["cuda-gather", "cuda-segment", "cuda-fused"]
+                                                        if CUDA_RUNS else [])
 
 
 def backend_device(backend: str) -> torch.device:
@@ -60,11 +62,17 @@ def backend_device(backend: str) -> torch.device:
 
 
 def set_impl(impl: str, monkeypatch) -> str:
-    """Activate a backend variant (``"triton-gather"`` forces that path); returns the backend name.
+    """Activate a backend variant (``"triton-gather"`` forces that path, ``"cuda-fused"`` the segment path with the
+    fused add_lora kernel); returns the backend name.
 
     ``"triton"`` alone leaves the path to the plan (the env override is removed). (``"cuda…"`` without a GPU runs
     on the CPU emulator: see :func:`_cuda_on_the_emulator`.)"""
     backend, _, path = impl.partition("-")
+    if path == "fused":
+        monkeypatch.setenv("LORAKERN_CUDA_SEGMENT", "fused")
+        path = "segment"
+    else:
+        monkeypatch.delenv("LORAKERN_CUDA_SEGMENT", raising=False)
     if path:
         monkeypatch.setenv("LORAKERN_TRITON_PATH", path)
     else:

@@ -271,21 +271,27 @@ def test_backend_refusal_is_a_skipped_row():
 
 @pytest.mark.skipif(not CUDA_RUNS or HAS_CUDA, reason="needs the CPU emulator of the CUDA kernels")
 def test_forced_path_variants_are_rows_of_their_own(monkeypatch):
-    """``cuda-gather`` / ``cuda-segment`` (and the triton ones): the backend with its path forced, checked and
-    timed as rows of their own; the plain backend after them runs with the path left to the plan again."""
+    """``cuda-gather`` / ``cuda-segment`` / ``cuda-fused`` (and the triton ones): the backend with its path (and
+    segment kernels) forced, checked and timed as rows of their own; the plain backend after them runs with the
+    path left to the plan again, and the caller's settings are back afterwards."""
     monkeypatch.setenv("LORAKERN_CUDA_EMULATE", "1")
     monkeypatch.delenv("LORAKERN_TRITON_PATH", raising=False)
+    monkeypatch.delenv("LORAKERN_CUDA_SEGMENT", raising=False)
     case = C.Case("t", "zipf:1.5", 24, 32, (16, 8), "4", 4, torch.float16)
-    seen = []
+    seen, modes = [], []
     from lorakern import cuda_backend
 
     real = cuda_backend._use_segment
     monkeypatch.setattr(cuda_backend, "_use_segment", lambda info, *a: seen.append(info[2]) or real(info, *a))
-    rows = C.run_case(case, "cpu", backends=("cuda-segment", "cuda"), baselines=(), peers=(),
+    real_mode = cuda_backend._segment_mode
+    monkeypatch.setattr(cuda_backend, "_segment_mode", lambda *a: modes.append(real_mode(*a)) or modes[-1])
+    rows = C.run_case(case, "cpu", backends=("cuda-segment", "cuda-fused", "cuda"), baselines=(), peers=(),
                       timing=C.TimingConfig(0, 1, 1.0, 1))
-    assert [r["backend"] for r in rows] == ["cuda-segment", "cuda"]
+    assert [r["backend"] for r in rows] == ["cuda-segment", "cuda-fused", "cuda"]
     assert all(r["median_us"] is not None and "emulator" in (r.get("note") or "") for r in rows), rows
     assert 1 in seen and seen[-1] == 0  # segment forced first, then the plan's choice (gather at 6 tokens/adapter)
+    assert "split" in modes and "fused" in modes
+    assert "LORAKERN_TRITON_PATH" not in os.environ and "LORAKERN_CUDA_SEGMENT" not in os.environ
 
 
 def test_case_lists():

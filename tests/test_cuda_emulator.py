@@ -179,6 +179,11 @@ def _every_kernel(g):
         y = lorakern.ops.lora_shrink(x, pool.lora_a, *args, slots, backend="cuda")
         lorakern.ops.lora_expand(out, y, pool.lora_b, *args, pool.scales, slots, backend="cuda")
         outs += [out.view(torch.int16), y.view(torch.int32)]
+    os.environ["LORAKERN_CUDA_SEGMENT"] = "fused"  # add_lora's fused segment kernel
+    out = torch.zeros(40, sum(ns), dtype=dt)
+    lorakern.ops.add_lora(out, x, pool.lora_a, pool.lora_b, *args, pool.scales, slots, backend="cuda")
+    outs.append(out.view(torch.int16))
+    os.environ.pop("LORAKERN_CUDA_SEGMENT", None)
     os.environ.pop("LORAKERN_TRITON_PATH", None)
     L = make_moe_lora(g, E=6, K=48, n_sizes=[24, 16], ranks=[3, 20, 1, 16], dtype=dt)
     ids, w = make_routing(g, 12, 3, 6)
@@ -202,7 +207,8 @@ def _every_kernel(g):
 
 @pytest.mark.skipif(HAS_CUDA, reason="the emulator is for machines without a GPU")
 def test_kernels_agree_in_every_schedule(monkeypatch):
-    """Every kernel (dense both paths with split-K, shrink, expand, MoE, MLA q/o) gives the same bits whatever
+    """Every kernel (dense both paths with split-K, the fused segment kernel, shrink, expand, MoE, MLA q/o) gives
+    the same bits whatever
     order the threads of a block run in — forward, reverse, three random schedules: no result depends on an
     unsynchronised shared-memory access."""
     from lorakern import cuda_backend
@@ -213,6 +219,7 @@ def test_kernels_agree_in_every_schedule(monkeypatch):
         pytest.skip(emu)
     monkeypatch.setenv("LORAKERN_CUDA_EMULATE", "1")
     monkeypatch.delenv("LORAKERN_TRITON_PATH", raising=False)
+    monkeypatch.delenv("LORAKERN_CUDA_SEGMENT", raising=False)
     runs = []
     try:
         for order, seed in ((0, 0), (1, 0), (2, 0), (2, 1), (2, 2)):
@@ -296,6 +303,10 @@ for name in sys.argv[4].split(","):
             for op in ("add_lora", "lora_shrink", "lora_expand"):
                 conftest.run_case(op, "cuda", case, g)
                 n += 1
+        os.environ["LORAKERN_CUDA_SEGMENT"] = "fused"  # add_lora's fused segment kernel
+        conftest.run_case("add_lora", "cuda", T._case(name, dt, torch.Generator().manual_seed(n)), g)
+        os.environ.pop("LORAKERN_CUDA_SEGMENT")
+        n += 1
 # the MoE mode (pairs, expert strides, routing weights) and the MLA ops on it (heads as experts, stride-0 views)
 import test_moe, test_mla
 for dt in (torch.float16, torch.bfloat16, torch.float32):

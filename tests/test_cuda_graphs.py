@@ -15,9 +15,10 @@ pytestmark = pytest.mark.gpu
 
 def _backends():
     if not torch.cuda.is_available():
-        return ["triton", "cuda"]
+        return ["triton", "cuda", "cuda-fused"]
     dev = torch.device("cuda")
-    return [b for b in ("triton", "cuda") if not BACKENDS[b].not_supported_reasons(dev, torch.bfloat16)]
+    names = [b for b in ("triton", "cuda") if not BACKENDS[b].not_supported_reasons(dev, torch.bfloat16)]
+    return names + (["cuda-fused"] if "cuda" in names else [])
 
 
 def _ref(out0, x, L, slots):
@@ -31,7 +32,12 @@ def _ref(out0, x, L, slots):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("backend", _backends())
 @pytest.mark.parametrize("max_tokens", [64, 512])
-def test_graph_replay_with_other_mixes(backend, max_tokens):
+def test_graph_replay_with_other_mixes(backend, max_tokens, monkeypatch):
+    """``cuda-fused``: the segment path forced, add_lora on the fused segment kernel (LORAKERN_CUDA_SEGMENT)."""
+    if backend == "cuda-fused":
+        backend = "cuda"
+        monkeypatch.setenv("LORAKERN_TRITON_PATH", "segment")
+        monkeypatch.setenv("LORAKERN_CUDA_SEGMENT", "fused")
     dev, dt = torch.device("cuda"), torch.bfloat16
     g = torch.Generator().manual_seed(1234 + max_tokens)
     num_slots, K, ns = 300, 256, (256, 64, 64)

@@ -71,7 +71,9 @@ def _matrix(op):
     for ci, name in enumerate(CASES):
         for pi, impl in enumerate(IMPLS):
             interp_triton = _INTERP and impl.startswith("triton")
-            if name == BIG and _INTERP and impl == "cuda-segment":
+            if impl == "cuda-fused" and op in ("lora_shrink", "lora_expand"):
+                dts = []  # the fused kernel is add_lora's only
+            elif name == BIG and _INTERP and impl in ("cuda-segment", "cuda-fused"):
                 # on the CPU emulator: 2048 one-token 64-token tiles, each a full block of 256 fibers
                 dts = [torch.float16] if op == "add_lora" else []
             elif name == BIG and interp_triton:
@@ -250,6 +252,9 @@ class _LaunchRecorder:
         self.log.append(("segment", list(fields), args))
         return self.ext.dense_segment(fields, *args)
 
+    def __getattr__(self, name):  # queries (segment_fused_smem, ...) go to the extension unrecorded
+        return getattr(self.ext, name)
+
 
 @pytest.mark.parametrize("impl", [i for i in IMPLS if i.startswith("cuda")])
 def test_static_plan_launches_are_replayable(impl, generator, monkeypatch):
@@ -303,6 +308,58 @@ def test_static_plan_launches_are_replayable(impl, generator, monkeypatch):
                          for j, (k, f, a) in enumerate(log)])
     assert launches[0] and launches[0] == launches[1]
     assert len(torch.unique(mixes[1][mixes[1] >= 0])) > 20
+
+
+@pytest.mark.cuda_emulate
+@pytest.mark.skipif(not CUDA_RUNS, reason="the cuda backend does not run here")
+def test_fused_segment_kernel_is_chosen_where_it_fits(generator, monkeypatch):
+    """LORAKERN_CUDA_SEGMENT: "fused" runs add_lora's segment path as one launch of the fused kernel (mode 3)
+    wherever its layout fits (slices x max_rank rounded up to 16 <= 256 columns, shared memory within the device's
+    limit) and as shrink + expand elsewhere; "auto" also wants one tile per SM; "split" (the default) never fuses;
+    anything else is refused. Each variant's result matches the float64 oracle, and the fused one is the same bits
+    on a second call (no atomics)."""
+    from lorakern import cuda_backend
+
+    log = []
+    real_ext = cuda_backend._ext
+    monkeypatch.setattr(cuda_backend, "_ext", lambda device: _LaunchRecorder(real_ext(device), log))
+    monkeypatch.setenv("LORAKERN_TRITON_PATH", "segment")
+
+    def modes(setting, n_sizes, ranks, T=40, max_rank=None):
+        if setting is None:
+            monkeypatch.delenv("LORAKERN_CUDA_SEGMENT", raising=False)
+        else:
+            monkeypatch.setenv("LORAKERN_CUDA_SEGMENT", setting)
+        case = make_case(generator, T=T, K=64, n_sizes=n_sizes, ranks=ranks, num_adapters=len(ranks),
+                         max_rank=max_rank, dtype=torch.bfloat16, device=DEVICE, mix="uniform")
+        log.clear()
+        run_case("add_lora", "cuda", case, generator)
+        return [args[1] for kind, _, args in log if kind == "segment"]
+
+    assert modes(None, [40, 24], [5, 16, 64]) == [1, 2]
+    assert modes("split", [40, 24], [5, 16, 64]) == [1, 2]
+    assert modes("fused", [40, 24], [5, 16, 64]) == [3]
+    assert modes("fused", [40], [1, 128, 77]) == [3]                        # 128 columns
+    assert modes("fused", [40, 24, 24], [1, 128, 77]) == [1, 2]             # 3 x 128 columns: does not fit
+    assert modes("fused", [40, 24, 16, 8], [3, 60], max_rank=64) == [3]      # 4 x 64 = 256 columns
+    sms = cuda_backend._sm_count(DEVICE)
+    assert modes("auto", [40], [4, 9], T=40) == [1, 2]                       # fewer tiles than SMs
+    assert modes("auto", [40], [4, 9] * sms, T=64 * sms) == [3]
+    monkeypatch.setenv("LORAKERN_CUDA_SEGMENT", "fast")
+    case = make_case(generator, T=40, K=64, n_sizes=[40], ranks=[4, 9], num_adapters=2, dtype=torch.bfloat16,
+                     device=DEVICE)
+    L = case.lora
+    with pytest.raises(ValueError, match="LORAKERN_CUDA_SEGMENT"):
+        lorakern.ops.add_lora(torch.zeros(40, 40, dtype=torch.bfloat16, device=DEVICE), case.x, L.lora_a, L.lora_b,
+                              L.page_table, L.ranks, case.scales, case.slots_arg, backend="cuda")
+    monkeypatch.setenv("LORAKERN_CUDA_SEGMENT", "fused")
+    outs = []
+    for _ in range(2):
+        out = torch.ones(40, 40, dtype=torch.bfloat16, device=DEVICE)
+        lorakern.ops.add_lora(out, case.x, L.lora_a, L.lora_b, L.page_table, L.ranks, case.scales, case.slots_arg,
+                              backend="cuda")
+        outs.append(out)
+    assert torch.equal(outs[0], outs[1]) and not torch.equal(outs[0], torch.ones_like(outs[0]))
 
 
 @pytest.mark.parametrize("static", [False, True], ids=["dynamic", "static"])

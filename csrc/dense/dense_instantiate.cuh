@@ -1,7 +1,7 @@
 // lorakern: the instantiation matrix of the dense gather kernels for one dtype (included by dense_<dtype>.cu, one
 // small translation unit per dtype so that a 2-core build compiles them in parallel).
 //   gather  fused, MoE: MT in {1, 4} x VEC in {true, false};  shrink, expand: MT = 4 x VEC in {true, false};
-//   segment (fp16 / bf16 only): shrink, expand.
+//   segment (fp16 / bf16 only): shrink, expand, fused.
 #pragma once
 
 #include "lorakern/dense_dispatch.h"
@@ -41,10 +41,11 @@ cudaError_t dense_gather_t(const DenseParams& p, int mode, int mt, bool vec, cud
   }                                                                                                \
   }
 
-#define LORAKERN_SEGMENT_ENTRY(NAME, CTAS, T)                                                      \
+#define LORAKERN_SEGMENT_ENTRY(NAME, CTAS, SMEM, T)                                                \
   namespace lorakern {                                                                             \
   cudaError_t NAME(const DenseParams& p, int mode, int k_split, cudaStream_t s) {                   \
     return launch_dense_segment<T>(p, mode, k_split, s);                                           \
   }                                                                                                \
   int CTAS(int mode) { return segment_ctas_per_sm_t<T>(mode); }                                    \
+  int SMEM(int num_slices, int max_rank) { return segment_fused_smem_t<T>(num_slices, max_rank); }  \
   }

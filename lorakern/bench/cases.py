@@ -46,8 +46,9 @@ __all__ = ["Case", "quick_cases", "full_cases", "run_case", "TimingConfig", "QUI
            "LORAKERN_BACKENDS", "PATH_VARIANTS", "BASELINE_NAMES", "PEER_NAMES", "TOLERANCE"]
 
 LORAKERN_BACKENDS = ("cuda", "triton", "torch")
-#: opt-in variants: a compiled backend with its code path forced (LORAKERN_TRITON_PATH), to compare the paths
-PATH_VARIANTS = ("cuda-gather", "cuda-segment", "triton-gather", "triton-segment")
+#: opt-in variants: a compiled backend with its code path forced (LORAKERN_TRITON_PATH), to compare the paths;
+#: ``cuda-fused``: the segment path with add_lora on the fused segment kernel (LORAKERN_CUDA_SEGMENT=fused)
+PATH_VARIANTS = ("cuda-gather", "cuda-segment", "cuda-fused", "triton-gather", "triton-segment")
 BASELINE_NAMES = tuple(B.BASELINES)
 PEER_NAMES = tuple(B.PEERS)
 
@@ -192,11 +193,17 @@ def _reason(e: BaseException) -> str:
 
 
 # ------------------------------------------------------------------------------------------------- one case
-def _set_path(path: Optional[str]) -> None:
-    if path:
-        os.environ["LORAKERN_TRITON_PATH"] = path
+def _set_env(name: str, value: Optional[str]) -> None:
+    if value:
+        os.environ[name] = value
     else:
-        os.environ.pop("LORAKERN_TRITON_PATH", None)
+        os.environ.pop(name, None)
+
+
+def _set_path(path: Optional[str], user_segment: Optional[str] = None) -> None:
+    """Force a variant's path ("fused": the segment path on the fused kernel); None: the caller's settings."""
+    _set_env("LORAKERN_CUDA_SEGMENT", "fused" if path == "fused" else user_segment)
+    _set_env("LORAKERN_TRITON_PATH", "segment" if path == "fused" else path)
 
 
 def _implementations(case: Case, inp: _Inputs, out: torch.Tensor, device: torch.device, backends: Sequence[str],
@@ -205,6 +212,7 @@ def _implementations(case: Case, inp: _Inputs, out: torch.Tensor, device: torch.
     p = inp.pool
     max_rank = p.max_rank
     user_path = os.environ.get("LORAKERN_TRITON_PATH")
+    user_segment = os.environ.get("LORAKERN_CUDA_SEGMENT")
     for name in backends:
         base, _, path = name.partition("-")  # "cuda-segment": the cuda backend on its segment path
         reasons = BACKENDS[base].not_supported_reasons(device, case.dtype, max_rank)
@@ -221,9 +229,9 @@ def _implementations(case: Case, inp: _Inputs, out: torch.Tensor, device: torch.
 
         # run_case checks and times each implementation before asking for the next, so the path forced here (or
         # the caller's setting, for a plain backend name) holds for all of its calls; nothing per timed call
-        _set_path(path or user_path)
+        _set_path(path or user_path, user_segment)
         yield name, fn, None, note
-    _set_path(user_path)
+    _set_path(user_path, user_segment)
     for name in baselines:
         bl = B.BASELINES[name]
         try:

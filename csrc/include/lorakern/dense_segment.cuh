@@ -413,7 +413,329 @@ __global__ void __launch_bounds__(seg::kSegThreads, seg::kExpandMinBlocks) segme
   }
 }
 
-// mode 1: shrink into a zeroed y; mode 2: expand from y. `k_split` >= 1 (shrink only).
+// ------------------------------------------------------------------------------------------------------------
+// segment_fused_kernel  grid (tiles): one CTA per 64-token tile does the shrink AND the expand of every slice.
+//   1. Shrink: Y[64 tokens, C] = X[tokens, K] @ A^T for all slices at once (C = S x R16 columns, R16 = max_rank
+//      rounded up to 16; slice s owns columns s R16 ..), K steps of 64 through a STAGES-deep cp.async ring; x is
+//      read once per tile for all slices, the whole K per CTA (no split, no atomics: deterministic). mma.sync +
+//      ldmatrix; 8 warps as 2 row halves x 4 column groups (16-column blocks b = group + 4 i); the accumulators
+//      (<= 64 per lane) stay in registers. Blocks past the slot's real rank are neither loaded nor multiplied.
+//   2. The fp32 Y goes to shared memory once, as terms of the weight dtype (as in the expand kernel), and never to
+//      global memory.
+//   3. Expand: the tile's out columns in chunks of BN = 128 (every slice's N_i in turn), OSTAGES-deep: the B rows
+//      (below the rank) and the out chunk of chunk c + 2 stream in by cp.async while chunk c multiplies; each warp
+//      (16 rows x 64 columns) adds its accumulators to the out chunk in shared memory and writes its part back
+//      with 16-byte stores. The first out chunks are issued before the Y terms are written.
+// One CTA per SM (up to ~210 KB of shared memory): the host takes this path when C <= 256 and the layout fits the
+// device (segment_fused_smem), and while there are enough tiles for the GPU (LORAKERN_CUDA_SEGMENT).
+namespace segf {
+constexpr int BM = 64, SK = 64, STAGES = 4, BN = 128, OSTAGES = 3;
+constexpr int kThreads = 256;
+constexpr int kMaxCols = 256;                  // S x R16
+constexpr int kMaxSlices = kMaxCols / 16;
+constexpr int kBlocksPerWarp = kMaxCols / 64;  // 16-column blocks per warp column group in the shrink
+constexpr int LDX = SK + 8;
+constexpr int LDB = BN + 8;
+static_assert(BM * (SK / 8) % kThreads == 0 && kMaxCols * (SK / 8) % kThreads == 0, "ring loads");
+
+template <typename T> constexpr int terms() {
+  return std::is_same<T, __nv_bfloat16>::value && LORAKERN_SEG_BF16_TERMS == 3 ? 3 : 2;
+}
+
+// Shared-memory layout (bytes). The ring (from 0) is dead once the shrink ends; the Y terms (from 0) and the
+// expand stages (after them) reuse it.
+template <typename T> struct FusedLayout {
+  int r16, cols, ldy, ring_stage, ring, y_bytes, stage_off, ot_off, stage, bytes;
+  __host__ __device__ FusedLayout(int num_slices, int max_rank) {
+    r16 = (max_rank + 15) / 16 * 16;
+    cols = num_slices * r16;
+    ldy = cols + 8;
+    ring_stage = (BM + cols) * LDX * int(sizeof(T));  // xs [BM][LDX], then as [cols][LDX]
+    ring = STAGES * ring_stage;
+    y_bytes = terms<T>() * BM * ldy * int(sizeof(T));  // yt [terms][BM][ldy]
+    stage_off = seg::round128(y_bytes);
+    ot_off = r16 * LDB * int(sizeof(T));               // a stage: bs [r16][LDB], then ot [BM][LDB]
+    stage = ot_off + BM * LDB * int(sizeof(T));
+    const int expand = stage_off + OSTAGES * stage;
+    bytes = ring > expand ? ring : expand;
+  }
+  __host__ __device__ bool supported() const { return cols > 0 && cols <= kMaxCols; }
+};
+}  // namespace segf
+
+template <typename T>
+__global__ void __launch_bounds__(segf::kThreads, 1) segment_fused_kernel(const DenseParams p) {
+  using segf::FusedLayout;
+  constexpr int BM = segf::BM, SK = segf::SK, STAGES = segf::STAGES, BN = segf::BN, OSTAGES = segf::OSTAGES;
+  constexpr int kThreads = segf::kThreads, kMaxCols = segf::kMaxCols, kMaxSlices = segf::kMaxSlices;
+  constexpr int kBlocksPerWarp = segf::kBlocksPerWarp, LDX = segf::LDX, LDB = segf::LDB;
+  LORAKERN_DYNAMIC_SMEM(smem);
+  __shared__ int64_t tok_s[BM];
+  __shared__ int32_t rows_s[kMaxCols];  // the slot's rank rows (rank <= R16 <= kMaxCols)
+  __shared__ int chunk_s[kMaxSlices + 1];  // first out chunk of each slice, then the total
+  __shared__ float wmax_s[kThreads / 32];
+  LORAKERN_SHARED_TRACK(tok_s);
+  LORAKERN_SHARED_TRACK(rows_s);
+  LORAKERN_SHARED_TRACK(chunk_s);
+  LORAKERN_SHARED_TRACK(wmax_s);
+
+  const int tile = blockIdx.x;
+  const int start = p.tiles[3 * tile], len = p.tiles[3 * tile + 1], slot = p.tiles[3 * tile + 2];
+  if (len <= 0 || slot < 0) return;
+  const int rank = p.ranks[slot];
+  if (rank <= 0) return;
+  const FusedLayout<T> L(p.num_slices, p.max_rank);
+  const int R16 = L.r16, C = L.cols, rank16 = (rank + 15) / 16 * 16;
+  constexpr int kTerms = segf::terms<T>();
+  constexpr bool kScaled = std::is_same<T, __half>::value;  // fp16: y / S with |y / S| < 2^14 (see the expand)
+
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+  const int g = lane >> 2, q = lane & 3;
+  for (int i = tid; i < BM; i += kThreads) tok_s[i] = i < len ? p.token_ids[start + i] : -1;
+  for (int j = tid; j < rank; j += kThreads) rows_s[j] = p.page_table[slot * p.s_pt + j];
+  if (tid == 0) {
+    int c = 0;
+    for (int s = 0; s < p.num_slices; ++s) {
+      chunk_s[s] = c;
+      c += static_cast<int>((p.n_sizes[s] + BN - 1) / BN);
+    }
+    chunk_s[p.num_slices] = c;
+  }
+  __syncthreads();
+
+  // ---- 1. shrink
+  const T* X = reinterpret_cast<const T*>(p.x);
+  using RowX = T[LDX];
+  auto xs = [&](int st) { return reinterpret_cast<RowX*>(smem + st * L.ring_stage); };
+  auto as = [&](int st) { return reinterpret_cast<RowX*>(smem + st * L.ring_stage + BM * LDX * sizeof(T)); };
+  constexpr int kXL = BM * (SK / 8) / kThreads, kAL = kMaxCols * (SK / 8) / kThreads;
+  // this thread's vectors of a K step: x rows and A rank rows (fixed over the K loop); null = a zero fill
+  const T* xrow[kXL];
+  const T* arow[kAL];
+#pragma unroll
+  for (int l = 0; l < kXL; ++l) {
+    const int m = (tid + l * kThreads) / (SK / 8);
+    xrow[l] = tok_s[m] >= 0 ? X + tok_s[m] * p.sx_t : nullptr;
+  }
+#pragma unroll
+  for (int l = 0; l < kAL; ++l) {
+    const int c = (tid + l * kThreads) / (SK / 8), s = c / R16, j = c % R16;
+    arow[l] = (c < C && j < rank) ? reinterpret_cast<const T*>(p.a_ptrs[s]) + rows_s[j] * p.a_strides[s] : nullptr;
+  }
+  const int steps = (p.K + SK - 1) / SK;
+  auto issue = [&](int step, int st) {
+    const int k0 = step * SK;
+#pragma unroll
+    for (int l = 0; l < kXL; ++l) {
+      const int i = tid + l * kThreads, m = i / (SK / 8), k = (i % (SK / 8)) * 8;
+      const bool ok = xrow[l] != nullptr && k0 + k < p.K;
+      cp_async16(&xs(st)[m][k], ok ? xrow[l] + k0 + k : X, ok);
+    }
+#pragma unroll
+    for (int l = 0; l < kAL; ++l) {
+      const int i = tid + l * kThreads, c = i / (SK / 8), k = (i % (SK / 8)) * 8;
+      if (c < C && c % R16 < rank16) {  // rows of live 16-blocks; zeros past the rank or K
+        const bool ok = arow[l] != nullptr && k0 + k < p.K;
+        cp_async16(&as(st)[c][k], ok ? arow[l] + k0 + k : X, ok);
+      }
+    }
+  };
+
+  const int wm = warp & 1, wn = warp >> 1;  // rows wm * 32 .. + 32; 16-column blocks wn + 4 i
+  float acc[kBlocksPerWarp][2][2][4];
+#pragma unroll
+  for (int i = 0; i < kBlocksPerWarp; ++i)
+#pragma unroll
+    for (int mi = 0; mi < 2; ++mi)
+#pragma unroll
+      for (int h = 0; h < 2; ++h)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) acc[i][mi][h][e] = 0.f;
+  auto live = [&](int b) { return b * 16 < C && (b * 16) % R16 < rank; };  // block b: below the slot's rank
+
+#pragma unroll
+  for (int s = 0; s < STAGES - 1; ++s) {
+    if (s < steps) issue(s, s);
+    cp_async_commit();
+  }
+  for (int ks = 0; ks < steps; ++ks) {
+    cp_async_wait<STAGES - 2>();  // this thread's copies of K step ks have landed
+    __syncthreads();  // everyone's have; the stage refilled below was last read one K step ago
+    if (ks + STAGES - 1 < steps) issue(ks + STAGES - 1, (ks + STAGES - 1) % STAGES);
+    cp_async_commit();
+    const int st = ks % STAGES;
+#pragma unroll
+    for (int kk = 0; kk < SK; kk += 16) {
+      uint32_t af[2][4];
+#pragma unroll
+      for (int mi = 0; mi < 2; ++mi)
+        ldmatrix_x4(af[mi], &xs(st)[wm * 32 + mi * 16 + (lane & 15)][kk + (lane >> 4) * 8], false);
+#pragma unroll
+      for (int i = 0; i < kBlocksPerWarp; ++i) {
+        const int b = wn + 4 * i;
+        if (!live(b)) continue;  // warp-uniform
+        // A rows as the (k, n) operand: matrices (n 0-7 | 8-15) x (k 0-7 | 8-15) -> {b0, b1} of n8 tiles 0, 1
+        uint32_t bq[4];
+        ldmatrix_x4(bq, &as(st)[b * 16 + (lane & 7) + ((lane >> 4) << 3)][kk + ((lane >> 3) & 1) * 8], false);
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const uint32_t bb[2] = {bq[2 * h], bq[2 * h + 1]};
+#pragma unroll
+          for (int mi = 0; mi < 2; ++mi) mma_16816<T>(acc[i][mi][h], af[mi], bb, acc[i][mi][h]);
+        }
+      }
+    }
+  }
+  cp_async_wait<0>();  // only empty groups are left
+  __syncthreads();     // every warp is done with the ring: the Y terms and the expand stages reuse it
+
+  // ---- 3 (prologue). the first out chunks stream in while the Y terms are written
+  const int nch = chunk_s[p.num_slices];
+  T* O = reinterpret_cast<T*>(p.out);
+  using RowB = T[LDB];
+  auto bs = [&](int buf) { return reinterpret_cast<RowB*>(smem + L.stage_off + buf * L.stage); };
+  auto ot = [&](int buf) { return reinterpret_cast<RowB*>(smem + L.stage_off + buf * L.stage + L.ot_off); };
+  auto slice_of = [&](int c) {
+    int s = 0;
+    while (c >= chunk_s[s + 1]) ++s;
+    return s;
+  };
+  auto issue_chunk = [&](int c, int buf) {
+    const int s = slice_of(c), n0 = (c - chunk_s[s]) * BN;
+    const int n_i = static_cast<int>(p.n_sizes[s]);
+    const T* B = reinterpret_cast<const T*>(p.b_ptrs[s]) + n0;
+    const int64_t sb = p.b_strides[s];
+    for (int i = tid; i < rank16 * (BN / 8); i += kThreads) {  // B rows below the rank, zeros to rank16
+      const int j = i / (BN / 8), n = (i % (BN / 8)) * 8;
+      const bool ok = j < rank && n0 + n < n_i;
+      cp_async16(&bs(buf)[j][n], ok ? B + rows_s[j] * sb + n : B, ok);
+    }
+    const T* Oc = O + p.offsets[s] + n0;
+    for (int i = tid; i < BM * (BN / 8); i += kThreads) {  // the out chunk (rows of the tile, columns below N_i)
+      const int m = i / (BN / 8), n = (i % (BN / 8)) * 8;
+      if (m < len && n0 + n < n_i) cp_async16(&ot(buf)[m][n], Oc + tok_s[m] * p.so_t + n, true);
+    }
+  };
+#pragma unroll
+  for (int c = 0; c < OSTAGES - 1; ++c) {
+    if (c < nch) issue_chunk(c, c);
+    cp_async_commit();
+  }
+
+  // ---- 2. Y -> terms of T in shared memory (fp16: divided by a power of two S first)
+  float S = 1.f, inv_S = 1.f;
+  if constexpr (kScaled) {
+    float amax = 0.f;
+#pragma unroll
+    for (int i = 0; i < kBlocksPerWarp; ++i)
+#pragma unroll
+      for (int mi = 0; mi < 2; ++mi)
+#pragma unroll
+        for (int h = 0; h < 2; ++h)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) amax = fmaxf(amax, fabsf(acc[i][mi][h][e]));
+    amax = warp_max(amax);
+    if (lane == 0) wmax_s[warp] = amax;
+    __syncthreads();
+#pragma unroll
+    for (int w = 0; w < kThreads / 32; ++w) amax = fmaxf(amax, wmax_s[w]);
+    int e = 0;
+    frexpf(amax, &e);  // amax < 2^e
+    if (e > 14) {
+      S = ldexpf(1.f, e - 14);
+      inv_S = ldexpf(1.f, 14 - e);
+    }
+  }
+  auto yt = [&](int t) { return reinterpret_cast<T*>(smem) + t * BM * L.ldy; };
+#pragma unroll
+  for (int i = 0; i < kBlocksPerWarp; ++i) {
+    const int b = wn + 4 * i;
+    if (!live(b)) continue;
+#pragma unroll
+    for (int mi = 0; mi < 2; ++mi)
+#pragma unroll
+      for (int h = 0; h < 2; ++h)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int m = wm * 32 + mi * 16 + g + 8 * (e >> 1), c = b * 16 + h * 8 + 2 * q + (e & 1);
+          const float v = acc[i][mi][h][e] * inv_S;  // a power of two: exact
+          const T hi = Num<T>::from_f(v);
+          const float r1 = v - Num<T>::to_f(hi);
+          const T lo = Num<T>::from_f(r1);
+          yt(0)[m * L.ldy + c] = hi;
+          yt(1)[m * L.ldy + c] = lo;
+          if constexpr (kTerms == 3) yt(2)[m * L.ldy + c] = Num<T>::from_f(r1 - Num<T>::to_f(lo));
+        }
+  }
+
+  // ---- 3. expand, chunk by chunk
+  const float scale = (p.scales ? p.scales[slot] : 1.0f) * S;
+  const int fm = warp & 3, fn = warp >> 2;  // rows fm * 16 .. + 16, chunk columns fn * 64 .. + 64
+  for (int c = 0; c < nch; ++c) {
+    cp_async_wait<OSTAGES - 2>();
+    __syncthreads();  // chunk c landed for every thread (and, at c = 0, the Y terms are written); the buffer
+                      // refilled below was last read (computed and written back) in iteration c - 1
+    if (c + OSTAGES - 1 < nch) issue_chunk(c + OSTAGES - 1, (c + OSTAGES - 1) % OSTAGES);
+    cp_async_commit();
+    const int buf = c % OSTAGES, s = slice_of(c), n0 = (c - chunk_s[s]) * BN;
+    const int n_i = static_cast<int>(p.n_sizes[s]);
+    if (fm * 16 >= len || n0 + fn * 64 >= n_i) continue;  // warp-uniform: nothing of this warp's part is stored
+    float oacc[8][4];
+#pragma unroll
+    for (int t = 0; t < 8; ++t)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) oacc[t][e] = 0.f;
+    const int ycol = s * R16 + (lane >> 4) * 8;
+    for (int kk = 0; kk < rank16; kk += 16) {
+      uint32_t a[kTerms][4];
+#pragma unroll
+      for (int t = 0; t < kTerms; ++t) ldmatrix_x4(a[t], &yt(t)[(fm * 16 + (lane & 15)) * L.ldy + ycol + kk], false);
+#pragma unroll
+      for (int f = 0; f < 4; ++f) {
+        uint32_t bq[4];
+        ldmatrix_x4(bq, &bs(buf)[kk + (lane & 15)][fn * 64 + f * 16 + (lane >> 4) * 8], true);
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const uint32_t bb[2] = {bq[2 * h], bq[2 * h + 1]};
+#pragma unroll
+          for (int t = 0; t < kTerms; ++t) mma_16816<T>(oacc[2 * f + h], a[t], bb, oacc[2 * f + h]);
+        }
+      }
+    }
+    // lane: rows g, g + 8 and columns 2q, 2q + 1 of each n8 tile, added in place (this warp's part only)
+#pragma unroll
+    for (int t = 0; t < 8; ++t)
+#pragma unroll
+      for (int hr = 0; hr < 2; ++hr) {
+        T* o = &ot(buf)[fm * 16 + g + 8 * hr][fn * 64 + t * 8 + 2 * q];
+        o[0] = Num<T>::from_f(Num<T>::to_f(o[0]) + scale * oacc[t][2 * hr]);
+        o[1] = Num<T>::from_f(Num<T>::to_f(o[1]) + scale * oacc[t][2 * hr + 1]);
+      }
+    __syncwarp();
+    T* Oc = O + p.offsets[s] + n0;
+#pragma unroll
+    for (int v = 0; v < 4; ++v) {  // the warp's 16 x 64 part: 128 vectors of 8
+      const int i = lane + 32 * v, m = fm * 16 + i / 8, n = fn * 64 + (i % 8) * 8;
+      if (m < len && n0 + n < n_i) {
+        Vec<T, true> val;
+        load_vec_rw(val, &ot(buf)[m][n]);
+        store_vec(Oc + tok_s[m] * p.so_t + n, val);
+      }
+    }
+  }
+  cp_async_wait<0>();  // only empty groups remain; nothing in flight when the CTA exits
+}
+
+// Dynamic shared memory of the fused kernel for `num_slices` slices and a page table `max_rank` wide (0: the
+// layout is not supported, S x R16 > 256).
+template <typename T>
+int segment_fused_smem_t(int num_slices, int max_rank) {
+  const segf::FusedLayout<T> L(num_slices, max_rank);
+  return L.supported() ? L.bytes : 0;
+}
+
+// mode 1: shrink into a zeroed y; mode 2: expand from y; mode 3: fused (shrink + expand, no y). `k_split` >= 1
+// (shrink only).
 template <typename T>
 cudaError_t launch_dense_segment(const DenseParams& p, int mode, int k_split, cudaStream_t stream) {
   if (p.num_tiles <= 0 || p.num_slices <= 0) return cudaSuccess;
@@ -426,6 +748,10 @@ cudaError_t launch_dense_segment(const DenseParams& p, int mode, int k_split, cu
     dim3 grid(p.num_tiles, p.num_slices, (p.max_n + seg::BN - 1) / seg::BN);
     return launch_kernel_smem(segment_expand_kernel<T>, grid, dim3(seg::kSegThreads), seg::ExpandSmem<T>::kBytes,
                               stream, p);
+  } else if (mode == 3) {
+    const int bytes = segment_fused_smem_t<T>(p.num_slices, p.max_rank);
+    if (bytes <= 0) return cudaErrorInvalidValue;
+    return launch_kernel_smem(segment_fused_kernel<T>, dim3(p.num_tiles), dim3(segf::kThreads), bytes, stream, p);
   }
   return cudaErrorInvalidValue;
 }
