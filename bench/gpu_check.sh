@@ -183,7 +183,7 @@ if run_tune; then
     # shellcheck disable=SC2086
     step bench "${BENCH_TIMEOUT:-110}" "$PY" -m lorakern bench --device cuda --out "$OUT" \
         --backends ${TUNE_BACKENDS:-cuda cuda-fused triton} \
-        --filter "${TUNE_FILTER:-decode-qkv distinct|prefill|mixed-ranks|rank-}"
+        --filter "${TUNE_FILTER:-decode-qkv distinct|decode-qkv-qwen3moe|prefill|mixed-ranks|rank-}"
     if command -v ncu >/dev/null 2>&1; then
         step ncu "${NCU_TIMEOUT:-80}" bash -c "ncu --clock-control none --kernel-name regex:'segment|dense_gather' \
             --launch-count 3 --section SpeedOfLight --section MemoryWorkloadAnalysis --section Occupancy \

@@ -117,7 +117,10 @@ def _k_split(device, ctas: int, K: int, dtype=torch.bfloat16) -> int:
     (a) K / (64 x _K_STEPS_PER_CTA), shorter CTAs keeping more loads in flight (prefill qkv on the H100: 155 µs
     unsplit, 131 µs in 3), and (b) the split (up to 8, K chunks of at least 256) with the fewest waves of resident
     CTAs per unit of work, the smallest on a tie, which fills the GPU when there are few tiles. From 4 waves on,
-    no split. ``LORAKERN_CUDA_SEGMENT_K_SPLIT=<n>`` forces n (a tuning knob)."""
+    no split. ``LORAKERN_CUDA_SEGMENT_K_SPLIT=<n>`` forces n (a tuning knob). Under
+    ``torch.use_deterministic_algorithms(True)``: 1, always (the split's fp32 atomic adds land in any order)."""
+    if torch.are_deterministic_algorithms_enabled():
+        return 1
     forced = os.environ.get("LORAKERN_CUDA_SEGMENT_K_SPLIT", "").strip()
     if forced:
         if not forced.isdigit() or int(forced) < 1:

@@ -238,7 +238,8 @@ def test_kernels_agree_in_every_schedule(monkeypatch):
 def test_k_split_rule(monkeypatch):
     """The segment shrink's split-K (cuda_backend._k_split): ~22 K steps of 64 per CTA (3 splits at K = 4096, the
     H100's best), more when few tiles leave SMs idle (the fewest waves of resident CTAs per unit of work), none
-    from 4 waves on; LORAKERN_CUDA_SEGMENT_K_SPLIT forces a value and refuses a non-positive one."""
+    from 4 waves on; LORAKERN_CUDA_SEGMENT_K_SPLIT forces a value and refuses a non-positive one; none under
+    torch.use_deterministic_algorithms(True)."""
     from lorakern import cuda_backend
 
     dev = torch.device("cuda", 7)  # a fake key: the rule reads only the two caches
@@ -257,6 +258,15 @@ def test_k_split_rule(monkeypatch):
     monkeypatch.setenv("LORAKERN_CUDA_SEGMENT_K_SPLIT", "5")
     assert cuda_backend._k_split(dev, 4 * 396, 4096) == 5
     assert cuda_backend._k_split(dev, 4 * 396, 128) == 2   # capped at K / 64
+    was = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:  # no atomics when torch is asked for deterministic algorithms, whatever else says
+        assert cuda_backend._k_split(dev, 4 * 396, 4096) == 1
+        monkeypatch.delenv("LORAKERN_CUDA_SEGMENT_K_SPLIT")
+        assert cuda_backend._k_split(dev, 128, 4096) == 1
+    finally:
+        torch.use_deterministic_algorithms(was)
+    monkeypatch.setenv("LORAKERN_CUDA_SEGMENT_K_SPLIT", "5")
     monkeypatch.setenv("LORAKERN_CUDA_SEGMENT_K_SPLIT", "0")
     with pytest.raises(ValueError, match="LORAKERN_CUDA_SEGMENT_K_SPLIT"):
         cuda_backend._k_split(dev, 1, 4096)
@@ -366,4 +376,4 @@ def test_memcheck_kernels_stay_in_bounds(asan_build):
     access outside any tensor, and the results still match the float64 oracle."""
     r = _run_asan(asan_build, asan_build[1], "_C_emu", ",".join(MEMCHECK_CASES))
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-6000:]
-    assert f"memcheck runs: {len(MEMCHECK_CASES) * 3 * 2 * 3 + 3 * (2 + 4 * 2)}" in r.stdout
+    assert f"memcheck runs: {len(MEMCHECK_CASES) * 3 * (2 * 3 + 1) + 3 * (2 + 4 * 2)}" in r.stdout

@@ -428,6 +428,17 @@ __global__ void __launch_bounds__(seg::kSegThreads, seg::kExpandMinBlocks) segme
 //      with 16-byte stores. The first out chunks are issued before the Y terms are written.
 // One CTA per SM (up to ~210 KB of shared memory): the host takes this path when C <= 256 and the layout fits the
 // device (segment_fused_smem), and while there are enough tiles for the GPU (LORAKERN_CUDA_SEGMENT).
+// Two adjacent 16-bit elements as one 32-bit shared-memory access (4-byte aligned: an even column of a row).
+template <typename T> struct alignas(4) Pair { T v[2]; };
+template <typename T> __device__ __forceinline__ Pair<T> load_pair(const T* p) {
+  Pair<T> r;
+  *reinterpret_cast<uint32_t*>(r.v) = *reinterpret_cast<const uint32_t*>(p);
+  return r;
+}
+template <typename T> __device__ __forceinline__ void store_pair(T* p, const Pair<T>& r) {
+  *reinterpret_cast<uint32_t*>(p) = *reinterpret_cast<const uint32_t*>(r.v);
+}
+
 namespace segf {
 constexpr int BM = 64, SK = 64, STAGES = 4, BN = 128, OSTAGES = 3;
 constexpr int kThreads = 256;
@@ -656,15 +667,20 @@ __global__ void __launch_bounds__(segf::kThreads, 1) segment_fused_kernel(const 
 #pragma unroll
       for (int h = 0; h < 2; ++h)
 #pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int m = wm * 32 + mi * 16 + g + 8 * (e >> 1), c = b * 16 + h * 8 + 2 * q + (e & 1);
-          const float v = acc[i][mi][h][e] * inv_S;  // a power of two: exact
-          const T hi = Num<T>::from_f(v);
-          const float r1 = v - Num<T>::to_f(hi);
-          const T lo = Num<T>::from_f(r1);
-          yt(0)[m * L.ldy + c] = hi;
-          yt(1)[m * L.ldy + c] = lo;
-          if constexpr (kTerms == 3) yt(2)[m * L.ldy + c] = Num<T>::from_f(r1 - Num<T>::to_f(lo));
+        for (int hr = 0; hr < 2; ++hr) {  // rows g, g + 8: columns 2q, 2q + 1 as a pair
+          const int m = wm * 32 + mi * 16 + g + 8 * hr, c = b * 16 + h * 8 + 2 * q;
+          Pair<T> hi, lo, lo2;
+#pragma unroll
+          for (int e = 0; e < 2; ++e) {
+            const float v = acc[i][mi][h][2 * hr + e] * inv_S;  // a power of two: exact
+            hi.v[e] = Num<T>::from_f(v);
+            const float r1 = v - Num<T>::to_f(hi.v[e]);
+            lo.v[e] = Num<T>::from_f(r1);
+            lo2.v[e] = Num<T>::from_f(r1 - Num<T>::to_f(lo.v[e]));
+          }
+          store_pair(&yt(0)[m * L.ldy + c], hi);
+          store_pair(&yt(1)[m * L.ldy + c], lo);
+          if constexpr (kTerms == 3) store_pair(&yt(2)[m * L.ldy + c], lo2);
         }
   }
 
@@ -702,14 +718,16 @@ __global__ void __launch_bounds__(segf::kThreads, 1) segment_fused_kernel(const 
         }
       }
     }
-    // lane: rows g, g + 8 and columns 2q, 2q + 1 of each n8 tile, added in place (this warp's part only)
+    // lane: rows g, g + 8 and columns 2q, 2q + 1 of each n8 tile, added in place (this warp's part only), the
+    // column pair as one 32-bit access
 #pragma unroll
     for (int t = 0; t < 8; ++t)
 #pragma unroll
       for (int hr = 0; hr < 2; ++hr) {
-        T* o = &ot(buf)[fm * 16 + g + 8 * hr][fn * 64 + t * 8 + 2 * q];
-        o[0] = Num<T>::from_f(Num<T>::to_f(o[0]) + scale * oacc[t][2 * hr]);
-        o[1] = Num<T>::from_f(Num<T>::to_f(o[1]) + scale * oacc[t][2 * hr + 1]);
+        Pair<T> o = load_pair(&ot(buf)[fm * 16 + g + 8 * hr][fn * 64 + t * 8 + 2 * q]);
+        o.v[0] = Num<T>::from_f(Num<T>::to_f(o.v[0]) + scale * oacc[t][2 * hr]);
+        o.v[1] = Num<T>::from_f(Num<T>::to_f(o.v[1]) + scale * oacc[t][2 * hr + 1]);
+        store_pair(&ot(buf)[fm * 16 + g + 8 * hr][fn * 64 + t * 8 + 2 * q], o);
       }
     __syncwarp();
     T* Oc = O + p.offsets[s] + n0;
