@@ -36,6 +36,8 @@ add seg-k64-s3 "LORAKERN_SEG_STAGES=3" seg
 add seg-bf16-2terms "LORAKERN_SEG_BF16_TERMS=2" seg
 add seg-mma "LORAKERN_SEG_MMA=1" seg
 add seg-fused "" seg "LORAKERN_CUDA_SEGMENT=fused"
+add seg-fused-s6 "LORAKERN_FUSED_STAGES=6" seg "LORAKERN_CUDA_SEGMENT=fused"
+add seg-fused-o4 "LORAKERN_FUSED_OSTAGES=4" seg "LORAKERN_CUDA_SEGMENT=fused"
 add gather-rows2 "LORAKERN_GATHER_SHRINK_ROWS=2" dec
 add gather-xsmem "LORAKERN_GATHER_X_SMEM=1" dec
 

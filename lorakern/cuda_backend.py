@@ -216,8 +216,12 @@ def _fused_fits(device, dtype, num_slices: int, max_rank: int) -> bool:
                 have = int(ext.max_smem_per_block())
         else:
             have = int(ext.max_smem_per_block())
-        _FUSED_FITS[key] = 0 < need <= have
+        _FUSED_FITS[key] = 0 < need and need + _FUSED_STATIC_SMEM <= have
     return _FUSED_FITS[key]
+
+
+#: the fused kernel's static shared memory (1.6 KB on sm_80/89/90a), counted against the same per-block limit
+_FUSED_STATIC_SMEM = 2048
 
 
 def _segment_fused(out, x, a_tab, sa_tab, b_tab, sb_tab, n_tab, off_tab, lora_b, page_table, ranks, scales,

@@ -28,9 +28,10 @@ from kernel_mutations import TESTS, copy_repo  # noqa: E402
 
 
 def sweep_variants() -> dict:
-    """name -> defines, from the `add NAME "DEFINES" KIND` lines of bench/sweep_variants.sh (default excluded)."""
+    """name -> defines, from the `add NAME "DEFINES" KIND ["ENV"]` lines of bench/sweep_variants.sh (variants
+    without defines, the default among them, excluded: they are the default build)."""
     text = (ROOT / "bench" / "sweep_variants.sh").read_text()
-    return {m[1]: m[2] for m in re.finditer(r'^add (\S+) "([^"]*)" \w+$', text, re.M) if m[2]}
+    return {m[1]: m[2] for m in re.finditer(r'^add (\S+) "([^"]*)" \w+(?: "[^"]*")?$', text, re.M) if m[2]}
 
 
 def check(defines: str, tmp: Path, tag: str) -> bool:

@@ -35,6 +35,9 @@ namespace lorakern {
 //   LORAKERN_SEG_SK, LORAKERN_SEG_STAGES   shrink K step and cp.async ring depth (64, 4: 72 KB of shared memory)
 //   LORAKERN_SEG_MMA                       expand on mma.sync + ldmatrix instead of WMMA (0; 1: the accumulators
 //                                          go from registers into the out tile, no fp32 staging; not yet timed)
+//   LORAKERN_FUSED_STAGES, _OSTAGES        the fused kernel's K ring depth (4: 3 K steps, 24 KB of x, in flight)
+//                                          and out-chunk ring depth (3: 2 chunks, 32 KB of out, in flight); deeper
+//                                          rings cost shared memory (layouts that no longer fit fall back to split)
 //   LORAKERN_SEG_BF16_TERMS                bf16 terms of the fp32 intermediate in the expand (3: ~24 bits, the
 //                                          contract's fp32; 2: ~16 bits, 9 % faster expand on an H100, but outside
 //                                          the fp32 tolerance where the sum cancels: not a default)
@@ -51,6 +54,12 @@ namespace lorakern {
 #endif
 #ifndef LORAKERN_SEG_BF16_TERMS
 #define LORAKERN_SEG_BF16_TERMS 3
+#endif
+#ifndef LORAKERN_FUSED_STAGES
+#define LORAKERN_FUSED_STAGES 4
+#endif
+#ifndef LORAKERN_FUSED_OSTAGES
+#define LORAKERN_FUSED_OSTAGES 3
 #endif
 
 namespace seg {
@@ -440,7 +449,8 @@ template <typename T> __device__ __forceinline__ void store_pair(T* p, const Pai
 }
 
 namespace segf {
-constexpr int BM = 64, SK = 64, STAGES = 4, BN = 128, OSTAGES = 3;
+constexpr int BM = 64, SK = 64, STAGES = LORAKERN_FUSED_STAGES, BN = 128, OSTAGES = LORAKERN_FUSED_OSTAGES;
+static_assert(STAGES >= 2 && OSTAGES >= 2, "fused rings");
 constexpr int kThreads = 256;
 constexpr int kMaxCols = 256;                  // S x R16
 constexpr int kMaxSlices = kMaxCols / 16;
