@@ -32,7 +32,8 @@
 #                          "cuda cuda-fused triton": cuda-fused = the fused segment kernel), Nsight Compute on the
 #                          prefill segment kernels and the decode gather kernel (ncu.txt) and on the fused kernel
 #                          (ncu-fused.txt), bench/sweep_variants.sh on SWEEP_VARIANTS (default "default seg-mma
-#                          seg-fused gather-xsmem": the variants not yet timed; the others were, docs/cuda.md),
+#                          seg-fused seg-fused-s6 seg-fused-o4 gather-xsmem": the variants not yet timed; the
+#                          others were, docs/cuda.md),
 #                          then the cuda-backend op suites on the GPU
 #                          (TUNE_TESTS_TIMEOUT): one call of a session that changes kernels
 #   STEPS=all              everything (more than one call's worth)
@@ -195,7 +196,7 @@ if run_tune; then
             --filter 'prefill uniform' 'prefill-qkv' > '$OUT/ncu-fused.txt' 2>&1"
     fi
     step sweep "${SWEEP_TIMEOUT:-260}" env OUT="$OUT/sweep" VARIANT_TIMEOUT="${VARIANT_TIMEOUT:-40}" \
-        bash bench/sweep_variants.sh ${SWEEP_VARIANTS:-default seg-mma seg-fused gather-xsmem}
+        bash bench/sweep_variants.sh ${SWEEP_VARIANTS:-default seg-mma seg-fused seg-fused-s6 seg-fused-o4 gather-xsmem}
     [ -f "$OUT/sweep/sweep-summary.txt" ] && cat "$OUT/sweep/sweep-summary.txt" | tee -a "$LOG"
     XDIST=()
     if "$PY" -c "import xdist" >/dev/null 2>&1; then XDIST=(-n "${TEST_WORKERS:-14}" --dist worksteal); fi

@@ -336,12 +336,24 @@ def test_fused_segment_kernel_is_chosen_where_it_fits(generator, monkeypatch):
         run_case("add_lora", "cuda", case, generator)
         return [args[1] for kind, _, args in log if kind == "segment"]
 
+    # fused where the layout is supported (<= 256 columns) and its shared memory fits this device as built (the
+    # ring depths are tuning macros), else split
+    ext = real_ext(DEVICE)
+    assert ext.segment_fused_smem(1, 4, 64) > 0 and ext.segment_fused_smem(1, 3, 128) == 0  # 256 / 384 columns
+    assert ext.max_smem_per_block() > 0
+
+    def fused(S, max_rank):
+        need = ext.segment_fused_smem(1, S, max_rank)
+        return [3] if 0 < need <= ext.max_smem_per_block() - cuda_backend._FUSED_STATIC_SMEM else [1, 2]
+
+    assert fused(3, 128) == [1, 2] and fused(1, 16) == [3]  # 72 KB: fits every sm_80+ part
     assert modes(None, [40, 24], [5, 16, 64]) == [1, 2]
     assert modes("split", [40, 24], [5, 16, 64]) == [1, 2]
-    assert modes("fused", [40, 24], [5, 16, 64]) == [3]
-    assert modes("fused", [40], [1, 128, 77]) == [3]                        # 128 columns
-    assert modes("fused", [40, 24, 24], [1, 128, 77]) == [1, 2]             # 3 x 128 columns: does not fit
-    assert modes("fused", [40, 24, 16, 8], [3, 60], max_rank=64) == [3]      # 4 x 64 = 256 columns
+    assert modes("fused", [40, 24], [5, 16, 64]) == fused(2, 64)
+    assert modes("fused", [40], [5, 16, 3]) == [3]
+    assert modes("fused", [40], [1, 128, 77]) == fused(1, 128)
+    assert modes("fused", [40, 24, 24], [1, 128, 77]) == [1, 2]                          # 3 x 128 columns
+    assert modes("fused", [40, 24, 16, 8], [3, 60], max_rank=64) == fused(4, 64)         # 4 x 64 columns
     sms = cuda_backend._sm_count(DEVICE)
     assert modes("auto", [40], [4, 9], T=40) == [1, 2]                       # fewer tiles than SMs
     assert modes("auto", [40], [4, 9] * sms, T=64 * sms) == [3]

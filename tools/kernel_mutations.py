@@ -80,7 +80,7 @@ MUTATIONS = [
      "&as(st)[b * 16 + (lane & 7) + ((lane >> 4) << 3)][kk + ((lane >> 3) & 1) * 8]",
      "&as(st)[b * 16 + (lane & 15)][kk + (lane >> 4) * 8]"),
     ("fused: rank blocks that start below the rank but end past it skipped", S,
-     "return b * 16 < C && (b * 16) % R16 < rank;", "return b * 16 < C && (b * 16) % R16 + 16 <= rank;"),
+     "if (b * 16 < C && (b * 16) % R16 < rank) b_live", "if (b * 16 < C && (b * 16) % R16 + 16 <= rank) b_live"),
     ("fused: shrink waits for one K step too few", S, "cp_async_wait<STAGES - 2>();  // this thread's copies",
      "cp_async_wait<STAGES - 1>();  // this thread's copies"),
     ("fused: shrink reads a ring stage before the barrier", S, "    __syncthreads();  // everyone's have;",

@@ -533,6 +533,7 @@ __global__ void __launch_bounds__(segf::kThreads, 1) segment_fused_kernel(const 
   // this thread's vectors of a K step: x rows and A rank rows (fixed over the K loop); null = a zero fill
   const T* xrow[kXL];
   const T* arow[kAL];
+  unsigned a_live = 0;  // bit l: this thread's A row l is in a 16-row block below the rank (copied, maybe zeros)
 #pragma unroll
   for (int l = 0; l < kXL; ++l) {
     const int m = (tid + l * kThreads) / (SK / 8);
@@ -542,6 +543,7 @@ __global__ void __launch_bounds__(segf::kThreads, 1) segment_fused_kernel(const 
   for (int l = 0; l < kAL; ++l) {
     const int c = (tid + l * kThreads) / (SK / 8), s = c / R16, j = c % R16;
     arow[l] = (c < C && j < rank) ? reinterpret_cast<const T*>(p.a_ptrs[s]) + rows_s[j] * p.a_strides[s] : nullptr;
+    if (c < C && j < rank16) a_live |= 1u << l;
   }
   const int steps = (p.K + SK - 1) / SK;
   auto issue = [&](int step, int st) {
@@ -555,7 +557,7 @@ __global__ void __launch_bounds__(segf::kThreads, 1) segment_fused_kernel(const 
 #pragma unroll
     for (int l = 0; l < kAL; ++l) {
       const int i = tid + l * kThreads, c = i / (SK / 8), k = (i % (SK / 8)) * 8;
-      if (c < C && c % R16 < rank16) {  // rows of live 16-blocks; zeros past the rank or K
+      if (a_live >> l & 1u) {  // rows of live 16-blocks; zeros past the rank or K
         const bool ok = arow[l] != nullptr && k0 + k < p.K;
         cp_async16(&as(st)[c][k], ok ? arow[l] + k0 + k : X, ok);
       }
@@ -572,7 +574,12 @@ __global__ void __launch_bounds__(segf::kThreads, 1) segment_fused_kernel(const 
       for (int h = 0; h < 2; ++h)
 #pragma unroll
         for (int e = 0; e < 4; ++e) acc[i][mi][h][e] = 0.f;
-  auto live = [&](int b) { return b * 16 < C && (b * 16) % R16 < rank; };  // block b: below the slot's rank
+  unsigned b_live = 0;  // bit i: this warp's block b = wn + 4 i starts below the slot's rank (warp-uniform)
+#pragma unroll
+  for (int i = 0; i < kBlocksPerWarp; ++i) {
+    const int b = wn + 4 * i;
+    if (b * 16 < C && (b * 16) % R16 < rank) b_live |= 1u << i;
+  }
 
 #pragma unroll
   for (int s = 0; s < STAGES - 1; ++s) {
@@ -594,7 +601,7 @@ __global__ void __launch_bounds__(segf::kThreads, 1) segment_fused_kernel(const 
 #pragma unroll
       for (int i = 0; i < kBlocksPerWarp; ++i) {
         const int b = wn + 4 * i;
-        if (!live(b)) continue;  // warp-uniform
+        if (!(b_live >> i & 1u)) continue;  // warp-uniform
         // A rows as the (k, n) operand: matrices (n 0-7 | 8-15) x (k 0-7 | 8-15) -> {b0, b1} of n8 tiles 0, 1
         uint32_t bq[4];
         ldmatrix_x4(bq, &as(st)[b * 16 + (lane & 7) + ((lane >> 4) << 3)][kk + ((lane >> 3) & 1) * 8], false);
@@ -671,7 +678,7 @@ __global__ void __launch_bounds__(segf::kThreads, 1) segment_fused_kernel(const 
 #pragma unroll
   for (int i = 0; i < kBlocksPerWarp; ++i) {
     const int b = wn + 4 * i;
-    if (!live(b)) continue;
+    if (!(b_live >> i & 1u)) continue;
 #pragma unroll
     for (int mi = 0; mi < 2; ++mi)
 #pragma unroll
