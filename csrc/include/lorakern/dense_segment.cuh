@@ -565,15 +565,11 @@ __global__ void __launch_bounds__(segf::kThreads, 1) segment_fused_kernel(const 
   };
 
   const int wm = warp & 1, wn = warp >> 1;  // rows wm * 32 .. + 32; 16-column blocks wn + 4 i
-  float acc[kBlocksPerWarp][2][2][4];
+  float acc[kBlocksPerWarp][2][2][4];  // [block][row half mi][n8 tile h][mma.sync C fragment]
+  constexpr int kAccN = kBlocksPerWarp * 2 * 2 * 4;
+  float(&acc_flat)[kAccN] = reinterpret_cast<float(&)[kAccN]>(acc);
 #pragma unroll
-  for (int i = 0; i < kBlocksPerWarp; ++i)
-#pragma unroll
-    for (int mi = 0; mi < 2; ++mi)
-#pragma unroll
-      for (int h = 0; h < 2; ++h)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) acc[i][mi][h][e] = 0.f;
+  for (int e = 0; e < kAccN; ++e) acc_flat[e] = 0.f;
   unsigned b_live = 0;  // bit i: this warp's block b = wn + 4 i starts below the slot's rank (warp-uniform)
 #pragma unroll
   for (int i = 0; i < kBlocksPerWarp; ++i) {
@@ -653,15 +649,9 @@ __global__ void __launch_bounds__(segf::kThreads, 1) segment_fused_kernel(const 
   // ---- 2. Y -> terms of T in shared memory (fp16: divided by a power of two S first)
   float S = 1.f, inv_S = 1.f;
   if constexpr (kScaled) {
-    float amax = 0.f;
+    float amax = 0.f;  // dead blocks hold zeros
 #pragma unroll
-    for (int i = 0; i < kBlocksPerWarp; ++i)
-#pragma unroll
-      for (int mi = 0; mi < 2; ++mi)
-#pragma unroll
-        for (int h = 0; h < 2; ++h)
-#pragma unroll
-          for (int e = 0; e < 4; ++e) amax = fmaxf(amax, fabsf(acc[i][mi][h][e]));
+    for (int e = 0; e < kAccN; ++e) amax = fmaxf(amax, fabsf(acc_flat[e]));
     amax = warp_max(amax);
     if (lane == 0) wmax_s[warp] = amax;
     __syncthreads();
