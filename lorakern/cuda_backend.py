@@ -196,14 +196,20 @@ def _segment_mode(device, dtype, num_slices: int, max_rank: int, grid_s: int) ->
     * ``auto``: fused where it fits and the tiles fill every SM (one CTA per SM), else split.
 
     Not timed on a GPU yet, hence not the default (docs/cuda.md)."""
-    mode = os.environ.get("LORAKERN_CUDA_SEGMENT", "").strip().lower() or "split"
-    if mode not in SEGMENT_MODES:
-        raise ValueError(f"LORAKERN_CUDA_SEGMENT: expected one of {', '.join(SEGMENT_MODES)}, got {mode!r}")
+    mode = _segment_setting()
     if mode == "split" or not _fused_fits(device, dtype, num_slices, max_rank):
         return "split"
     if mode == "auto" and grid_s < _sm_count(device):
         return "split"
     return "fused"
+
+
+def _segment_setting() -> str:
+    """LORAKERN_CUDA_SEGMENT, checked (every add_lora call reads it, whichever path the plan then takes)."""
+    mode = os.environ.get("LORAKERN_CUDA_SEGMENT", "").strip().lower() or "split"
+    if mode not in SEGMENT_MODES:
+        raise ValueError(f"LORAKERN_CUDA_SEGMENT: expected one of {', '.join(SEGMENT_MODES)}, got {mode!r}")
+    return mode
 
 
 def _fused_fits(device, dtype, num_slices: int, max_rank: int) -> bool:
@@ -268,6 +274,7 @@ def _tokens_per_pass(plan_info) -> int:
 
 def add_lora(out, x, lora_a, lora_b, page_table, ranks, scales, token_ids, tiles_gather, tiles_segment,
              slice_offsets, plan_info):
+    _segment_setting()  # a wrong value is refused whichever path runs
     a_tab, sa_tab, _, _ = _tables(lora_a)
     b_tab, sb_tab, n_tab, off_tab = _tables(lora_b, slice_offsets)
     vec = _vec_ok(x.element_size(), [x, out, *lora_a, *lora_b], slice_offsets)

@@ -361,9 +361,14 @@ def test_fused_segment_kernel_is_chosen_where_it_fits(generator, monkeypatch):
     case = make_case(generator, T=40, K=64, n_sizes=[40], ranks=[4, 9], num_adapters=2, dtype=torch.bfloat16,
                      device=DEVICE)
     L = case.lora
-    with pytest.raises(ValueError, match="LORAKERN_CUDA_SEGMENT"):
-        lorakern.ops.add_lora(torch.zeros(40, 40, dtype=torch.bfloat16, device=DEVICE), case.x, L.lora_a, L.lora_b,
-                              L.page_table, L.ranks, case.scales, case.slots_arg, backend="cuda")
+    for path in ("segment", "gather"):  # refused whichever path the plan takes, before any launch
+        monkeypatch.setenv("LORAKERN_TRITON_PATH", path)
+        log.clear()
+        with pytest.raises(ValueError, match="LORAKERN_CUDA_SEGMENT"):
+            lorakern.ops.add_lora(torch.zeros(40, 40, dtype=torch.bfloat16, device=DEVICE), case.x, L.lora_a,
+                                  L.lora_b, L.page_table, L.ranks, case.scales, case.slots_arg, backend="cuda")
+        assert log == []
+    monkeypatch.setenv("LORAKERN_TRITON_PATH", "segment")
     monkeypatch.setenv("LORAKERN_CUDA_SEGMENT", "fused")
     outs = []
     for _ in range(2):
