@@ -101,10 +101,11 @@ PYBIND11_MODULE(LORAKERN_MODULE, m) {
         return lorakern::dense_segment_ctas_per_sm(static_cast<lorakern::DType>(dtype), mode);
       }, py::arg("dtype"), py::arg("mode"),
         "CTAs of the segment kernel (mode 1 shrink, 2 expand) that fit on one SM of the current device; 0: unknown");
-  m.def("segment_fused_smem", [](int dtype, int num_slices, int max_rank) {
-        return lorakern::dense_segment_fused_smem(static_cast<lorakern::DType>(dtype), num_slices, max_rank);
-      }, py::arg("dtype"), py::arg("num_slices"), py::arg("max_rank"),
-        "dynamic shared memory (bytes) of the fused segment kernel (mode 3); 0: not supported for these sizes");
+  m.def("segment_fused_smem", [](int dtype, int num_slices, int max_rank, int ostages) {
+        return lorakern::dense_segment_fused_smem(static_cast<lorakern::DType>(dtype), num_slices, max_rank, ostages);
+      }, py::arg("dtype"), py::arg("num_slices"), py::arg("max_rank"), py::arg("ostages"),
+        "dynamic shared memory (bytes) of the fused segment kernel (mode 3) at an out-chunk ring depth; 0: not "
+        "supported (or that depth is not built)");
   m.def("max_smem_per_block", []() {
 #ifdef LORAKERN_EMU
         return 227 * 1024;  // the emulator's limit (an H100's)

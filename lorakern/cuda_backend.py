@@ -181,7 +181,7 @@ def _gather_splits(device, ctas: int, mt: int, plan_info, max_n: int, vec_width:
 
 #: values of LORAKERN_CUDA_SEGMENT (how add_lora runs the segment path)
 SEGMENT_MODES = ("split", "fused", "auto")
-_FUSED_FITS: dict = {}
+_FUSED_DEPTH: dict = {}
 
 
 def _segment_mode(device, dtype, num_slices: int, max_rank: int, grid_s: int) -> str:
@@ -192,12 +192,12 @@ def _segment_mode(device, dtype, num_slices: int, max_rank: int, grid_s: int) ->
     * ``fused``: segment_fused_kernel, one CTA per 64-token tile doing the shrink of every slice and then the
       expand, y never leaving the SM (no split-K, no atomics: deterministic), wherever its layout fits: every
       slice's rank columns (max_rank rounded up to 16, times the slices) <= 256 and its shared memory within the
-      device's limit; else split;
+      device's limit (at the deepest out-chunk ring that fits, :func:`_fused_depth`); else split;
     * ``auto``: fused where it fits and the tiles fill every SM (one CTA per SM), else split.
 
     Not timed on a GPU yet, hence not the default (docs/cuda.md)."""
     mode = _segment_setting()
-    if mode == "split" or not _fused_fits(device, dtype, num_slices, max_rank):
+    if mode == "split" or not _fused_depth(device, dtype, num_slices, max_rank):
         return "split"
     if mode == "auto" and grid_s < _sm_count(device):
         return "split"
@@ -212,18 +212,24 @@ def _segment_setting() -> str:
     return mode
 
 
-def _fused_fits(device, dtype, num_slices: int, max_rank: int) -> bool:
+def _fused_depth(device, dtype, num_slices: int, max_rank: int) -> int:
+    """The deepest out-chunk ring the build has (LORAKERN_FUSED_OSTAGES, then 2) whose fused layout fits the
+    device's shared memory per block; 0: none (or the layout is not supported)."""
     key = (device, dtype, num_slices, max_rank)
-    if key not in _FUSED_FITS:
+    if key not in _FUSED_DEPTH:
         ext = _ext(device)
-        need = int(ext.segment_fused_smem(_DTYPES[dtype], num_slices, max_rank))
         if device.type == "cuda":
             with torch.cuda.device(device):
                 have = int(ext.max_smem_per_block())
         else:
             have = int(ext.max_smem_per_block())
-        _FUSED_FITS[key] = 0 < need and need + _FUSED_STATIC_SMEM <= have
-    return _FUSED_FITS[key]
+        _FUSED_DEPTH[key] = 0
+        for depth in range(8, 1, -1):
+            need = int(ext.segment_fused_smem(_DTYPES[dtype], num_slices, max_rank, depth))
+            if 0 < need and need + _FUSED_STATIC_SMEM <= have:
+                _FUSED_DEPTH[key] = depth
+                break
+    return _FUSED_DEPTH[key]
 
 
 #: the fused kernel's static shared memory (1.6 KB on sm_80/89/90a), counted against the same per-block limit
@@ -232,7 +238,8 @@ _FUSED_STATIC_SMEM = 2048
 
 def _segment_fused(out, x, a_tab, sa_tab, b_tab, sb_tab, n_tab, off_tab, lora_b, page_table, ranks, scales,
                    token_ids, tiles, grid_n):
-    _call_segment(_SEG_FUSED, x.dtype, 1, x.device,
+    depth = _fused_depth(x.device, x.dtype, len(lora_b), page_table.shape[1])  # (dense_segment's k_split slot)
+    _call_segment(_SEG_FUSED, x.dtype, depth, x.device,
                   x=x.data_ptr(), sx_t=x.stride(0), sx_k=x.stride(1), a_ptrs=a_tab.data_ptr(),
                   a_strides=sa_tab.data_ptr(), b_ptrs=b_tab.data_ptr(), b_strides=sb_tab.data_ptr(),
                   n_sizes=n_tab.data_ptr(), offsets=off_tab.data_ptr(), out=out.data_ptr(), so_t=out.stride(0),

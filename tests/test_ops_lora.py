@@ -32,6 +32,8 @@ CASES = {
     "T1": dict(T=1, **SMALL),
     "K100_N72": dict(T=33, K=100, n_sizes=[72], ranks="1-24", num_adapters=5),
     "slices_72_40_24": dict(T=40, K=64, n_sizes=[72, 40, 24], ranks="1-20", num_adapters=5, mix="zipf:1.5"),
+    # two slices at max_rank 128 (the cuda fused segment kernel's shallower out-chunk ring)
+    "slices_2_rank_128": dict(T=70, K=64, n_sizes=[40, 24], ranks=[1, 128, 77, 16], num_adapters=4, mix="zipf:1.5"),
     # explicit offsets, out of order, with gaps between slices and at the end
     "slice_offsets_gaps": dict(T=40, K=48, n_sizes=[72, 40, 24], ranks="1-20", num_adapters=5,
                                slice_offsets=[60, 0, 140], out_cols=170, none_frac=0.2),
@@ -334,29 +336,40 @@ def test_fused_segment_kernel_is_chosen_where_it_fits(generator, monkeypatch):
                          max_rank=max_rank, dtype=torch.bfloat16, device=DEVICE, mix="uniform")
         log.clear()
         run_case("add_lora", "cuda", case, generator)
-        return [args[1] for kind, _, args in log if kind == "segment"]
+        return [args[1] if args[1] != 3 else (3, args[2]) for kind, _, args in log if kind == "segment"]
 
-    # fused where the layout is supported (<= 256 columns) and its shared memory fits this device as built (the
-    # ring depths are tuning macros), else split
+    # fused where the layout is supported (<= 256 columns) and its shared memory fits this device as built at the
+    # deepest out-chunk ring that fits (3, then 2; the depths are tuning macros), else split; the launch names the
+    # depth (dense_segment's k_split argument)
     ext = real_ext(DEVICE)
-    assert ext.segment_fused_smem(1, 4, 64) > 0 and ext.segment_fused_smem(1, 3, 128) == 0  # 256 / 384 columns
-    assert ext.max_smem_per_block() > 0
+    have = ext.max_smem_per_block() - cuda_backend._FUSED_STATIC_SMEM
+    assert ext.segment_fused_smem(1, 4, 64, 2) > 0 and ext.segment_fused_smem(1, 3, 128, 2) == 0  # 256 / 384 cols
+    assert ext.segment_fused_smem(1, 1, 64, 5) == 0 and have > 0                                  # depth not built
 
     def fused(S, max_rank):
-        need = ext.segment_fused_smem(1, S, max_rank)
-        return [3] if 0 < need <= ext.max_smem_per_block() - cuda_backend._FUSED_STATIC_SMEM else [1, 2]
+        for depth in range(8, 1, -1):
+            if 0 < ext.segment_fused_smem(1, S, max_rank, depth) <= have:
+                return [(3, depth)]
+        return "split"
 
-    assert fused(3, 128) == [1, 2] and fused(1, 16) == [3]  # 72 KB: fits every sm_80+ part
+    def kernels(setting, n_sizes, ranks, **kw):
+        got = modes(setting, n_sizes, ranks, **kw)
+        return "split" if got == [1, 2] else got
+
+    assert fused(3, 128) == "split" and fused(1, 16)[0][0] == 3  # 72 KB: fits every sm_80+ part
     assert modes(None, [40, 24], [5, 16, 64]) == [1, 2]
     assert modes("split", [40, 24], [5, 16, 64]) == [1, 2]
-    assert modes("fused", [40, 24], [5, 16, 64]) == fused(2, 64)
-    assert modes("fused", [40], [5, 16, 3]) == [3]
-    assert modes("fused", [40], [1, 128, 77]) == fused(1, 128)
-    assert modes("fused", [40, 24, 24], [1, 128, 77]) == [1, 2]                          # 3 x 128 columns
-    assert modes("fused", [40, 24, 16, 8], [3, 60], max_rank=64) == fused(4, 64)         # 4 x 64 columns
+    assert kernels("fused", [40, 24], [5, 16, 64]) == fused(2, 64)
+    assert kernels("fused", [40], [5, 16, 3]) == fused(1, 16)
+    assert kernels("fused", [40], [1, 128, 77]) == fused(1, 128)
+    assert kernels("fused", [40, 24], [1, 128, 77]) == fused(2, 128)                    # depth 2 on an H100
+    assert kernels("fused", [40, 24, 24], [1, 128, 77]) == "split"                      # 3 x 128 columns
+    assert kernels("fused", [40, 24, 16, 8], [3, 60], max_rank=64) == fused(4, 64)      # 4 x 64 columns
+    if have >= 227 * 1024 - cuda_backend._FUSED_STATIC_SMEM:  # an H100's (and the emulator's) limit
+        assert fused(2, 128) == [(3, 2)] and fused(2, 64)[0][1] >= 3
     sms = cuda_backend._sm_count(DEVICE)
     assert modes("auto", [40], [4, 9], T=40) == [1, 2]                       # fewer tiles than SMs
-    assert modes("auto", [40], [4, 9] * sms, T=64 * sms) == [3]
+    assert kernels("auto", [40], [4, 9] * sms, T=64 * sms) == fused(1, 16)
     monkeypatch.setenv("LORAKERN_CUDA_SEGMENT", "fast")
     case = make_case(generator, T=40, K=64, n_sizes=[40], ranks=[4, 9], num_adapters=2, dtype=torch.bfloat16,
                      device=DEVICE)

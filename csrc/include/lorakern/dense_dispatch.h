@@ -58,19 +58,20 @@ cudaError_t dense_gather_f32(const DenseParams& p, int mode, int mt, bool vec,
                              cudaStream_t stream);
 
 // Tensor-core segment path (dense_segment.cuh), fp16 / bf16 only: mode 1 shrink (k_split >= 1), 2 expand, 3 fused
-// (shrink + expand in one CTA per tile, no y).
+// (shrink + expand in one CTA per tile, no y; k_split = its out-chunk ring depth).
 cudaError_t dense_segment_f16(const DenseParams& p, int mode, int k_split, cudaStream_t stream);
 cudaError_t dense_segment_bf16(const DenseParams& p, int mode, int k_split, cudaStream_t stream);
 // CTAs of the segment kernel of `mode` that fit on one SM of the current device (0: unknown).
 int dense_segment_ctas_f16(int mode);
 int dense_segment_ctas_bf16(int mode);
-// Dynamic shared memory of the fused segment kernel (mode 3) for S slices and a page table max_rank wide; 0 when
-// that layout is not supported (S x max_rank rounded up to 16 > 256).
-int dense_segment_fused_smem_f16(int num_slices, int max_rank);
-int dense_segment_fused_smem_bf16(int num_slices, int max_rank);
-inline int dense_segment_fused_smem(DType dt, int num_slices, int max_rank) {
-  return dt == DType::kF16    ? dense_segment_fused_smem_f16(num_slices, max_rank)
-         : dt == DType::kBF16 ? dense_segment_fused_smem_bf16(num_slices, max_rank)
+// Dynamic shared memory of the fused segment kernel (mode 3) for S slices, a page table max_rank wide and an
+// out-chunk ring `ostages` deep; 0 when that layout is not supported (S x max_rank rounded up to 16 > 256, or a
+// depth not built: kFusedDepths in dense_segment.cuh).
+int dense_segment_fused_smem_f16(int num_slices, int max_rank, int ostages);
+int dense_segment_fused_smem_bf16(int num_slices, int max_rank, int ostages);
+inline int dense_segment_fused_smem(DType dt, int num_slices, int max_rank, int ostages) {
+  return dt == DType::kF16    ? dense_segment_fused_smem_f16(num_slices, max_rank, ostages)
+         : dt == DType::kBF16 ? dense_segment_fused_smem_bf16(num_slices, max_rank, ostages)
                               : 0;
 }
 inline int dense_segment_ctas_per_sm(DType dt, int mode) {

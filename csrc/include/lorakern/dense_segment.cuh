@@ -36,8 +36,8 @@ namespace lorakern {
 //   LORAKERN_SEG_MMA                       expand on mma.sync + ldmatrix instead of WMMA (0; 1: the accumulators
 //                                          go from registers into the out tile, no fp32 staging; not yet timed)
 //   LORAKERN_FUSED_STAGES, _OSTAGES        the fused kernel's K ring depth (4: 3 K steps, 24 KB of x, in flight)
-//                                          and out-chunk ring depth (3: 2 chunks, 32 KB of out, in flight); deeper
-//                                          rings cost shared memory (layouts that no longer fit fall back to split)
+//                                          and out-chunk ring depth (3: 2 chunks, 32 KB of out, in flight; a layout
+//                                          that does not fit runs at depth 2, else on the split kernels)
 //   LORAKERN_SEG_BF16_TERMS                bf16 terms of the fp32 intermediate in the expand (3: ~24 bits, the
 //                                          contract's fp32; 2: ~16 bits, 9 % faster expand on an H100, but outside
 //                                          the fp32 tolerance where the sum cancels: not a default)
@@ -467,7 +467,7 @@ template <typename T> constexpr int terms() {
 // expand stages (after them) reuse it.
 template <typename T> struct FusedLayout {
   int r16, cols, ldy, ring_stage, ring, y_bytes, stage_off, ot_off, stage, bytes;
-  __host__ __device__ FusedLayout(int num_slices, int max_rank) {
+  __host__ __device__ FusedLayout(int num_slices, int max_rank, int ostages) {
     r16 = (max_rank + 15) / 16 * 16;
     cols = num_slices * r16;
     ldy = cols + 8;
@@ -477,17 +477,17 @@ template <typename T> struct FusedLayout {
     stage_off = seg::round128(y_bytes);
     ot_off = r16 * LDB * int(sizeof(T));               // a stage: bs [r16][LDB], then ot [BM][LDB]
     stage = ot_off + BM * LDB * int(sizeof(T));
-    const int expand = stage_off + OSTAGES * stage;
+    const int expand = stage_off + ostages * stage;
     bytes = ring > expand ? ring : expand;
   }
   __host__ __device__ bool supported() const { return cols > 0 && cols <= kMaxCols; }
 };
 }  // namespace segf
 
-template <typename T>
+template <typename T, int OSTAGES>
 __global__ void __launch_bounds__(segf::kThreads, 1) segment_fused_kernel(const DenseParams p) {
   using segf::FusedLayout;
-  constexpr int BM = segf::BM, SK = segf::SK, STAGES = segf::STAGES, BN = segf::BN, OSTAGES = segf::OSTAGES;
+  constexpr int BM = segf::BM, SK = segf::SK, STAGES = segf::STAGES, BN = segf::BN;
   constexpr int kThreads = segf::kThreads, kMaxCols = segf::kMaxCols, kMaxSlices = segf::kMaxSlices;
   constexpr int kBlocksPerWarp = segf::kBlocksPerWarp, LDX = segf::LDX, LDB = segf::LDB;
   LORAKERN_DYNAMIC_SMEM(smem);
@@ -505,7 +505,7 @@ __global__ void __launch_bounds__(segf::kThreads, 1) segment_fused_kernel(const 
   if (len <= 0 || slot < 0) return;
   const int rank = p.ranks[slot];
   if (rank <= 0) return;
-  const FusedLayout<T> L(p.num_slices, p.max_rank);
+  const FusedLayout<T> L(p.num_slices, p.max_rank, OSTAGES);
   const int R16 = L.r16, C = L.cols, rank16 = (rank + 15) / 16 * 16;
   constexpr int kTerms = segf::terms<T>();
   constexpr bool kScaled = std::is_same<T, __half>::value;  // fp16: y / S with |y / S| < 2^14 (see the expand)
@@ -751,16 +751,22 @@ __global__ void __launch_bounds__(segf::kThreads, 1) segment_fused_kernel(const 
   cp_async_wait<0>();  // only empty groups remain; nothing in flight when the CTA exits
 }
 
-// Dynamic shared memory of the fused kernel for `num_slices` slices and a page table `max_rank` wide (0: the
-// layout is not supported, S x R16 > 256).
+// The fused kernel's out-chunk ring depths, deepest first: the launcher takes the first whose layout fits the
+// device (LORAKERN_FUSED_OSTAGES, then 2: e.g. qkv at max_rank 64 in bf16 needs 177 KB at depth 3, 144 KB at 2,
+// which an A100's 163 KB holds).
+constexpr int kFusedDepths[2] = {segf::OSTAGES, 2};
+
+// Dynamic shared memory of the fused kernel for `num_slices` slices, a page table `max_rank` wide and an out-chunk
+// ring `ostages` deep (one of kFusedDepths); 0: not supported (S x R16 > 256, or another depth).
 template <typename T>
-int segment_fused_smem_t(int num_slices, int max_rank) {
-  const segf::FusedLayout<T> L(num_slices, max_rank);
+int segment_fused_smem_t(int num_slices, int max_rank, int ostages) {
+  if (ostages != kFusedDepths[0] && ostages != kFusedDepths[1]) return 0;
+  const segf::FusedLayout<T> L(num_slices, max_rank, ostages);
   return L.supported() ? L.bytes : 0;
 }
 
-// mode 1: shrink into a zeroed y; mode 2: expand from y; mode 3: fused (shrink + expand, no y). `k_split` >= 1
-// (shrink only).
+// mode 1: shrink into a zeroed y (`k_split` >= 1 CTAs per tile's K); mode 2: expand from y; mode 3: fused
+// (shrink + expand, no y; `k_split` = the out-chunk ring depth, one of kFusedDepths).
 template <typename T>
 cudaError_t launch_dense_segment(const DenseParams& p, int mode, int k_split, cudaStream_t stream) {
   if (p.num_tiles <= 0 || p.num_slices <= 0) return cudaSuccess;
@@ -774,9 +780,13 @@ cudaError_t launch_dense_segment(const DenseParams& p, int mode, int k_split, cu
     return launch_kernel_smem(segment_expand_kernel<T>, grid, dim3(seg::kSegThreads), seg::ExpandSmem<T>::kBytes,
                               stream, p);
   } else if (mode == 3) {
-    const int bytes = segment_fused_smem_t<T>(p.num_slices, p.max_rank);
+    const int bytes = segment_fused_smem_t<T>(p.num_slices, p.max_rank, k_split);
     if (bytes <= 0) return cudaErrorInvalidValue;
-    return launch_kernel_smem(segment_fused_kernel<T>, dim3(p.num_tiles), dim3(segf::kThreads), bytes, stream, p);
+    if (k_split == kFusedDepths[0])
+      return launch_kernel_smem(segment_fused_kernel<T, kFusedDepths[0]>, dim3(p.num_tiles), dim3(segf::kThreads),
+                                bytes, stream, p);
+    return launch_kernel_smem(segment_fused_kernel<T, kFusedDepths[1]>, dim3(p.num_tiles), dim3(segf::kThreads),
+                              bytes, stream, p);
   }
   return cudaErrorInvalidValue;
 }
