@@ -129,6 +129,9 @@ def _cuda_ext_facts(ext):
     return facts
 
 
+_CUDA_DEVICE_REASONS: dict = {}
+
+
 def _cuda_reasons(b, device, dtype):
     if device.type == "cpu" and cuda_emulate():
         emu = cuda_emulator()
@@ -139,6 +142,18 @@ def _cuda_reasons(b, device, dtype):
     if device.type != "cuda":
         return [f"the tensors are on {device}, not on a CUDA device (LORAKERN_CUDA_EMULATE=1 runs the kernels on "
                 "the CPU emulator)"]
+    # a GPU's answer cannot change within a process (the extension, its archs, the device's capability): once per
+    # device, read eagerly (every op call asks; the capability query alone costs microseconds)
+    hit = _CUDA_DEVICE_REASONS.get(device.index)  # a tensor's device always has its index
+    if hit is not None and device.index is not None:
+        return list(hit)
+    reasons = _cuda_device_reasons(ext, device)
+    if device.index is not None and not torch.compiler.is_compiling():
+        _CUDA_DEVICE_REASONS[device.index] = tuple(reasons)
+    return reasons
+
+
+def _cuda_device_reasons(ext, device):
     reasons = []
     cc = torch.cuda.get_device_capability(device)
     if cc < (8, 0):

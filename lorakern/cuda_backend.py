@@ -53,8 +53,16 @@ def _ext(device):
     return ext
 
 
+#: the current stream's handle without building a torch.cuda.Stream (what inductor's generated code calls)
+_RAW_STREAM = getattr(torch._C, "_cuda_getCurrentRawStream", None)
+
+
 def _stream(device) -> int:
-    return 0 if device.type == "cpu" else torch.cuda.current_stream(device).cuda_stream
+    if device.type == "cpu":
+        return 0
+    if _RAW_STREAM is not None and device.index is not None:  # (a tensor's device always has its index)
+        return _RAW_STREAM(device.index)
+    return torch.cuda.current_stream(device).cuda_stream
 
 
 def _aligned(t: torch.Tensor, vec: int) -> bool:

@@ -479,6 +479,18 @@ def test_static_plan_cuda_graph_replays_another_mix_gpu(backend, generator, monk
         check_accumulated(case, out, out0, *oracle_add(case, out0))
 
 
+@pytest.mark.gpu
+def test_cuda_kernels_launch_on_the_current_stream():
+    """The cuda backend's launches go to the caller's current stream (read without building a Stream object)."""
+    from lorakern import cuda_backend
+
+    dev = torch.device("cuda", torch.cuda.current_device())
+    assert cuda_backend._stream(dev) == torch.cuda.current_stream(dev).cuda_stream
+    side = torch.cuda.Stream()
+    with torch.cuda.stream(side):
+        assert cuda_backend._stream(dev) == side.cuda_stream != torch.cuda.default_stream(dev).cuda_stream
+
+
 # ------------------------------------------------------------------------------------------------ the checker
 # The checks above must be able to fail: the same checker, fed a result off by a little, has to reject it.
 _REL = {torch.float32: 1e-2, torch.float16: 1e-2, torch.bfloat16: 5e-2}  # bf16's own ulp is 2**-8..2**-7
