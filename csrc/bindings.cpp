@@ -29,7 +29,7 @@ template <typename P>
 P ptr(int64_t v) { return reinterpret_cast<P>(static_cast<uintptr_t>(v)); }
 
 // Field order of `a` (all int64), documented in lorakern/cuda_backend.py (_DENSE_FIELDS).
-constexpr size_t kFields = 38;
+constexpr size_t kFields = 39;
 
 lorakern::DenseParams unpack(const std::vector<int64_t>& a) {
   if (a.size() != kFields) throw std::invalid_argument("expected " + std::to_string(kFields) + " fields");
@@ -62,6 +62,7 @@ lorakern::DenseParams unpack(const std::vector<int64_t>& a) {
   p.topk_w = ptr<const float*>(a[i++]);
   p.sw_t = a[i++]; p.sw_k = a[i++];
   p.n_split = static_cast<int>(a[i++]);
+  p.seg_cols = static_cast<int>(a[i++]);
   if (p.E < 1 || p.topk < 1) throw std::invalid_argument("E and topk must be >= 1");
   if (p.m_split < 1 || p.n_split < 1) throw std::invalid_argument("m_split and n_split must be >= 1");
   return p;
@@ -101,11 +102,11 @@ PYBIND11_MODULE(LORAKERN_MODULE, m) {
         return lorakern::dense_segment_ctas_per_sm(static_cast<lorakern::DType>(dtype), mode);
       }, py::arg("dtype"), py::arg("mode"),
         "CTAs of the segment kernel (mode 1 shrink, 2 expand) that fit on one SM of the current device; 0: unknown");
-  m.def("segment_fused_smem", [](int dtype, int num_slices, int max_rank, int ostages) {
-        return lorakern::dense_segment_fused_smem(static_cast<lorakern::DType>(dtype), num_slices, max_rank, ostages);
-      }, py::arg("dtype"), py::arg("num_slices"), py::arg("max_rank"), py::arg("ostages"),
-        "dynamic shared memory (bytes) of the fused segment kernel (mode 3) at an out-chunk ring depth; 0: not "
-        "supported (or that depth is not built)");
+  m.def("segment_fused_smem", [](int dtype, int max_rank, int ostages, int cols) {
+        return lorakern::dense_segment_fused_smem(static_cast<lorakern::DType>(dtype), max_rank, ostages, cols);
+      }, py::arg("dtype"), py::arg("max_rank"), py::arg("ostages"), py::arg("cols"),
+        "dynamic shared memory (bytes) of the fused segment kernel (mode 3) at an out-chunk ring depth and rank "
+        "columns per group of slices; 0: not supported (or that depth is not built)");
   m.def("max_smem_per_block", []() {
 #ifdef LORAKERN_EMU
         return 227 * 1024;  // the emulator's limit (an H100's)

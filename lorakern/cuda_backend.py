@@ -37,7 +37,7 @@ _DENSE_FIELDS = (
     "x", "sx_t", "sx_k", "a_ptrs", "a_strides", "b_ptrs", "b_strides", "n_sizes", "offsets",
     "page_table", "s_pt", "ranks", "scales", "tiles", "token_ids", "y", "sy_s", "sy_t", "sy_r",
     "out", "so_t", "so_n", "num_tiles", "num_slices", "K", "max_rank", "max_n", "m_split",
-    "E", "topk", "sx_p", "so_p", "a_e_strides", "b_e_strides", "topk_w", "sw_t", "sw_k", "n_split",
+    "E", "topk", "sx_p", "so_p", "a_e_strides", "b_e_strides", "topk_w", "sw_t", "sw_k", "n_split", "seg_cols",
 )
 _FIELD_DEFAULTS = {"E": 1, "topk": 1, "m_split": 1, "n_split": 1}
 
@@ -189,7 +189,7 @@ def _gather_splits(device, ctas: int, mt: int, plan_info, max_n: int, vec_width:
 
 #: values of LORAKERN_CUDA_SEGMENT (how add_lora runs the segment path)
 SEGMENT_MODES = ("split", "fused", "auto")
-_FUSED_DEPTH: dict = {}
+_FUSED_CONFIG: dict = {}
 
 
 def _segment_mode(device, dtype, num_slices: int, max_rank: int, grid_s: int) -> str:
@@ -197,15 +197,15 @@ def _segment_mode(device, dtype, num_slices: int, max_rank: int, grid_s: int) ->
 
     * ``split`` (the default, measured): the shrink writes a float32 y [S, T, max_rank] (split over K, atomic
       adds), then the expand reads it;
-    * ``fused``: segment_fused_kernel, one CTA per 64-token tile doing the shrink of every slice and then the
-      expand, y never leaving the SM (no split-K, no atomics: deterministic), wherever its layout fits: every
-      slice's rank columns (max_rank rounded up to 16, times the slices) <= 256 and its shared memory within the
-      device's limit (at the deepest out-chunk ring that fits, :func:`_fused_depth`); else split;
+    * ``fused``: segment_fused_kernel, one CTA per 64-token tile doing the shrink and then the expand of its
+      slices, in groups of up to 256 rank columns at the tile's rank (qkv at rank <= 64 in one group; a group
+      re-reads x), y never leaving the SM (no split-K, no atomics: deterministic), wherever a layout fits the
+      device's shared memory (:func:`_fused_config`: max_rank <= 256, <= 32 slices); else split;
     * ``auto``: fused where it fits and the tiles fill every SM (one CTA per SM), else split.
 
     Not timed on a GPU yet, hence not the default (docs/cuda.md)."""
     mode = _segment_setting()
-    if mode == "split" or not _fused_depth(device, dtype, num_slices, max_rank):
+    if mode == "split" or not _fused_config(device, dtype, num_slices, max_rank):
         return "split"
     if mode == "auto" and grid_s < _sm_count(device):
         return "split"
@@ -220,24 +220,37 @@ def _segment_setting() -> str:
     return mode
 
 
-def _fused_depth(device, dtype, num_slices: int, max_rank: int) -> int:
-    """The deepest out-chunk ring the build has (LORAKERN_FUSED_OSTAGES, then 2) whose fused layout fits the
-    device's shared memory per block; 0: none (or the layout is not supported)."""
+#: the fused kernel's limits (dense_segment.cuh, segf): rank columns per group of slices, slices per call
+_FUSED_MAX_COLS, _FUSED_MAX_SLICES = 256, 32
+
+
+def _fused_config(device, dtype, num_slices: int, max_rank: int):
+    """``(ring depth, rank columns per group)`` of the fused kernel on this device, or None when no layout fits.
+
+    Columns first (a group as wide as the slices at the pool's max_rank, up to 256: fewer groups re-read x),
+    then the deepest out-chunk ring the build has (LORAKERN_FUSED_OSTAGES, then 2) that fits the device's shared
+    memory per block."""
     key = (device, dtype, num_slices, max_rank)
-    if key not in _FUSED_DEPTH:
+    if key not in _FUSED_CONFIG:
         ext = _ext(device)
         if device.type == "cuda":
             with torch.cuda.device(device):
                 have = int(ext.max_smem_per_block())
         else:
             have = int(ext.max_smem_per_block())
-        _FUSED_DEPTH[key] = 0
-        for depth in range(8, 1, -1):
-            need = int(ext.segment_fused_smem(_DTYPES[dtype], num_slices, max_rank, depth))
-            if 0 < need and need + _FUSED_STATIC_SMEM <= have:
-                _FUSED_DEPTH[key] = depth
-                break
-    return _FUSED_DEPTH[key]
+        r16 = -(-max_rank // 16) * 16
+        best = None
+        if 0 < r16 <= _FUSED_MAX_COLS and num_slices <= _FUSED_MAX_SLICES:
+            for cols in range(min(num_slices * r16, _FUSED_MAX_COLS) // 16 * 16, r16 - 1, -16):
+                for depth in range(8, 1, -1):
+                    need = int(ext.segment_fused_smem(_DTYPES[dtype], max_rank, depth, cols))
+                    if 0 < need and need + _FUSED_STATIC_SMEM <= have:
+                        best = (depth, cols)
+                        break
+                if best:
+                    break
+        _FUSED_CONFIG[key] = best
+    return _FUSED_CONFIG[key]
 
 
 #: the fused kernel's static shared memory (1.6 KB on sm_80/89/90a), counted against the same per-block limit
@@ -246,8 +259,8 @@ _FUSED_STATIC_SMEM = 2048
 
 def _segment_fused(out, x, a_tab, sa_tab, b_tab, sb_tab, n_tab, off_tab, lora_b, page_table, ranks, scales,
                    token_ids, tiles, grid_n):
-    depth = _fused_depth(x.device, x.dtype, len(lora_b), page_table.shape[1])  # (dense_segment's k_split slot)
-    _call_segment(_SEG_FUSED, x.dtype, depth, x.device,
+    depth, cols = _fused_config(x.device, x.dtype, len(lora_b), page_table.shape[1])
+    _call_segment(_SEG_FUSED, x.dtype, depth, x.device, seg_cols=cols,  # (the depth in dense_segment's k_split)
                   x=x.data_ptr(), sx_t=x.stride(0), sx_k=x.stride(1), a_ptrs=a_tab.data_ptr(),
                   a_strides=sa_tab.data_ptr(), b_ptrs=b_tab.data_ptr(), b_strides=sb_tab.data_ptr(),
                   n_sizes=n_tab.data_ptr(), offsets=off_tab.data_ptr(), out=out.data_ptr(), so_t=out.stride(0),

@@ -32,8 +32,10 @@ CASES = {
     "T1": dict(T=1, **SMALL),
     "K100_N72": dict(T=33, K=100, n_sizes=[72], ranks="1-24", num_adapters=5),
     "slices_72_40_24": dict(T=40, K=64, n_sizes=[72, 40, 24], ranks="1-20", num_adapters=5, mix="zipf:1.5"),
-    # two slices at max_rank 128 (the cuda fused segment kernel's shallower out-chunk ring)
-    "slices_2_rank_128": dict(T=70, K=64, n_sizes=[40, 24], ranks=[1, 128, 77, 16], num_adapters=4, mix="zipf:1.5"),
+    # three slices at max_rank 128 (the cuda fused segment kernel: slices in groups by the tile's rank, its
+    # shallower out-chunk ring)
+    "slices_3_rank_128": dict(T=70, K=64, n_sizes=[40, 24, 16], ranks=[1, 128, 77, 100], num_adapters=4,
+                              mix="zipf:1.5"),
     # explicit offsets, out of order, with gaps between slices and at the end
     "slice_offsets_gaps": dict(T=40, K=48, n_sizes=[72, 40, 24], ranks="1-20", num_adapters=5,
                                slice_offsets=[60, 0, 140], out_cols=170, none_frac=0.2),
@@ -338,35 +340,44 @@ def test_fused_segment_kernel_is_chosen_where_it_fits(generator, monkeypatch):
         run_case("add_lora", "cuda", case, generator)
         return [args[1] if args[1] != 3 else (3, args[2]) for kind, _, args in log if kind == "segment"]
 
-    # fused where the layout is supported (<= 256 columns) and its shared memory fits this device as built at the
-    # deepest out-chunk ring that fits (3, then 2; the depths are tuning macros), else split; the launch names the
-    # depth (dense_segment's k_split argument)
+    # fused wherever a layout fits this device as built: groups of slices of up to 256 rank columns (as wide as
+    # the slices at the pool's max_rank), the deepest out-chunk ring that fits (the depths are tuning macros);
+    # the launch names the depth (dense_segment's k_split) and the columns (seg_cols)
     ext = real_ext(DEVICE)
     have = ext.max_smem_per_block() - cuda_backend._FUSED_STATIC_SMEM
-    assert ext.segment_fused_smem(1, 4, 64, 2) > 0 and ext.segment_fused_smem(1, 3, 128, 2) == 0  # 256 / 384 cols
-    assert ext.segment_fused_smem(1, 1, 64, 5) == 0 and have > 0                                  # depth not built
+    assert ext.segment_fused_smem(1, 64, 2, 256) > 0 and ext.segment_fused_smem(1, 64, 2, 272) == 0  # <= 256
+    assert ext.segment_fused_smem(1, 128, 2, 112) == 0 and ext.segment_fused_smem(1, 64, 5, 64) == 0  # >= r16; depth
+    assert have > 0
 
     def fused(S, max_rank):
-        for depth in range(8, 1, -1):
-            if 0 < ext.segment_fused_smem(1, S, max_rank, depth) <= have:
-                return [(3, depth)]
+        r16 = -(-max_rank // 16) * 16
+        for cols in range(min(S * r16, 256), r16 - 1, -16):
+            for depth in range(8, 1, -1):
+                if 0 < ext.segment_fused_smem(1, max_rank, depth, cols) <= have:
+                    return [(3, depth, cols)]
         return "split"
+
+    cols_field = cuda_backend._DENSE_FIELDS.index("seg_cols")
 
     def kernels(setting, n_sizes, ranks, **kw):
         got = modes(setting, n_sizes, ranks, **kw)
-        return "split" if got == [1, 2] else got
+        if got == [1, 2]:
+            return "split"
+        assert len(log) == 1
+        return [(m, k, log[0][1][cols_field]) for m, k in got]
 
-    assert fused(3, 128) == "split" and fused(1, 16)[0][0] == 3  # 72 KB: fits every sm_80+ part
+    assert fused(1, 16)[0][2] == 16 and fused(3, 16)[0][2] == 48  # 72 / 85 KB: fit every sm_80+ part
     assert modes(None, [40, 24], [5, 16, 64]) == [1, 2]
     assert modes("split", [40, 24], [5, 16, 64]) == [1, 2]
     assert kernels("fused", [40, 24], [5, 16, 64]) == fused(2, 64)
     assert kernels("fused", [40], [5, 16, 3]) == fused(1, 16)
     assert kernels("fused", [40], [1, 128, 77]) == fused(1, 128)
-    assert kernels("fused", [40, 24], [1, 128, 77]) == fused(2, 128)                    # depth 2 on an H100
-    assert kernels("fused", [40, 24, 24], [1, 128, 77]) == "split"                      # 3 x 128 columns
-    assert kernels("fused", [40, 24, 16, 8], [3, 60], max_rank=64) == fused(4, 64)      # 4 x 64 columns
+    assert kernels("fused", [40, 24], [1, 128, 77]) == fused(2, 128)
+    assert kernels("fused", [40, 24, 24], [1, 128, 77]) == fused(3, 128)     # 384 columns: groups
+    assert kernels("fused", [40, 24, 16, 8], [3, 60], max_rank=64) == fused(4, 64)
+    assert kernels("fused", [8] * 33, [3, 5], max_rank=16) == "split"       # more than 32 slices
     if have >= 227 * 1024 - cuda_backend._FUSED_STATIC_SMEM:  # an H100's (and the emulator's) limit
-        assert fused(2, 128) == [(3, 2)] and fused(2, 64)[0][1] >= 3
+        assert fused(2, 128) == [(3, 2, 256)] and fused(3, 64) == [(3, 3, 192)] and fused(3, 128) == [(3, 2, 256)]
     sms = cuda_backend._sm_count(DEVICE)
     assert modes("auto", [40], [4, 9], T=40) == [1, 2]                       # fewer tiles than SMs
     assert kernels("auto", [40], [4, 9] * sms, T=64 * sms) == fused(1, 16)

@@ -42,6 +42,9 @@ struct DenseParams {
   const float* topk_w;         // [T, topk] float32 or nullptr (= 1.0)
   int64_t sw_t, sw_k;
   int n_split;
+  // Fused segment kernel (dense_segment mode 3): rank columns per group of slices (a multiple of 16, >= max_rank
+  // rounded up to 16, <= 256), chosen by the host with its shared-memory layout (segment_fused_smem).
+  int seg_cols;
 };
 
 enum class DType : int { kF16 = 0, kBF16 = 1, kF32 = 2 };
@@ -64,14 +67,14 @@ cudaError_t dense_segment_bf16(const DenseParams& p, int mode, int k_split, cuda
 // CTAs of the segment kernel of `mode` that fit on one SM of the current device (0: unknown).
 int dense_segment_ctas_f16(int mode);
 int dense_segment_ctas_bf16(int mode);
-// Dynamic shared memory of the fused segment kernel (mode 3) for S slices, a page table max_rank wide and an
-// out-chunk ring `ostages` deep; 0 when that layout is not supported (S x max_rank rounded up to 16 > 256, or a
-// depth not built: kFusedDepths in dense_segment.cuh).
-int dense_segment_fused_smem_f16(int num_slices, int max_rank, int ostages);
-int dense_segment_fused_smem_bf16(int num_slices, int max_rank, int ostages);
-inline int dense_segment_fused_smem(DType dt, int num_slices, int max_rank, int ostages) {
-  return dt == DType::kF16    ? dense_segment_fused_smem_f16(num_slices, max_rank, ostages)
-         : dt == DType::kBF16 ? dense_segment_fused_smem_bf16(num_slices, max_rank, ostages)
+// Dynamic shared memory of the fused segment kernel (mode 3) for a page table max_rank wide, an out-chunk ring
+// `ostages` deep and groups of `cols` rank columns; 0 when that layout is not supported (a depth not built, cols
+// outside [max_rank rounded up to 16, 256] or not a multiple of 16).
+int dense_segment_fused_smem_f16(int max_rank, int ostages, int cols);
+int dense_segment_fused_smem_bf16(int max_rank, int ostages, int cols);
+inline int dense_segment_fused_smem(DType dt, int max_rank, int ostages, int cols) {
+  return dt == DType::kF16    ? dense_segment_fused_smem_f16(max_rank, ostages, cols)
+         : dt == DType::kBF16 ? dense_segment_fused_smem_bf16(max_rank, ostages, cols)
                               : 0;
 }
 inline int dense_segment_ctas_per_sm(DType dt, int mode) {

@@ -424,19 +424,21 @@ __global__ void __launch_bounds__(seg::kSegThreads, seg::kExpandMinBlocks) segme
 
 // ------------------------------------------------------------------------------------------------------------
 // segment_fused_kernel  grid (tiles): one CTA per 64-token tile does the shrink AND the expand of every slice.
-//   1. Shrink: Y[64 tokens, C] = X[tokens, K] @ A^T for all slices at once (C = S x R16 columns, R16 = max_rank
-//      rounded up to 16; slice s owns columns s R16 ..), K steps of 64 through a STAGES-deep cp.async ring; x is
-//      read once per tile for all slices, the whole K per CTA (no split, no atomics: deterministic). mma.sync +
-//      ldmatrix; 8 warps as 2 row halves x 4 column groups (16-column blocks b = group + 4 i); the accumulators
-//      (<= 64 per lane) stay in registers. Blocks past the slot's real rank are neither loaded nor multiplied.
+// The slices go in groups: as many as fit `p.seg_cols` (<= 256) rank columns at the TILE's rank rounded up to 16
+// (rank16), so a tile of rank <= 16 does qkv in one group whatever the pool's max_rank; a group re-reads x.
+//   1. Shrink: Y[64 tokens, G x rank16] = X[tokens, K] @ A^T for the group's G slices at once (slice s0 + i owns
+//      columns i rank16 ..), K steps of 64 through a STAGES-deep cp.async ring; the whole K per CTA (no split, no
+//      atomics: deterministic). mma.sync + ldmatrix; 8 warps as 2 row halves x 4 column groups (16-column blocks
+//      b = group + 4 i); the accumulators (<= 64 per lane) stay in registers. Rank rows past the rank are zeros.
 //   2. The fp32 Y goes to shared memory once, as terms of the weight dtype (as in the expand kernel), and never to
 //      global memory.
-//   3. Expand: the tile's out columns in chunks of BN = 128 (every slice's N_i in turn), OSTAGES-deep: the B rows
-//      (below the rank) and the out chunk of chunk c + 2 stream in by cp.async while chunk c multiplies; each warp
-//      (16 rows x 64 columns) adds its accumulators to the out chunk in shared memory and writes its part back
-//      with 16-byte stores. The first out chunks are issued before the Y terms are written.
-// One CTA per SM (up to ~210 KB of shared memory): the host takes this path when C <= 256 and the layout fits the
-// device (segment_fused_smem), and while there are enough tiles for the GPU (LORAKERN_CUDA_SEGMENT).
+//   3. Expand: the group's out columns in chunks of BN = 128 (each slice's N_i in turn), OSTAGES-deep: the B rows
+//      (below the rank) and the out chunk of chunk c + OSTAGES - 1 stream in by cp.async while chunk c
+//      multiplies; each warp (16 rows x 64 columns) adds its accumulators to the out chunk in shared memory and
+//      writes its part back with 16-byte stores. The first out chunks are issued before the Y terms are written.
+// One CTA per SM (up to ~210 KB of shared memory): the host picks seg_cols and the ring depth that fit the device
+// (segment_fused_smem) and takes this path while there are enough tiles for the GPU (LORAKERN_CUDA_SEGMENT).
+
 // Two adjacent 16-bit elements as one 32-bit shared-memory access (4-byte aligned: an even column of a row).
 template <typename T> struct alignas(4) Pair { T v[2]; };
 template <typename T> __device__ __forceinline__ Pair<T> load_pair(const T* p) {
@@ -452,8 +454,8 @@ namespace segf {
 constexpr int BM = 64, SK = 64, STAGES = LORAKERN_FUSED_STAGES, BN = 128, OSTAGES = LORAKERN_FUSED_OSTAGES;
 static_assert(STAGES >= 2 && OSTAGES >= 2, "fused rings");
 constexpr int kThreads = 256;
-constexpr int kMaxCols = 256;                  // S x R16
-constexpr int kMaxSlices = kMaxCols / 16;
+constexpr int kMaxCols = 256;                  // rank columns of a group
+constexpr int kMaxSlices = 32;                 // slices of a call (more: the split kernels)
 constexpr int kBlocksPerWarp = kMaxCols / 64;  // 16-column blocks per warp column group in the shrink
 constexpr int LDX = SK + 8;
 constexpr int LDB = BN + 8;
@@ -463,13 +465,14 @@ template <typename T> constexpr int terms() {
   return std::is_same<T, __nv_bfloat16>::value && LORAKERN_SEG_BF16_TERMS == 3 ? 3 : 2;
 }
 
-// Shared-memory layout (bytes). The ring (from 0) is dead once the shrink ends; the Y terms (from 0) and the
-// expand stages (after them) reuse it.
+// Shared-memory layout (bytes) for `cols` rank columns per group, B chunks of up to r16 = max_rank rounded up to
+// 16 rows and an out-chunk ring `ostages` deep. The ring (from 0) is dead once a group's shrink ends; the Y terms
+// (from 0) and the expand stages (after them) reuse it.
 template <typename T> struct FusedLayout {
   int r16, cols, ldy, ring_stage, ring, y_bytes, stage_off, ot_off, stage, bytes;
-  __host__ __device__ FusedLayout(int num_slices, int max_rank, int ostages) {
+  __host__ __device__ FusedLayout(int max_rank, int ostages, int cols_) {
     r16 = (max_rank + 15) / 16 * 16;
-    cols = num_slices * r16;
+    cols = cols_;
     ldy = cols + 8;
     ring_stage = (BM + cols) * LDX * int(sizeof(T));  // xs [BM][LDX], then as [cols][LDX]
     ring = STAGES * ring_stage;
@@ -480,7 +483,8 @@ template <typename T> struct FusedLayout {
     const int expand = stage_off + ostages * stage;
     bytes = ring > expand ? ring : expand;
   }
-  __host__ __device__ bool supported() const { return cols > 0 && cols <= kMaxCols; }
+  // a group holds at least one slice at the pool's max rank; columns in 16-blocks up to kMaxCols
+  __host__ __device__ bool supported() const { return r16 > 0 && cols >= r16 && cols <= kMaxCols && cols % 16 == 0; }
 };
 }  // namespace segf
 
@@ -492,7 +496,7 @@ __global__ void __launch_bounds__(segf::kThreads, 1) segment_fused_kernel(const 
   constexpr int kBlocksPerWarp = segf::kBlocksPerWarp, LDX = segf::LDX, LDB = segf::LDB;
   LORAKERN_DYNAMIC_SMEM(smem);
   __shared__ int64_t tok_s[BM];
-  __shared__ int32_t rows_s[kMaxCols];  // the slot's rank rows (rank <= R16 <= kMaxCols)
+  __shared__ int32_t rows_s[kMaxCols];     // the slot's rank rows (rank <= r16 <= cols <= kMaxCols)
   __shared__ int chunk_s[kMaxSlices + 1];  // first out chunk of each slice, then the total
   __shared__ float wmax_s[kThreads / 32];
   LORAKERN_SHARED_TRACK(tok_s);
@@ -505,8 +509,9 @@ __global__ void __launch_bounds__(segf::kThreads, 1) segment_fused_kernel(const 
   if (len <= 0 || slot < 0) return;
   const int rank = p.ranks[slot];
   if (rank <= 0) return;
-  const FusedLayout<T> L(p.num_slices, p.max_rank, OSTAGES);
-  const int R16 = L.r16, C = L.cols, rank16 = (rank + 15) / 16 * 16;
+  const FusedLayout<T> L(p.max_rank, OSTAGES, p.seg_cols);
+  const int rank16 = (rank + 15) / 16 * 16;
+  const int S = p.num_slices, G = min(S, L.cols / rank16);  // slices per group
   constexpr int kTerms = segf::terms<T>();
   constexpr bool kScaled = std::is_same<T, __half>::value;  // fp16: y / S with |y / S| < 2^14 (see the expand)
 
@@ -516,107 +521,21 @@ __global__ void __launch_bounds__(segf::kThreads, 1) segment_fused_kernel(const 
   for (int j = tid; j < rank; j += kThreads) rows_s[j] = p.page_table[slot * p.s_pt + j];
   if (tid == 0) {
     int c = 0;
-    for (int s = 0; s < p.num_slices; ++s) {
+    for (int s = 0; s < S; ++s) {
       chunk_s[s] = c;
       c += static_cast<int>((p.n_sizes[s] + BN - 1) / BN);
     }
-    chunk_s[p.num_slices] = c;
+    chunk_s[S] = c;
   }
   __syncthreads();
 
-  // ---- 1. shrink
   const T* X = reinterpret_cast<const T*>(p.x);
+  T* O = reinterpret_cast<T*>(p.out);
   using RowX = T[LDX];
+  using RowB = T[LDB];
   auto xs = [&](int st) { return reinterpret_cast<RowX*>(smem + st * L.ring_stage); };
   auto as = [&](int st) { return reinterpret_cast<RowX*>(smem + st * L.ring_stage + BM * LDX * sizeof(T)); };
-  constexpr int kXL = BM * (SK / 8) / kThreads, kAL = kMaxCols * (SK / 8) / kThreads;
-  // this thread's vectors of a K step: x rows and A rank rows (fixed over the K loop); null = a zero fill
-  const T* xrow[kXL];
-  const T* arow[kAL];
-  unsigned a_live = 0;  // bit l: this thread's A row l is in a 16-row block below the rank (copied, maybe zeros)
-#pragma unroll
-  for (int l = 0; l < kXL; ++l) {
-    const int m = (tid + l * kThreads) / (SK / 8);
-    xrow[l] = tok_s[m] >= 0 ? X + tok_s[m] * p.sx_t : nullptr;
-  }
-#pragma unroll
-  for (int l = 0; l < kAL; ++l) {
-    const int c = (tid + l * kThreads) / (SK / 8), s = c / R16, j = c % R16;
-    arow[l] = (c < C && j < rank) ? reinterpret_cast<const T*>(p.a_ptrs[s]) + rows_s[j] * p.a_strides[s] : nullptr;
-    if (c < C && j < rank16) a_live |= 1u << l;
-  }
-  const int steps = (p.K + SK - 1) / SK;
-  auto issue = [&](int step, int st) {
-    const int k0 = step * SK;
-#pragma unroll
-    for (int l = 0; l < kXL; ++l) {
-      const int i = tid + l * kThreads, m = i / (SK / 8), k = (i % (SK / 8)) * 8;
-      const bool ok = xrow[l] != nullptr && k0 + k < p.K;
-      cp_async16(&xs(st)[m][k], ok ? xrow[l] + k0 + k : X, ok);
-    }
-#pragma unroll
-    for (int l = 0; l < kAL; ++l) {
-      const int i = tid + l * kThreads, c = i / (SK / 8), k = (i % (SK / 8)) * 8;
-      if (a_live >> l & 1u) {  // rows of live 16-blocks; zeros past the rank or K
-        const bool ok = arow[l] != nullptr && k0 + k < p.K;
-        cp_async16(&as(st)[c][k], ok ? arow[l] + k0 + k : X, ok);
-      }
-    }
-  };
-
-  const int wm = warp & 1, wn = warp >> 1;  // rows wm * 32 .. + 32; 16-column blocks wn + 4 i
-  float acc[kBlocksPerWarp][2][2][4];  // [block][row half mi][n8 tile h][mma.sync C fragment]
-  constexpr int kAccN = kBlocksPerWarp * 2 * 2 * 4;
-  float(&acc_flat)[kAccN] = reinterpret_cast<float(&)[kAccN]>(acc);
-#pragma unroll
-  for (int e = 0; e < kAccN; ++e) acc_flat[e] = 0.f;
-  unsigned b_live = 0;  // bit i: this warp's block b = wn + 4 i starts below the slot's rank (warp-uniform)
-#pragma unroll
-  for (int i = 0; i < kBlocksPerWarp; ++i) {
-    const int b = wn + 4 * i;
-    if (b * 16 < C && (b * 16) % R16 < rank) b_live |= 1u << i;
-  }
-
-#pragma unroll
-  for (int s = 0; s < STAGES - 1; ++s) {
-    if (s < steps) issue(s, s);
-    cp_async_commit();
-  }
-  for (int ks = 0; ks < steps; ++ks) {
-    cp_async_wait<STAGES - 2>();  // this thread's copies of K step ks have landed
-    __syncthreads();  // everyone's have; the stage refilled below was last read one K step ago
-    if (ks + STAGES - 1 < steps) issue(ks + STAGES - 1, (ks + STAGES - 1) % STAGES);
-    cp_async_commit();
-    const int st = ks % STAGES;
-#pragma unroll
-    for (int kk = 0; kk < SK; kk += 16) {
-      uint32_t af[2][4];
-#pragma unroll
-      for (int mi = 0; mi < 2; ++mi)
-        ldmatrix_x4(af[mi], &xs(st)[wm * 32 + mi * 16 + (lane & 15)][kk + (lane >> 4) * 8], false);
-#pragma unroll
-      for (int i = 0; i < kBlocksPerWarp; ++i) {
-        const int b = wn + 4 * i;
-        if (!(b_live >> i & 1u)) continue;  // warp-uniform
-        // A rows as the (k, n) operand: matrices (n 0-7 | 8-15) x (k 0-7 | 8-15) -> {b0, b1} of n8 tiles 0, 1
-        uint32_t bq[4];
-        ldmatrix_x4(bq, &as(st)[b * 16 + (lane & 7) + ((lane >> 4) << 3)][kk + ((lane >> 3) & 1) * 8], false);
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {
-          const uint32_t bb[2] = {bq[2 * h], bq[2 * h + 1]};
-#pragma unroll
-          for (int mi = 0; mi < 2; ++mi) mma_16816<T>(acc[i][mi][h], af[mi], bb, acc[i][mi][h]);
-        }
-      }
-    }
-  }
-  cp_async_wait<0>();  // only empty groups are left
-  __syncthreads();     // every warp is done with the ring: the Y terms and the expand stages reuse it
-
-  // ---- 3 (prologue). the first out chunks stream in while the Y terms are written
-  const int nch = chunk_s[p.num_slices];
-  T* O = reinterpret_cast<T*>(p.out);
-  using RowB = T[LDB];
+  auto yt = [&](int t) { return reinterpret_cast<T*>(smem) + t * BM * L.ldy; };
   auto bs = [&](int buf) { return reinterpret_cast<RowB*>(smem + L.stage_off + buf * L.stage); };
   auto ot = [&](int buf) { return reinterpret_cast<RowB*>(smem + L.stage_off + buf * L.stage + L.ot_off); };
   auto slice_of = [&](int c) {
@@ -624,144 +543,241 @@ __global__ void __launch_bounds__(segf::kThreads, 1) segment_fused_kernel(const 
     while (c >= chunk_s[s + 1]) ++s;
     return s;
   };
-  auto issue_chunk = [&](int c, int buf) {
-    const int s = slice_of(c), n0 = (c - chunk_s[s]) * BN;
-    const int n_i = static_cast<int>(p.n_sizes[s]);
-    const T* B = reinterpret_cast<const T*>(p.b_ptrs[s]) + n0;
-    const int64_t sb = p.b_strides[s];
-    for (int i = tid; i < rank16 * (BN / 8); i += kThreads) {  // B rows below the rank, zeros to rank16
-      const int j = i / (BN / 8), n = (i % (BN / 8)) * 8;
-      const bool ok = j < rank && n0 + n < n_i;
-      cp_async16(&bs(buf)[j][n], ok ? B + rows_s[j] * sb + n : B, ok);
-    }
-    const T* Oc = O + p.offsets[s] + n0;
-    for (int i = tid; i < BM * (BN / 8); i += kThreads) {  // the out chunk (rows of the tile, columns below N_i)
-      const int m = i / (BN / 8), n = (i % (BN / 8)) * 8;
-      if (m < len && n0 + n < n_i) cp_async16(&ot(buf)[m][n], Oc + tok_s[m] * p.so_t + n, true);
-    }
-  };
+  constexpr int kXL = BM * (SK / 8) / kThreads, kAL = kMaxCols * (SK / 8) / kThreads;
+  const int steps = (p.K + SK - 1) / SK;
+  const int wm = warp & 1, wn = warp >> 1;  // shrink: rows wm * 32 .. + 32; 16-column blocks wn + 4 i
+  const int fm = warp & 3, fn = warp >> 2;  // expand: rows fm * 16 .. + 16, chunk columns fn * 64 .. + 64
+  const float scale0 = p.scales ? p.scales[slot] : 1.0f;
+  // this thread's x rows of a K step (fixed for the CTA); null = a zero fill
+  const T* xrow[kXL];
 #pragma unroll
-  for (int c = 0; c < OSTAGES - 1; ++c) {
-    if (c < nch) issue_chunk(c, c);
-    cp_async_commit();
+  for (int l = 0; l < kXL; ++l) {
+    const int m = (tid + l * kThreads) / (SK / 8);
+    xrow[l] = tok_s[m] >= 0 ? X + tok_s[m] * p.sx_t : nullptr;
   }
 
-  // ---- 2. Y -> terms of T in shared memory (fp16: divided by a power of two S first)
-  float S = 1.f, inv_S = 1.f;
-  if constexpr (kScaled) {
-    float amax = 0.f;  // dead blocks hold zeros
-#pragma unroll
-    for (int e = 0; e < kAccN; ++e) amax = fmaxf(amax, fabsf(acc_flat[e]));
-    amax = warp_max(amax);
-    if (lane == 0) wmax_s[warp] = amax;
-    __syncthreads();
-#pragma unroll
-    for (int w = 0; w < kThreads / 32; ++w) amax = fmaxf(amax, wmax_s[w]);
-    int e = 0;
-    frexpf(amax, &e);  // amax < 2^e
-    if (e > 14) {
-      S = ldexpf(1.f, e - 14);
-      inv_S = ldexpf(1.f, 14 - e);
+  for (int s0 = 0; s0 < S; s0 += G) {
+    const int s1 = min(S, s0 + G), C = (s1 - s0) * rank16;
+    if (s0 > 0) {  // the previous group's expand is done with the Y terms and the stages that the ring reuses
+      cp_async_wait<0>();
+      __syncthreads();
     }
-  }
-  auto yt = [&](int t) { return reinterpret_cast<T*>(smem) + t * BM * L.ldy; };
+
+    // ---- 1. shrink of slices s0 .. s1 - 1
+    // this thread's A rank rows of a K step (fixed over the K loop); null = a zero fill (rank16 - rank rows)
+    const T* arow[kAL];
+    unsigned a_live = 0;  // bit l: row l of this thread is a column of the group (copied, maybe zeros)
 #pragma unroll
-  for (int i = 0; i < kBlocksPerWarp; ++i) {
-    const int b = wn + 4 * i;
-    if (!(b_live >> i & 1u)) continue;
+    for (int l = 0; l < kAL; ++l) {
+      const int c = (tid + l * kThreads) / (SK / 8), s = s0 + c / rank16, j = c % rank16;
+      arow[l] = (c < C && j < rank) ? reinterpret_cast<const T*>(p.a_ptrs[s]) + rows_s[j] * p.a_strides[s] : nullptr;
+      if (c < C) a_live |= 1u << l;
+    }
+    auto issue = [&](int step, int st) {
+      const int k0 = step * SK;
 #pragma unroll
-    for (int mi = 0; mi < 2; ++mi)
+      for (int l = 0; l < kXL; ++l) {
+        const int i = tid + l * kThreads, m = i / (SK / 8), k = (i % (SK / 8)) * 8;
+        const bool ok = xrow[l] != nullptr && k0 + k < p.K;
+        cp_async16(&xs(st)[m][k], ok ? xrow[l] + k0 + k : X, ok);
+      }
 #pragma unroll
-      for (int h = 0; h < 2; ++h)
+      for (int l = 0; l < kAL; ++l) {
+        const int i = tid + l * kThreads, c = i / (SK / 8), k = (i % (SK / 8)) * 8;
+        if (a_live >> l & 1u) {  // zeros past the rank or K
+          const bool ok = arow[l] != nullptr && k0 + k < p.K;
+          cp_async16(&as(st)[c][k], ok ? arow[l] + k0 + k : X, ok);
+        }
+      }
+    };
+
+    float acc[kBlocksPerWarp][2][2][4];  // [block][row half mi][n8 tile h][mma.sync C fragment]
+    constexpr int kAccN = kBlocksPerWarp * 2 * 2 * 4;
+    float(&acc_flat)[kAccN] = reinterpret_cast<float(&)[kAccN]>(acc);
 #pragma unroll
-        for (int hr = 0; hr < 2; ++hr) {  // rows g, g + 8: columns 2q, 2q + 1 as a pair
-          const int m = wm * 32 + mi * 16 + g + 8 * hr, c = b * 16 + h * 8 + 2 * q;
-          Pair<T> hi, lo, lo2;
+    for (int e = 0; e < kAccN; ++e) acc_flat[e] = 0.f;
+    unsigned b_live = 0;  // bit i: this warp's block b = wn + 4 i is a column block of the group (warp-uniform)
 #pragma unroll
-          for (int e = 0; e < 2; ++e) {
-            const float v = acc[i][mi][h][2 * hr + e] * inv_S;  // a power of two: exact
-            hi.v[e] = Num<T>::from_f(v);
-            const float r1 = v - Num<T>::to_f(hi.v[e]);
-            lo.v[e] = Num<T>::from_f(r1);
-            lo2.v[e] = Num<T>::from_f(r1 - Num<T>::to_f(lo.v[e]));
+    for (int i = 0; i < kBlocksPerWarp; ++i)
+      if ((wn + 4 * i) * 16 < C) b_live |= 1u << i;
+
+#pragma unroll
+    for (int st = 0; st < STAGES - 1; ++st) {
+      if (st < steps) issue(st, st);
+      cp_async_commit();
+    }
+    for (int ks = 0; ks < steps; ++ks) {
+      cp_async_wait<STAGES - 2>();  // this thread's copies of K step ks have landed
+      __syncthreads();  // everyone's have; the stage refilled below was last read one K step ago
+      if (ks + STAGES - 1 < steps) issue(ks + STAGES - 1, (ks + STAGES - 1) % STAGES);
+      cp_async_commit();
+      const int st = ks % STAGES;
+#pragma unroll
+      for (int kk = 0; kk < SK; kk += 16) {
+        uint32_t af[2][4];
+#pragma unroll
+        for (int mi = 0; mi < 2; ++mi)
+          ldmatrix_x4(af[mi], &xs(st)[wm * 32 + mi * 16 + (lane & 15)][kk + (lane >> 4) * 8], false);
+#pragma unroll
+        for (int i = 0; i < kBlocksPerWarp; ++i) {
+          const int b = wn + 4 * i;
+          if (!(b_live >> i & 1u)) continue;  // warp-uniform
+          // A rows as the (k, n) operand: matrices (n 0-7 | 8-15) x (k 0-7 | 8-15) -> {b0, b1} of n8 tiles 0, 1
+          uint32_t bq[4];
+          ldmatrix_x4(bq, &as(st)[b * 16 + (lane & 7) + ((lane >> 4) << 3)][kk + ((lane >> 3) & 1) * 8], false);
+#pragma unroll
+          for (int h = 0; h < 2; ++h) {
+            const uint32_t bb[2] = {bq[2 * h], bq[2 * h + 1]};
+#pragma unroll
+            for (int mi = 0; mi < 2; ++mi) mma_16816<T>(acc[i][mi][h], af[mi], bb, acc[i][mi][h]);
           }
-          store_pair(&yt(0)[m * L.ldy + c], hi);
-          store_pair(&yt(1)[m * L.ldy + c], lo);
-          if constexpr (kTerms == 3) store_pair(&yt(2)[m * L.ldy + c], lo2);
-        }
-  }
-
-  // ---- 3. expand, chunk by chunk
-  const float scale = (p.scales ? p.scales[slot] : 1.0f) * S;
-  const int fm = warp & 3, fn = warp >> 2;  // rows fm * 16 .. + 16, chunk columns fn * 64 .. + 64
-  for (int c = 0; c < nch; ++c) {
-    cp_async_wait<OSTAGES - 2>();
-    __syncthreads();  // chunk c landed for every thread (and, at c = 0, the Y terms are written); the buffer
-                      // refilled below was last read (computed and written back) in iteration c - 1
-    if (c + OSTAGES - 1 < nch) issue_chunk(c + OSTAGES - 1, (c + OSTAGES - 1) % OSTAGES);
-    cp_async_commit();
-    const int buf = c % OSTAGES, s = slice_of(c), n0 = (c - chunk_s[s]) * BN;
-    const int n_i = static_cast<int>(p.n_sizes[s]);
-    if (fm * 16 >= len || n0 + fn * 64 >= n_i) continue;  // warp-uniform: nothing of this warp's part is stored
-    float oacc[8][4];
-#pragma unroll
-    for (int t = 0; t < 8; ++t)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) oacc[t][e] = 0.f;
-    const int ycol = s * R16 + (lane >> 4) * 8;
-    for (int kk = 0; kk < rank16; kk += 16) {
-      uint32_t a[kTerms][4];
-#pragma unroll
-      for (int t = 0; t < kTerms; ++t) ldmatrix_x4(a[t], &yt(t)[(fm * 16 + (lane & 15)) * L.ldy + ycol + kk], false);
-#pragma unroll
-      for (int f = 0; f < 4; ++f) {
-        uint32_t bq[4];
-        ldmatrix_x4(bq, &bs(buf)[kk + (lane & 15)][fn * 64 + f * 16 + (lane >> 4) * 8], true);
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {
-          const uint32_t bb[2] = {bq[2 * h], bq[2 * h + 1]};
-#pragma unroll
-          for (int t = 0; t < kTerms; ++t) mma_16816<T>(oacc[2 * f + h], a[t], bb, oacc[2 * f + h]);
         }
       }
     }
-    // lane: rows g, g + 8 and columns 2q, 2q + 1 of each n8 tile, added in place (this warp's part only), the
-    // column pair as one 32-bit access
-#pragma unroll
-    for (int t = 0; t < 8; ++t)
-#pragma unroll
-      for (int hr = 0; hr < 2; ++hr) {
-        Pair<T> o = load_pair(&ot(buf)[fm * 16 + g + 8 * hr][fn * 64 + t * 8 + 2 * q]);
-        o.v[0] = Num<T>::from_f(Num<T>::to_f(o.v[0]) + scale * oacc[t][2 * hr]);
-        o.v[1] = Num<T>::from_f(Num<T>::to_f(o.v[1]) + scale * oacc[t][2 * hr + 1]);
-        store_pair(&ot(buf)[fm * 16 + g + 8 * hr][fn * 64 + t * 8 + 2 * q], o);
+    cp_async_wait<0>();  // only empty groups are left
+    __syncthreads();     // every warp is done with the ring: the Y terms and the expand stages reuse it
+
+    // ---- 3 (prologue). the group's first out chunks stream in while the Y terms are written
+    const int c_begin = chunk_s[s0], c_end = chunk_s[s1];
+    auto issue_chunk = [&](int c, int buf) {
+      const int s = slice_of(c), n0 = (c - chunk_s[s]) * BN;
+      const int n_i = static_cast<int>(p.n_sizes[s]);
+      const T* B = reinterpret_cast<const T*>(p.b_ptrs[s]) + n0;
+      const int64_t sb = p.b_strides[s];
+      for (int i = tid; i < rank16 * (BN / 8); i += kThreads) {  // B rows below the rank, zeros to rank16
+        const int j = i / (BN / 8), n = (i % (BN / 8)) * 8;
+        const bool ok = j < rank && n0 + n < n_i;
+        cp_async16(&bs(buf)[j][n], ok ? B + rows_s[j] * sb + n : B, ok);
       }
-    __syncwarp();
-    T* Oc = O + p.offsets[s] + n0;
+      const T* Oc = O + p.offsets[s] + n0;
+      for (int i = tid; i < BM * (BN / 8); i += kThreads) {  // the out chunk (rows of the tile, columns below N_i)
+        const int m = i / (BN / 8), n = (i % (BN / 8)) * 8;
+        if (m < len && n0 + n < n_i) cp_async16(&ot(buf)[m][n], Oc + tok_s[m] * p.so_t + n, true);
+      }
+    };
 #pragma unroll
-    for (int v = 0; v < 4; ++v) {  // the warp's 16 x 64 part: 128 vectors of 8
-      const int i = lane + 32 * v, m = fm * 16 + i / 8, n = fn * 64 + (i % 8) * 8;
-      if (m < len && n0 + n < n_i) {
-        Vec<T, true> val;
-        load_vec_rw(val, &ot(buf)[m][n]);
-        store_vec(Oc + tok_s[m] * p.so_t + n, val);
+    for (int c = 0; c < OSTAGES - 1; ++c) {
+      if (c_begin + c < c_end) issue_chunk(c_begin + c, c);
+      cp_async_commit();
+    }
+
+    // ---- 2. Y -> terms of T in shared memory (fp16: divided by a power of two first)
+    float Sc = 1.f, inv_S = 1.f;
+    if constexpr (kScaled) {
+      float amax = 0.f;  // blocks outside the group hold zeros
+#pragma unroll
+      for (int e = 0; e < kAccN; ++e) amax = fmaxf(amax, fabsf(acc_flat[e]));
+      amax = warp_max(amax);
+      if (lane == 0) wmax_s[warp] = amax;
+      __syncthreads();
+#pragma unroll
+      for (int w = 0; w < kThreads / 32; ++w) amax = fmaxf(amax, wmax_s[w]);
+      int e = 0;
+      frexpf(amax, &e);  // amax < 2^e
+      if (e > 14) {
+        Sc = ldexpf(1.f, e - 14);
+        inv_S = ldexpf(1.f, 14 - e);
+      }
+    }
+#pragma unroll
+    for (int i = 0; i < kBlocksPerWarp; ++i) {
+      const int b = wn + 4 * i;
+      if (!(b_live >> i & 1u)) continue;
+#pragma unroll
+      for (int mi = 0; mi < 2; ++mi)
+#pragma unroll
+        for (int h = 0; h < 2; ++h)
+#pragma unroll
+          for (int hr = 0; hr < 2; ++hr) {  // rows g, g + 8: columns 2q, 2q + 1 as a pair
+            const int m = wm * 32 + mi * 16 + g + 8 * hr, c = b * 16 + h * 8 + 2 * q;
+            Pair<T> hi, lo, lo2;
+#pragma unroll
+            for (int e = 0; e < 2; ++e) {
+              const float v = acc[i][mi][h][2 * hr + e] * inv_S;  // a power of two: exact
+              hi.v[e] = Num<T>::from_f(v);
+              const float r1 = v - Num<T>::to_f(hi.v[e]);
+              lo.v[e] = Num<T>::from_f(r1);
+              lo2.v[e] = Num<T>::from_f(r1 - Num<T>::to_f(lo.v[e]));
+            }
+            store_pair(&yt(0)[m * L.ldy + c], hi);
+            store_pair(&yt(1)[m * L.ldy + c], lo);
+            if constexpr (kTerms == 3) store_pair(&yt(2)[m * L.ldy + c], lo2);
+          }
+    }
+
+    // ---- 3. expand, chunk by chunk
+    const float scale = scale0 * Sc;
+    for (int c = c_begin; c < c_end; ++c) {
+      cp_async_wait<OSTAGES - 2>();
+      __syncthreads();  // chunk c landed for every thread (and, at the first, the Y terms are written); the buffer
+                        // refilled below was last read (computed and written back) in the previous iteration
+      if (c + OSTAGES - 1 < c_end) issue_chunk(c + OSTAGES - 1, (c - c_begin + OSTAGES - 1) % OSTAGES);
+      cp_async_commit();
+      const int buf = (c - c_begin) % OSTAGES, s = slice_of(c), n0 = (c - chunk_s[s]) * BN;
+      const int n_i = static_cast<int>(p.n_sizes[s]);
+      if (fm * 16 >= len || n0 + fn * 64 >= n_i) continue;  // warp-uniform: nothing of this warp's part is stored
+      float oacc[8][4];
+#pragma unroll
+      for (int t = 0; t < 8; ++t)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) oacc[t][e] = 0.f;
+      const int ycol = (s - s0) * rank16 + (lane >> 4) * 8;
+      for (int kk = 0; kk < rank16; kk += 16) {
+        uint32_t a[kTerms][4];
+#pragma unroll
+        for (int t = 0; t < kTerms; ++t)
+          ldmatrix_x4(a[t], &yt(t)[(fm * 16 + (lane & 15)) * L.ldy + ycol + kk], false);
+#pragma unroll
+        for (int f = 0; f < 4; ++f) {
+          uint32_t bq[4];
+          ldmatrix_x4(bq, &bs(buf)[kk + (lane & 15)][fn * 64 + f * 16 + (lane >> 4) * 8], true);
+#pragma unroll
+          for (int h = 0; h < 2; ++h) {
+            const uint32_t bb[2] = {bq[2 * h], bq[2 * h + 1]};
+#pragma unroll
+            for (int t = 0; t < kTerms; ++t) mma_16816<T>(oacc[2 * f + h], a[t], bb, oacc[2 * f + h]);
+          }
+        }
+      }
+      // lane: rows g, g + 8 and columns 2q, 2q + 1 of each n8 tile, added in place (this warp's part only), the
+      // column pair as one 32-bit access
+#pragma unroll
+      for (int t = 0; t < 8; ++t)
+#pragma unroll
+        for (int hr = 0; hr < 2; ++hr) {
+          Pair<T> o = load_pair(&ot(buf)[fm * 16 + g + 8 * hr][fn * 64 + t * 8 + 2 * q]);
+          o.v[0] = Num<T>::from_f(Num<T>::to_f(o.v[0]) + scale * oacc[t][2 * hr]);
+          o.v[1] = Num<T>::from_f(Num<T>::to_f(o.v[1]) + scale * oacc[t][2 * hr + 1]);
+          store_pair(&ot(buf)[fm * 16 + g + 8 * hr][fn * 64 + t * 8 + 2 * q], o);
+        }
+      __syncwarp();
+      T* Oc = O + p.offsets[s] + n0;
+#pragma unroll
+      for (int v = 0; v < 4; ++v) {  // the warp's 16 x 64 part: 128 vectors of 8
+        const int i = lane + 32 * v, m = fm * 16 + i / 8, n = fn * 64 + (i % 8) * 8;
+        if (m < len && n0 + n < n_i) {
+          Vec<T, true> val;
+          load_vec_rw(val, &ot(buf)[m][n]);
+          store_vec(Oc + tok_s[m] * p.so_t + n, val);
+        }
       }
     }
   }
   cp_async_wait<0>();  // only empty groups remain; nothing in flight when the CTA exits
 }
 
-// The fused kernel's out-chunk ring depths, deepest first: the launcher takes the first whose layout fits the
-// device (LORAKERN_FUSED_OSTAGES, then 2: e.g. qkv at max_rank 64 in bf16 needs 177 KB at depth 3, 144 KB at 2,
-// which an A100's 163 KB holds).
+// The fused kernel's out-chunk ring depths, deepest first: the host takes the first whose layout fits the device
+// (LORAKERN_FUSED_OSTAGES, then 2: e.g. qkv at max_rank 64 in bf16 needs 177 KB at depth 3, 144 KB at 2, which an
+// A100's 163 KB holds).
 constexpr int kFusedDepths[2] = {segf::OSTAGES, 2};
 
-// Dynamic shared memory of the fused kernel for `num_slices` slices, a page table `max_rank` wide and an out-chunk
-// ring `ostages` deep (one of kFusedDepths); 0: not supported (S x R16 > 256, or another depth).
+// Dynamic shared memory of the fused kernel for a page table `max_rank` wide, an out-chunk ring `ostages` deep
+// (one of kFusedDepths) and groups of `cols` rank columns (a multiple of 16, from max_rank rounded up to 16 to 256);
+// 0: not supported.
 template <typename T>
-int segment_fused_smem_t(int num_slices, int max_rank, int ostages) {
+int segment_fused_smem_t(int max_rank, int ostages, int cols) {
   if (ostages != kFusedDepths[0] && ostages != kFusedDepths[1]) return 0;
-  const segf::FusedLayout<T> L(num_slices, max_rank, ostages);
+  const segf::FusedLayout<T> L(max_rank, ostages, cols);
   return L.supported() ? L.bytes : 0;
 }
 
@@ -780,8 +796,8 @@ cudaError_t launch_dense_segment(const DenseParams& p, int mode, int k_split, cu
     return launch_kernel_smem(segment_expand_kernel<T>, grid, dim3(seg::kSegThreads), seg::ExpandSmem<T>::kBytes,
                               stream, p);
   } else if (mode == 3) {
-    const int bytes = segment_fused_smem_t<T>(p.num_slices, p.max_rank, k_split);
-    if (bytes <= 0) return cudaErrorInvalidValue;
+    const int bytes = segment_fused_smem_t<T>(p.max_rank, k_split, p.seg_cols);
+    if (bytes <= 0 || p.num_slices > segf::kMaxSlices) return cudaErrorInvalidValue;
     if (k_split == kFusedDepths[0])
       return launch_kernel_smem(segment_fused_kernel<T, kFusedDepths[0]>, dim3(p.num_tiles), dim3(segf::kThreads),
                                 bytes, stream, p);
