@@ -29,7 +29,8 @@
 #                          arguments; failing test names in failures.txt, their tracebacks in failures-tb.txt
 #   STEPS=extra            bench_mla.py, bench_moe.py, bench_pool.py (results as JSON under $OUT)
 #   STEPS=tune             the add_lora benchmark on the main cases (TUNE_FILTER) for TUNE_BACKENDS (default
-#                          "cuda cuda-fused triton": cuda-fused = the fused segment kernel), Nsight Compute on the
+#                          "cuda cuda-fused triton": cuda-fused = the fused segment kernel; TUNE_BASELINES, default
+#                          none: the recorded run of STEPS=core has them), Nsight Compute on the
 #                          prefill segment kernels and the decode gather kernel (ncu.txt) and on the fused kernel
 #                          (ncu-fused.txt), bench/sweep_variants.sh on SWEEP_VARIANTS (default "default seg-mma
 #                          seg-fused seg-fused-s6 seg-fused-o4 gather-xsmem": the variants not yet timed; the
@@ -183,7 +184,7 @@ fi
 if run_tune; then
     # shellcheck disable=SC2086
     step bench "${BENCH_TIMEOUT:-110}" "$PY" -m lorakern bench --device cuda --out "$OUT" \
-        --backends ${TUNE_BACKENDS:-cuda cuda-fused triton} \
+        --backends ${TUNE_BACKENDS:-cuda cuda-fused triton} --baselines ${TUNE_BASELINES:-none} \
         --filter "${TUNE_FILTER:-decode-qkv distinct|decode-qkv-qwen3moe|prefill|mixed-ranks|rank-}"
     if command -v ncu >/dev/null 2>&1; then
         step ncu "${NCU_TIMEOUT:-80}" bash -c "ncu --clock-control none --kernel-name regex:'segment|dense_gather' \
