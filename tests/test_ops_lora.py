@@ -376,8 +376,8 @@ def test_fused_segment_kernel_is_chosen_where_it_fits(generator, monkeypatch):
     assert kernels("fused", [40, 24, 24], [1, 128, 77]) == fused(3, 128)     # 384 columns: groups
     assert kernels("fused", [40, 24, 16, 8], [3, 60], max_rank=64) == fused(4, 64)
     assert kernels("fused", [8] * 33, [3, 5], max_rank=16) == "split"       # more than 32 slices
-    if have >= 227 * 1024 - cuda_backend._FUSED_STATIC_SMEM:  # an H100's (and the emulator's) limit
-        assert fused(2, 128) == [(3, 2, 256)] and fused(3, 64) == [(3, 3, 192)] and fused(3, 128) == [(3, 2, 256)]
+    if have >= 227 * 1024 - cuda_backend._FUSED_STATIC_SMEM:  # an H100's (and the emulator's) limit: all fused
+        assert "split" not in (fused(2, 128), fused(3, 64), fused(3, 128), fused(8, 64))
     sms = cuda_backend._sm_count(DEVICE)
     assert modes("auto", [40], [4, 9], T=40) == [1, 2]                       # fewer tiles than SMs
     assert kernels("auto", [40], [4, 9] * sms, T=64 * sms) == fused(1, 16)
