@@ -200,4 +200,16 @@ __device__ __forceinline__ float warp_max(float v) {
   return v;
 }
 
+// The max of v over a block of kWarps full warps, returned to every thread; one barrier. `scratch` (a float per
+// warp, shared) must not be rewritten before another barrier has passed.
+template <int kWarps>
+__device__ __forceinline__ float block_max(float v, float* scratch) {
+  v = warp_max(v);
+  if ((threadIdx.x & 31) == 0) scratch[threadIdx.x >> 5] = v;
+  __syncthreads();
+#pragma unroll
+  for (int w = 0; w < kWarps; ++w) v = fmaxf(v, scratch[w]);
+  return v;
+}
+
 }  // namespace lorakern

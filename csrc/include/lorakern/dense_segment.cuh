@@ -299,11 +299,7 @@ __global__ void __launch_bounds__(seg::kSegThreads, seg::kExpandMinBlocks) segme
       float amax = 0.f;
 #pragma unroll
       for (int l = 0; l < kY; ++l) amax = fmaxf(amax, fabsf(yv[l]));
-      amax = warp_max(amax);
-      if (lane == 0) wmax_s[warp] = amax;
-      __syncthreads();
-#pragma unroll
-      for (int w = 0; w < kSegThreads / 32; ++w) amax = fmaxf(amax, wmax_s[w]);
+      amax = block_max<kSegThreads / 32>(amax, wmax_s);  // (wmax_s is rewritten a rank step later, after barriers)
       int e = 0;
       frexpf(amax, &e);  // amax < 2^e
       if (e > 14 && ldexpf(1.f, e - 14) > S) {  // block-uniform: every thread computed the same amax
@@ -667,11 +663,7 @@ __global__ void __launch_bounds__(segf::kThreads, 1) segment_fused_kernel(const 
       float amax = 0.f;  // blocks outside the group hold zeros
 #pragma unroll
       for (int e = 0; e < kAccN; ++e) amax = fmaxf(amax, fabsf(acc_flat[e]));
-      amax = warp_max(amax);
-      if (lane == 0) wmax_s[warp] = amax;
-      __syncthreads();
-#pragma unroll
-      for (int w = 0; w < kThreads / 32; ++w) amax = fmaxf(amax, wmax_s[w]);
+      amax = block_max<kThreads / 32>(amax, wmax_s);  // (rewritten by the next group, after its barriers)
       int e = 0;
       frexpf(amax, &e);  // amax < 2^e
       if (e > 14) {
