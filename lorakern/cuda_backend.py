@@ -253,7 +253,7 @@ def _fused_config(device, dtype, num_slices: int, max_rank: int):
     return _FUSED_CONFIG[key]
 
 
-#: the fused kernel's static shared memory (1.6 KB on sm_80/89/90a), counted against the same per-block limit
+#: the fused kernel's static shared memory (1.8 KB on sm_80/89/90a), counted against the same per-block limit
 _FUSED_STATIC_SMEM = 2048
 
 
