@@ -38,7 +38,6 @@ add seg-mma "LORAKERN_SEG_MMA=1" seg
 add seg-fused "" seg "LORAKERN_CUDA_SEGMENT=fused"
 add seg-fused-s6 "LORAKERN_FUSED_STAGES=6" seg "LORAKERN_CUDA_SEGMENT=fused"
 add seg-fused-o4 "LORAKERN_FUSED_OSTAGES=4" seg "LORAKERN_CUDA_SEGMENT=fused"
-add gather-rows2 "LORAKERN_GATHER_SHRINK_ROWS=2" dec
 add gather-xsmem "LORAKERN_GATHER_X_SMEM=1" dec
 
 WANT=()

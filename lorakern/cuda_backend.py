@@ -148,6 +148,15 @@ def _k_split(device, ctas: int, K: int, dtype=torch.bfloat16) -> int:
     return max(by_steps, best)
 
 
+def _device_query(device, fn):
+    """``fn()`` (a query of the extension about the current device) with ``device`` current; on the CPU emulator,
+    as is."""
+    if device.type != "cuda":
+        return fn()
+    with torch.cuda.device(device):
+        return fn()
+
+
 _SEG_CTAS: dict = {}
 
 
@@ -157,8 +166,7 @@ def _segment_ctas_per_sm(device, dtype, mode: int) -> int:
     if key not in _SEG_CTAS:
         n = 0
         if device.type == "cuda":
-            with torch.cuda.device(device):
-                n = int(_ext(device).segment_ctas_per_sm(_DTYPES[dtype], mode))
+            n = int(_device_query(device, lambda: _ext(device).segment_ctas_per_sm(_DTYPES[dtype], mode)))
         _SEG_CTAS[key] = n if n > 0 else 2
     return _SEG_CTAS[key]
 
@@ -192,8 +200,9 @@ SEGMENT_MODES = ("split", "fused", "auto")
 _FUSED_CONFIG: dict = {}
 
 
-def _segment_mode(device, dtype, num_slices: int, max_rank: int, grid_s: int) -> str:
-    """``"fused"`` or ``"split"``: how add_lora runs the segment path (``LORAKERN_CUDA_SEGMENT``).
+def _segment_mode(setting: str, device, dtype, num_slices: int, max_rank: int, grid_s: int) -> str:
+    """``"fused"`` or ``"split"``: how add_lora runs the segment path, given ``setting`` (``LORAKERN_CUDA_SEGMENT``,
+    :func:`_segment_setting`).
 
     * ``split`` (the default, measured): the shrink writes a float32 y [S, T, max_rank] (split over K, atomic
       adds), then the expand reads it;
@@ -204,10 +213,9 @@ def _segment_mode(device, dtype, num_slices: int, max_rank: int, grid_s: int) ->
     * ``auto``: fused where it fits and the tiles fill every SM (one CTA per SM), else split.
 
     Not timed on a GPU yet, hence not the default (docs/cuda.md)."""
-    mode = _segment_setting()
-    if mode == "split" or not _fused_config(device, dtype, num_slices, max_rank):
+    if setting == "split" or not _fused_config(device, dtype, num_slices, max_rank):
         return "split"
-    if mode == "auto" and grid_s < _sm_count(device):
+    if setting == "auto" and grid_s < _sm_count(device):
         return "split"
     return "fused"
 
@@ -233,11 +241,7 @@ def _fused_config(device, dtype, num_slices: int, max_rank: int):
     key = (device, dtype, num_slices, max_rank)
     if key not in _FUSED_CONFIG:
         ext = _ext(device)
-        if device.type == "cuda":
-            with torch.cuda.device(device):
-                have = int(ext.max_smem_per_block())
-        else:
-            have = int(ext.max_smem_per_block())
+        have = int(_device_query(device, ext.max_smem_per_block))
         r16 = -(-max_rank // 16) * 16
         best = None
         if 0 < r16 <= _FUSED_MAX_COLS and num_slices <= _FUSED_MAX_SLICES:
@@ -302,7 +306,7 @@ def _tokens_per_pass(plan_info) -> int:
 
 def add_lora(out, x, lora_a, lora_b, page_table, ranks, scales, token_ids, tiles_gather, tiles_segment,
              slice_offsets, plan_info):
-    _segment_setting()  # a wrong value is refused whichever path runs
+    setting = _segment_setting()  # (a wrong value is refused whichever path runs)
     a_tab, sa_tab, _, _ = _tables(lora_a)
     b_tab, sb_tab, n_tab, off_tab = _tables(lora_b, slice_offsets)
     vec = _vec_ok(x.element_size(), [x, out, *lora_a, *lora_b], slice_offsets)
@@ -310,7 +314,7 @@ def add_lora(out, x, lora_a, lora_b, page_table, ranks, scales, token_ids, tiles
         grid_s = plan_info[1]
         if grid_s == 0:
             return
-        if _segment_mode(x.device, x.dtype, len(lora_a), page_table.shape[1], grid_s) == "fused":
+        if _segment_mode(setting, x.device, x.dtype, len(lora_a), page_table.shape[1], grid_s) == "fused":
             _segment_fused(out, x, a_tab, sa_tab, b_tab, sb_tab, n_tab, off_tab, lora_b, page_table, ranks, scales,
                            token_ids, tiles_segment, grid_s)
             return

@@ -32,7 +32,7 @@ from typing import Optional, Sequence, Union
 
 import torch
 
-__all__ = ["LoRAPlan", "PlanStats", "GATHER_BLOCK_M", "SEGMENT_BLOCK_M", "canonical_device"]
+__all__ = ["LoRAPlan", "PlanStats", "GATHER_BLOCK_M", "SEGMENT_BLOCK_M", "canonical_device", "check_plan_device"]
 
 #: token block of the fused gather (decode) path and of the segment path; the plan keeps a work list for each.
 GATHER_BLOCK_M = 16
@@ -75,6 +75,12 @@ def canonical_device(device) -> torch.device:
     if d.type == "cuda" and d.index is None:
         return torch.device("cuda", torch.cuda.current_device())
     return d
+
+
+def check_plan_device(plan: "LoRAPlan", device, holder: str = "x is") -> None:
+    """``ValueError`` unless the plan lives on ``device`` (``cuda`` and ``cuda:<current>`` are the same device)."""
+    if canonical_device(plan.device) != canonical_device(device):
+        raise ValueError(f"slots: the LoRAPlan lives on {plan.device}, but {holder} on {device}")
 
 
 class LoRAPlan:

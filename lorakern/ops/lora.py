@@ -29,7 +29,7 @@ from lorakern import reference
 from lorakern.backends import select_backend
 from lorakern.ops import _dispatch
 from lorakern.ops import _validate as V
-from lorakern.plan import GATHER_BLOCK_M, SEGMENT_BLOCK_M, LoRAPlan, canonical_device
+from lorakern.plan import GATHER_BLOCK_M, SEGMENT_BLOCK_M, LoRAPlan, check_plan_device
 
 __all__ = ["add_lora", "lora_shrink", "lora_expand", "choose_path", "GATHER_MAX_MEAN_TOKENS"]
 
@@ -71,8 +71,7 @@ def _plan_args(slots, backend: str, num_slots: int, device):
         e = _NO_PLAN.to(device)
         return s, e, e, e, [0, 0, 0, max_slot, -1]
     plan = slots if isinstance(slots, LoRAPlan) else LoRAPlan.from_slots(slots)
-    if canonical_device(plan.device) != canonical_device(device):
-        raise ValueError(f"slots: the LoRAPlan lives on {plan.device}, but x is on {device}")
+    check_plan_device(plan, device)
     max_slot = plan.stats.max_slot if plan.stats is not None else -2
     info = [
         plan.grid_tiles(GATHER_BLOCK_M, num_slots),

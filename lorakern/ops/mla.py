@@ -41,7 +41,7 @@ from lorakern import reference_mla
 from lorakern.backends import select_backend
 from lorakern.ops import _dispatch
 from lorakern.ops import _validate as V
-from lorakern.plan import GATHER_BLOCK_M, LoRAPlan, canonical_device
+from lorakern.plan import GATHER_BLOCK_M, LoRAPlan, check_plan_device
 
 __all__ = ["mla_absorbed_q", "mla_absorbed_o"]
 
@@ -51,16 +51,14 @@ _NO_PLAN = torch.empty(0, dtype=torch.int32)
 def _plan_args(slots, backend: str, num_slots: int, device):
     """(slots tensor, token_ids, decode tiles, plan_info = [grid programs, max slot or -2]) for the operator."""
     if backend in ("torch", "cuda"):  # cuda groups (token, head) pairs itself (lorakern.moe_grouping)
-        if (backend == "cuda" and isinstance(slots, LoRAPlan)
-                and canonical_device(slots.device) != canonical_device(device)):
-            raise ValueError(f"slots: the LoRAPlan lives on {slots.device}, but the tensors are on {device}")
+        if backend == "cuda" and isinstance(slots, LoRAPlan):
+            check_plan_device(slots, device, "the tensors are")
         s = slots.slots if isinstance(slots, LoRAPlan) else slots
         max_slot = slots.stats.max_slot if isinstance(slots, LoRAPlan) and slots.stats is not None else -2
         e = _NO_PLAN.to(device)
         return s, e, e, [0, max_slot]
     plan = slots if isinstance(slots, LoRAPlan) else LoRAPlan.from_slots(slots)
-    if canonical_device(plan.device) != canonical_device(device):
-        raise ValueError(f"slots: the LoRAPlan lives on {plan.device}, but the tensors are on {device}")
+    check_plan_device(plan, device, "the tensors are")
     max_slot = plan.stats.max_slot if plan.stats is not None else -2
     return plan.slots, plan.token_ids, plan.tiles(GATHER_BLOCK_M), [plan.grid_tiles(GATHER_BLOCK_M, num_slots),
                                                                    max_slot]

@@ -50,7 +50,7 @@ from lorakern import reference_moe
 from lorakern.backends import select_backend
 from lorakern.ops import _dispatch
 from lorakern.ops import _validate as V
-from lorakern.plan import LoRAPlan, canonical_device
+from lorakern.plan import LoRAPlan, check_plan_device
 
 __all__ = ["add_lora_moe"]
 
@@ -118,8 +118,8 @@ def _plan_args(slots, backend: str, device):
     """(slots tensor, plan_info = [largest slot (-2 = unknown)]) for the operator. The MoE kernel groups
     (token, expert) pairs itself, so only the plan's slots (and its known largest slot) are used."""
     if isinstance(slots, LoRAPlan):
-        if backend != "torch" and canonical_device(slots.device) != canonical_device(device):
-            raise ValueError(f"slots: the LoRAPlan lives on {slots.device}, but x is on {device}")
+        if backend != "torch":
+            check_plan_device(slots, device)
         max_slot = slots.stats.max_slot if slots.stats is not None else -2
         return slots.slots, [max_slot]
     return slots, [-2]

@@ -24,20 +24,15 @@
 #include "lorakern/dense_dispatch.h"
 
 // Tuning macros (compile time; the defaults are the measured configuration, bench/sweep_variants.sh times the others
-// on a GPU by rebuilding with LORAKERN_NVCC_DEFINES). Both apply to one token per pass (MT = 1: decode, MoE):
-//   LORAKERN_GATHER_SHRINK_ROWS   rank rows a warp reduces together (1; 2 shares each x load between two rows
-//                                 and keeps twice the A loads in flight)
+// on a GPU by rebuilding with LORAKERN_NVCC_DEFINES):
 //   LORAKERN_GATHER_X_SMEM        1: in the decode instantiation (fused, MT = 1) each pass's x row is staged in
 //                                 shared memory (dynamic, K x 2 bytes up to 32 KB; registers capped for 3 CTAs per
 //                                 SM) and the shrink reads x from there instead of L1/L2 (on the H100 the decode
 //                                 kernel's L2 traffic nearly equals its DRAM traffic); 0 = off
-// (LORAKERN_GATHER_EXPAND_COLS, two column chunks per thread in the expand, timed 10-15 % slower on the H100 and
-// was removed.)
+// Timed on the H100 and removed: two column chunks per thread in the expand (10-15 % slower), two rank rows per
+// warp sharing each x load in the shrink (decode 3 % slower, rank 128 2 % faster).
 #ifndef LORAKERN_GATHER_X_SMEM
 #define LORAKERN_GATHER_X_SMEM 0
-#endif
-#ifndef LORAKERN_GATHER_SHRINK_ROWS
-#define LORAKERN_GATHER_SHRINK_ROWS 1
 #endif
 
 namespace lorakern {
@@ -131,28 +126,16 @@ __global__ void __launch_bounds__(kThreads, XS ? 3 : 2) dense_gather_kernel(cons
       __syncthreads();
     }
     if constexpr (MODE != Mode::kExpand) {
-      // ---- shrink: y[m][j] = x[tok_m] . A[row_j], warps over the real rank (R rows together), lanes over K
-      constexpr int R = MT == 1 ? LORAKERN_GATHER_SHRINK_ROWS : 1;
-      static_assert(R == 1 || R == 2, "LORAKERN_GATHER_SHRINK_ROWS: 1 or 2");
-      for (int j = warp; j < rank; j += R * kWarps) {
-        const T* a[R];
-        bool has[R];
+      // ---- shrink: y[m][j] = x[tok_m] . A[row_j], warps over the real rank, lanes over K
+      for (int j = warp; j < rank; j += kWarps) {
+        const T* a = A + rows_s[j] * sa;
+        float acc[MT];
 #pragma unroll
-        for (int r = 0; r < R; ++r) {
-          has[r] = j + r * kWarps < rank;  // warp-uniform
-          a[r] = A + rows_s[has[r] ? j + r * kWarps : j] * sa;
-        }
-        float acc[R][MT];
-#pragma unroll
-        for (int r = 0; r < R; ++r)
-#pragma unroll
-          for (int m = 0; m < MT; ++m) acc[r][m] = 0.f;
-#pragma unroll (MT == 1 ? 8 / R : 2)
+        for (int m = 0; m < MT; ++m) acc[m] = 0.f;
+#pragma unroll (MT == 1 ? 8 : 2)
         for (int k = lane * W; k < p.K; k += 32 * W) {
-          V av[R];
-#pragma unroll
-          for (int r = 0; r < R; ++r)
-            if (has[r]) load_vec(av[r], a[r] + k);
+          V av;
+          load_vec(av, a + k);
 #pragma unroll
           for (int m = 0; m < MT; ++m) {
             if (m < mt) {
@@ -163,27 +146,18 @@ __global__ void __launch_bounds__(kThreads, XS ? 3 : 2) dense_gather_kernel(cons
                 load_vec(xv, X + xrow[m] + k * p.sx_k);
               }
 #pragma unroll
-              for (int r = 0; r < R; ++r)
-                if (has[r]) {
-#pragma unroll
-                  for (int e = 0; e < W; ++e) acc[r][m] += Num<T>::to_f(xv.v[e]) * Num<T>::to_f(av[r].v[e]);
-                }
+              for (int e = 0; e < W; ++e) acc[m] += Num<T>::to_f(xv.v[e]) * Num<T>::to_f(av.v[e]);
             }
           }
         }
 #pragma unroll
-        for (int r = 0; r < R; ++r) {
-          if (!has[r]) continue;
-          const int jr = j + r * kWarps;
-#pragma unroll
-          for (int m = 0; m < MT; ++m) {
-            const float s = warp_sum(acc[r][m]);
-            if (lane == 0) {
-              if constexpr (kFusedLike) {
-                y_s[m][jr] = s;
-              } else {
-                if (m < mt) p.y[sl * p.sy_s + tok[m] * p.sy_t + jr * p.sy_r] = s;
-              }
+        for (int m = 0; m < MT; ++m) {
+          const float s = warp_sum(acc[m]);
+          if (lane == 0) {
+            if constexpr (kFusedLike) {
+              y_s[m][j] = s;
+            } else {
+              if (m < mt) p.y[sl * p.sy_s + tok[m] * p.sy_t + j * p.sy_r] = s;
             }
           }
         }
