@@ -122,6 +122,6 @@ PYBIND11_MODULE(LORAKERN_MODULE, m) {
       }, "the current device's opt-in shared memory per block (bytes; 0: unknown)");
   m.def("supports_dense_ops", []() { return true; });
   m.def("archs", []() { return std::string(LORAKERN_ARCHS); });
-  m.attr("max_rank") = 128;  // lorakern::kMaxRank (dense_gather.cuh)
+  m.attr("max_rank") = lorakern::kMaxRank;
   m.attr("num_fields") = kFields;
 }

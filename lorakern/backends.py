@@ -170,13 +170,17 @@ def _cuda_device_reasons(ext, device):
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32)
 
+#: the cuda backend's largest max_rank (page-table width): vLLM's largest max_lora_rank; csrc's kMaxRank,
+#: exported by the extension as ``lorakern._C.max_rank`` (a test checks the two agree)
+CUDA_MAX_RANK = 512
+
 #: op -> the family named in refusals ("the cuda backend has no MLA kernels (mla_absorbed_q)")
 OP_FAMILY = {"add_lora": "dense", "lora_shrink": "dense", "lora_expand": "dense",
              "mla_absorbed_q": "MLA", "mla_absorbed_o": "MLA", "add_lora_moe": "MoE"}
 DENSE_OPS = frozenset({"add_lora", "lora_shrink", "lora_expand"})
 
 BACKENDS = {
-    "cuda": Backend("cuda", _FLOATS, _cuda_reasons, max_rank=128, ops=frozenset(OP_FAMILY)),
+    "cuda": Backend("cuda", _FLOATS, _cuda_reasons, max_rank=CUDA_MAX_RANK, ops=frozenset(OP_FAMILY)),
     "triton": Backend("triton", _FLOATS, _triton_reasons),
     "torch": Backend("torch", _FLOATS + (torch.float64,), _torch_reasons),
 }

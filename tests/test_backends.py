@@ -54,6 +54,17 @@ def test_max_rank_limit_is_a_reason():
     assert not any("max_rank" in r for r in b.not_supported_reasons(CPU, torch.float16, b.max_rank))
 
 
+def test_cuda_rank_limit_is_the_kernels():
+    """The declared limit is the one the kernels were built with (csrc kMaxRank, exported as ``max_rank``): a
+    larger declaration would let the gather kernel run past its shared rank arrays."""
+    assert BACKENDS["cuda"].max_rank == backends.CUDA_MAX_RANK == 512
+    mods = [m for m in (backends.cuda_extension(), backends.cuda_emulator()) if not isinstance(m, str)]
+    if not mods:
+        pytest.skip("neither lorakern._C nor lorakern._C_emu is built here")
+    for m in mods:
+        assert m.max_rank == backends.CUDA_MAX_RANK, m.__name__
+
+
 def test_cuda_refuses_without_extension_or_gpu():
     reasons = BACKENDS["cuda"].not_supported_reasons(CPU, torch.float16, 16)
     assert reasons  # never runs on CPU tensors
@@ -105,7 +116,7 @@ def test_auto_order_is_cuda_then_triton_then_torch(monkeypatch):
     able("torch")
     assert select_backend("auto", CPU, torch.float16) == "torch"
     able("cuda", "triton", "torch")
-    assert select_backend("auto", CPU, torch.float16, max_rank=512) == "triton"  # cuda's rank limit
+    assert select_backend("auto", CPU, torch.float16, max_rank=513) == "triton"  # cuda's rank limit
 
 
 def test_explicit_backend_that_cannot_run_raises_its_reasons():

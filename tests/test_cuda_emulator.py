@@ -183,6 +183,17 @@ def _every_kernel(g):
     out = torch.zeros(40, sum(ns), dtype=dt)
     lorakern.ops.add_lora(out, x, pool.lora_a, pool.lora_b, *args, pool.scales, slots, backend="cuda")
     outs.append(out.view(torch.int16))
+    # ranks past 128 (the limit is 512): both paths at max_rank 512, the fused kernel at 192 (224-column groups)
+    for ranks, ns_hi in (([512, 3, 300], [40]), ([192, 3, 150], [40, 24])):
+        hi = make_lora(3, 64, ns_hi, ranks, dtype=dt, generator=g)
+        xh = torch.randn(20, 64, generator=g).to(dt)
+        sh = make_slots("uniform", 20, 3, none_frac=0.1, generator=g)
+        for path in ("gather", "segment"):
+            os.environ["LORAKERN_TRITON_PATH"] = path
+            out = torch.zeros(20, sum(ns_hi), dtype=dt)
+            lorakern.ops.add_lora(out, xh, hi.lora_a, hi.lora_b, hi.page_table, hi.ranks, hi.scales, sh,
+                                  backend="cuda")
+            outs.append(out.view(torch.int16))
     os.environ.pop("LORAKERN_CUDA_SEGMENT", None)
     os.environ.pop("LORAKERN_TRITON_PATH", None)
     L = make_moe_lora(g, E=6, K=48, n_sizes=[24, 16], ranks=[3, 20, 1, 16], dtype=dt)

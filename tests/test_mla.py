@@ -39,6 +39,8 @@ CASES = {
     # more heads than one head block (8 under the interpreter, 4 on the GPU): partial last block
     "H12": dict(T=24, H=12, C=32, Dn=8, Dv=24, ranks="1-20", num_adapters=4, none_frac=0.1),
     "H1": dict(T=17, H=1, C=48, Dn=24, Dv=8, ranks="1-16", num_adapters=3),
+    # ranks beyond 128, up to the cuda backend's limit (512)
+    "ranks_to_512": dict(T=24, H=2, C=32, Dn=8, Dv=8, ranks=[512, 1, 200, 129], num_adapters=4, none_frac=0.1),
     # page table much wider than any rank: work must follow the real rank
     "max_rank_64_ranks_le_8": dict(T=30, **BASE, ranks="1-8", max_rank=64, num_adapters=5, none_frac=0.2),
     # one adapter over 40 tokens: three 16-token blocks of the same adapter

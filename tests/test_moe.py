@@ -196,7 +196,7 @@ def test_moe_op(backend, dtype, form, generator):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("variant", ["no_weights", "no_scales", "weights_in_x_dtype", "int64_ids_plan",
                                      "static_plan", "offsets_with_gap", "strided_x", "one_token", "down_one_slice",
-                                     "missing_experts_and_slices"])
+                                     "missing_experts_and_slices", "ranks_above_128"])
 def test_moe_variants(backend, variant, generator):
     g = generator
     dtype = {"triton": torch.float16, "cuda": torch.bfloat16}.get(backend, torch.float32)
@@ -205,7 +205,8 @@ def test_moe_variants(backend, variant, generator):
     kw = {}
     if variant == "missing_experts_and_slices":
         kw = dict(missing_expert_frac=0.4, missing_slices={(0, 1), (2, 0)})
-    L = make_moe_lora(g, E=E, K=K, n_sizes=n_sizes, ranks=[5, 17, 2, 8], dtype=dtype, **kw)
+    ranks = [5, 300, 129, 8] if variant == "ranks_above_128" else [5, 17, 2, 8]  # (cuda's limit: 512)
+    L = make_moe_lora(g, E=E, K=K, n_sizes=n_sizes, ranks=ranks, dtype=dtype, **kw)
     if variant == "one_token":
         T = 1
     ids, w = make_routing(g, T, topk, E)

@@ -36,6 +36,12 @@ CASES = {
     # shallower out-chunk ring)
     "slices_3_rank_128": dict(T=70, K=64, n_sizes=[40, 24, 16], ranks=[1, 128, 77, 100], num_adapters=4,
                               mix="zipf:1.5"),
+    # ranks beyond 128, up to the cuda backend's limit (512, vLLM's largest max_lora_rank)
+    "ranks_to_512": dict(T=48, K=64, n_sizes=[40], ranks=[1, 512, 300, 129, 256, 7], num_adapters=6),
+    # two slices at max_rank 192 (the cuda fused segment kernel in groups of 224 columns: one slice of a rank-192
+    # tile, both of a rank-33 one)
+    "slices_2_rank_192": dict(T=70, K=64, n_sizes=[40, 24], ranks=[192, 1, 150, 33], num_adapters=4,
+                              mix="zipf:1.5"),
     # explicit offsets, out of order, with gaps between slices and at the end
     "slice_offsets_gaps": dict(T=40, K=48, n_sizes=[72, 40, 24], ranks="1-20", num_adapters=5,
                                slice_offsets=[60, 0, 140], out_cols=170, none_frac=0.2),
@@ -376,6 +382,9 @@ def test_fused_segment_kernel_is_chosen_where_it_fits(generator, monkeypatch):
     assert kernels("fused", [40, 24, 24], [1, 128, 77]) == fused(3, 128)     # 384 columns: groups
     assert kernels("fused", [40, 24, 16, 8], [3, 60], max_rank=64) == fused(4, 64)
     assert kernels("fused", [8] * 33, [3, 5], max_rank=16) == "split"       # more than 32 slices
+    assert kernels("fused", [40, 24], [1, 192, 150]) == fused(2, 192)       # ranks past 128
+    assert kernels("fused", [40], [3, 256]) == fused(1, 256)
+    assert kernels("fused", [40], [3, 300], max_rank=512) == "split"        # past the fused kernel's 256 columns
     if have >= 227 * 1024 - cuda_backend._FUSED_STATIC_SMEM:  # an H100's (and the emulator's) limit: all fused
         assert "split" not in (fused(2, 128), fused(3, 64), fused(3, 128), fused(8, 64))
     sms = cuda_backend._sm_count(DEVICE)

@@ -10,8 +10,8 @@ GPU shapes (``full_cases``), bf16, ``K = 4096`` unless said otherwise:
 * ``prefill`` / ``prefill-qkv`` — 8192 tokens over 16 adapters (uniform), r = 64, one slice N = 4096 / qkv;
 * ``mixed-ranks`` / ``mixed-ranks-qkv`` — ranks drawn in 8..128: 4096 tokens over 32 adapters (one slice), and
   256 distinct decode tokens with the qkv slices;
-* ``rank-8-qkv`` / ``rank-64-qkv`` / ``rank-128-qkv`` — the mixed-ranks decode batch at fixed ranks, to check
-  that time follows the real ranks (mixed 8..128 averages ~68), not the maximum;
+* ``rank-8-qkv`` / ``rank-64-qkv`` / ``rank-128-qkv`` / ``rank-256-qkv`` — the mixed-ranks decode batch at
+  fixed ranks, to check that time follows the real ranks (mixed 8..128 averages ~68), not the maximum;
 * ``decode-qkv-qwen3moe`` — Qwen3-30B-A3B's attention qkv (K = 2048, slices 4096/512/512), 256 distinct;
 * ``sweep`` — T ∈ {1, 16, 64, 256, 1024} × {distinct, uniform, zipf:1.5, identical}, r = 16, N = 4096; the pool
   has T adapters (so ``distinct`` is one token per adapter).
@@ -120,6 +120,7 @@ def full_cases() -> list:
         Case("rank-8-qkv", "distinct", 256, 4096, qkv, "8", 256, bf16),
         Case("rank-64-qkv", "distinct", 256, 4096, qkv, "64", 256, bf16),
         Case("rank-128-qkv", "distinct", 256, 4096, qkv, "128", 256, bf16),
+        Case("rank-256-qkv", "distinct", 256, 4096, qkv, "256", 256, bf16),  # past 128: cuda's limit is 512
         # Qwen3-30B-A3B attention: hidden 2048, 32 q heads and 4 kv heads of 128
         Case("decode-qkv-qwen3moe", "distinct", 256, 2048, (4096, 512, 512), "16", 256, bf16),
     ]

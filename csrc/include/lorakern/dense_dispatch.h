@@ -6,6 +6,11 @@
 
 namespace lorakern {
 
+// Rank limit of the dense kernels (page-table width, max_rank), exported as lorakern._C.max_rank and declared by
+// the Python backend: vLLM's largest max_lora_rank. The gather kernel sizes its shared rank arrays by it; the
+// split segment kernels take any rank (rank tiles of 64); the fused one takes up to 256 (the host checks).
+constexpr int kMaxRank = 512;
+
 struct DenseParams {
   const void* x;            // [T, K] (FUSED, SHRINK)
   int64_t sx_t, sx_k;

@@ -37,7 +37,6 @@
 
 namespace lorakern {
 
-constexpr int kMaxRank = 128;   // rank limit of this path (declared by the Python backend)
 constexpr int kThreads = 256;   // 8 warps
 constexpr int kWarps = kThreads / 32;
 
@@ -58,7 +57,7 @@ __global__ void __launch_bounds__(kThreads, XS ? 3 : 2) dense_gather_kernel(cons
     xs = reinterpret_cast<T*>(xs_raw);
   }
   __shared__ float y_s[MT][kMaxRank];
-  __shared__ int64_t rows_s[kMaxRank];
+  __shared__ int32_t rows_s[kMaxRank];  // the slot's rank rows (page-table entries are int32)
   LORAKERN_SHARED_TRACK(y_s);
   LORAKERN_SHARED_TRACK(rows_s);
 
