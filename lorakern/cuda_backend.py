@@ -268,8 +268,7 @@ def _segment_fused(out, x, a_tab, sa_tab, b_tab, sb_tab, n_tab, off_tab, lora_b,
                   x=x.data_ptr(), sx_t=x.stride(0), sx_k=x.stride(1), a_ptrs=a_tab.data_ptr(),
                   a_strides=sa_tab.data_ptr(), b_ptrs=b_tab.data_ptr(), b_strides=sb_tab.data_ptr(),
                   n_sizes=n_tab.data_ptr(), offsets=off_tab.data_ptr(), out=out.data_ptr(), so_t=out.stride(0),
-                  so_n=out.stride(1), K=x.shape[1], max_rank=page_table.shape[1],
-                  max_n=max(b.shape[1] for b in lora_b),
+                  so_n=out.stride(1), K=x.shape[1], max_n=max(b.shape[1] for b in lora_b),
                   **_common(page_table, ranks, scales, tiles, token_ids, grid_n, len(lora_b)))
 
 
@@ -279,7 +278,7 @@ def _segment_shrink(y, x, a_tab, sa_tab, S, page_table, ranks, token_ids, tiles,
     _call_segment(_SHRINK, x.dtype, ks, x.device,
                   x=x.data_ptr(), sx_t=x.stride(0), sx_k=x.stride(1), a_ptrs=a_tab.data_ptr(),
                   a_strides=sa_tab.data_ptr(), y=y.data_ptr(), sy_s=y.stride(0), sy_t=y.stride(1),
-                  sy_r=y.stride(2), K=x.shape[1], max_rank=max_rank,
+                  sy_r=y.stride(2), K=x.shape[1],
                   **_common(page_table, ranks, None, tiles, token_ids, grid_n, S))
 
 
@@ -289,12 +288,15 @@ def _segment_expand(out, y, b_tab, sb_tab, n_tab, off_tab, lora_b, page_table, r
                   b_ptrs=b_tab.data_ptr(), b_strides=sb_tab.data_ptr(), n_sizes=n_tab.data_ptr(),
                   offsets=off_tab.data_ptr(), y=y.data_ptr(), sy_s=y.stride(0), sy_t=y.stride(1),
                   sy_r=y.stride(2), out=out.data_ptr(), so_t=out.stride(0), so_n=out.stride(1),
-                  max_rank=page_table.shape[1], max_n=max(b.shape[1] for b in lora_b),
+                  max_n=max(b.shape[1] for b in lora_b),
                   **_common(page_table, ranks, scales, tiles, token_ids, grid_n, len(lora_b)))
 
 
 def _common(page_table, ranks, scales, tiles, token_ids, grid_n, num_slices):
-    return dict(page_table=page_table.data_ptr(), s_pt=page_table.stride(0), ranks=ranks.data_ptr(),
+    # max_rank: every kernel computes at min(rank, max_rank), so that a rank above the page table's width (which
+    # only a CUDA-graph replay can bring, the value checks being skipped there) never reads past a slot's row
+    return dict(page_table=page_table.data_ptr(), s_pt=page_table.stride(0), max_rank=page_table.shape[1],
+                ranks=ranks.data_ptr(),
                 scales=scales.data_ptr() if scales is not None else 0, tiles=tiles.data_ptr(),
                 token_ids=token_ids.data_ptr(), num_tiles=grid_n, num_slices=num_slices)
 

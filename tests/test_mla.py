@@ -454,3 +454,33 @@ def test_cuda_graph_replays_another_mix_gpu(backend, op, generator):
         graph.replay()
         torch.cuda.synchronize()
         check(case, dst, dst0, *oracle(case, op, dst0, src), what=f"mla_absorbed_{op} replay")
+
+
+@pytest.mark.parametrize("side", ["q", "o"])
+@pytest.mark.parametrize("backend", COMPILED_BACKENDS)
+def test_rank_above_max_rank_computes_at_max_rank(side, backend, generator, monkeypatch):
+    """As for add_lora (test_ops_lora): a rank above the page table's width, which only a CUDA-graph replay can
+    bring (the value checks are skipped there), computes at max_rank: the same bits as the rank at max_rank."""
+    from lorakern.ops import _validate
+
+    g = generator
+    case = make_mla_case(g, T=12, H=2, C=32, Dn=8, Dv=8, ranks=[6, 16, 3], num_adapters=3, dtype=torch.float16)
+    L = case.lora
+    assert L.page_table.shape[1] == 16
+    if side == "q":
+        fn, dst0 = lorakern.ops.mla_absorbed_q, torch.randn(case.T, case.H, case.C, generator=g)
+        src = torch.randn(case.T, case.H, case.Dn, generator=g)
+    else:
+        fn, dst0 = lorakern.ops.mla_absorbed_o, torch.randn(case.T, case.H, case.Dv, generator=g)
+        src = torch.randn(case.T, case.H, case.C, generator=g)
+    dst0, src = dst0.half().to(DEVICE), src.half().to(DEVICE)
+    rest = (case.a, case.b, L.page_table, L.ranks, L.scales, case.slots_arg)
+    want = fn(dst0.clone(), src, *rest, backend=backend)
+    ranks0 = L.ranks.clone()
+    monkeypatch.setattr(_validate, "_capturing", lambda device: True)
+    L.ranks[1] = 10**6
+    try:
+        got = fn(dst0.clone(), src, *rest, backend=backend)
+    finally:
+        L.ranks.copy_(ranks0)
+    assert_bits_equal(got.cpu(), want.cpu(), "the result at ranks capped to max_rank")

@@ -705,3 +705,29 @@ def test_cuda_graph_replays_another_routing_and_mix_gpu(backend, generator):
                      topk_weights=w.cuda(), backend=backend)
         assert_bits_equal(got, eager, f"replay {mix} vs eager")
 
+
+
+@pytest.mark.parametrize("backend", COMPILED_BACKENDS)
+def test_rank_above_max_rank_computes_at_max_rank(backend, generator, monkeypatch):
+    """As for add_lora (test_ops_lora): a rank above the page table's width, which only a CUDA-graph replay can
+    bring (the value checks are skipped there), computes at max_rank: the same bits as the rank at max_rank."""
+    from lorakern.ops import _validate
+
+    g = generator
+    dtype = torch.bfloat16 if backend == "cuda" else torch.float16
+    L = make_moe_lora(g, E=6, K=32, n_sizes=[24, 16], ranks=[5, 17, 2, 17], dtype=dtype)
+    assert L.page_table.shape[1] == 17
+    ids, w = make_routing(g, 10, 2, 6)
+    slots = torch.randint(0, 4, (10,), generator=g, dtype=torch.int32).to(DEVICE)
+    x = torch.randn(10, 32, generator=g).to(dtype).to(DEVICE)
+    out0 = torch.randn(10, 2, 40, generator=g).to(dtype).to(DEVICE)
+    args = (x, ids.to(DEVICE), L.lora_a, L.lora_b, L.page_table, L.ranks, L.scales, slots)
+    want = add_lora_moe(out0.clone(), *args, topk_weights=w.to(DEVICE), backend=backend)
+    ranks0 = L.ranks.clone()
+    monkeypatch.setattr(_validate, "_capturing", lambda device: True)
+    L.ranks[1], L.ranks[3] = 10**6, 18
+    try:
+        got = add_lora_moe(out0.clone(), *args, topk_weights=w.to(DEVICE), backend=backend)
+    finally:
+        L.ranks.copy_(ranks0)
+    assert_bits_equal(got.cpu(), want.cpu(), "the result at ranks capped to max_rank")

@@ -606,3 +606,42 @@ def test_cuda_gather_splits_agree_with_one_cta_per_tile(op, dtype, splits, gener
     assert torch.equal(a.view(torch.uint8), b.view(torch.uint8))
 
 
+
+
+@pytest.mark.parametrize("op", ["add_lora", "lora_shrink", "lora_expand"])
+@pytest.mark.parametrize("impl", [i for i in IMPLS if i != "torch"])
+def test_rank_above_max_rank_computes_at_max_rank(op, impl, generator, monkeypatch):
+    """A rank above the page table's width can reach the kernels only where the value checks cannot run (a CUDA
+    graph replayed after the ranks changed): each kernel (cuda and Triton) then computes at max_rank, never reading
+    past the slot's page-table row and never looping without end (the cuda fused kernel's slice groups did).
+    Simulated by the checks' own capture switch."""
+    if impl == "cuda-fused" and op != "add_lora":
+        pytest.skip("the fused kernel is add_lora's only")
+    from lorakern.ops import _validate
+
+    backend = set_impl(impl, monkeypatch)
+    case = make_case(generator, T=70, K=64, n_sizes=[40, 24], ranks=[16, 5, 16, 9], max_rank=16, num_adapters=4,
+                     dtype=torch.bfloat16, device=DEVICE, mix="uniform")
+    L = case.lora
+    out, _, _ = random_out(case, generator)
+    out0 = out.clone()
+    y = torch.randn(case.S, case.T, 16, generator=generator).to(DEVICE)
+    ref = oracle_shrink(case) if op == "lora_shrink" else oracle_add(case, out0, y if op == "lora_expand" else None)
+    ranks0 = L.ranks.clone()
+    monkeypatch.setattr(_validate, "_capturing", lambda device: True)
+    L.ranks[0], L.ranks[2] = 10**6, 17  # both at max_rank = 16 in the oracle
+    try:
+        if op == "add_lora":
+            lorakern.ops.add_lora(out, case.x, L.lora_a, L.lora_b, L.page_table, L.ranks, case.scales,
+                                  case.slots_arg, backend=backend)
+        elif op == "lora_expand":
+            lorakern.ops.lora_expand(out, y, L.lora_b, L.page_table, L.ranks, case.scales, case.slots_arg,
+                                     backend=backend)
+        else:
+            got = lorakern.ops.lora_shrink(case.x, L.lora_a, L.page_table, L.ranks, case.slots_arg, backend=backend)
+    finally:
+        L.ranks.copy_(ranks0)
+    if op == "lora_shrink":
+        check_shrink(case, got, *ref)
+    else:
+        check_accumulated(case, out, out0, *ref)

@@ -183,3 +183,60 @@ def test_eager_fast_path_falls_back_to_the_operator(generator, monkeypatch):
     with mode:
         lorakern.ops.add_lora(*args, backend="torch")
     assert calls == [] and any("lorakern.add_lora" in op for op in mode.ops), mode.ops
+
+
+def test_ops_run_with_their_gpu_current(monkeypatch):
+    """Kernels launch on the current device (Triton's launcher, the CUDA runtime): every op's implementation, called
+    directly or through the operator, first makes its output's GPU current when it is another one (a call on cuda:1
+    while cuda:0 is current), and leaves the CPU and the current GPU alone."""
+    from lorakern.ops import _dispatch
+
+    entered = []
+
+    class FakeGuard:
+        def __init__(self, device):
+            self.device = device
+
+        def __enter__(self):
+            entered.append(self.device)
+
+        def __exit__(self, *exc):
+            entered.append("exit")
+            return False
+
+    class OnDevice:  # a stand-in argument: only its device is read
+        def __init__(self, dev):
+            self.device = torch.device(dev)
+
+    monkeypatch.setattr(torch.cuda, "device", FakeGuard)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    seen = []
+    f = _dispatch.on_device_of_first(lambda first, *rest: seen.append((first.device, entered[-1:])))
+    for dev in ("cpu", "cuda:0", "cuda:1"):
+        f(OnDevice(dev), 1, 2)
+    assert entered == [torch.device("cuda:1"), "exit"]
+    assert seen == [(torch.device("cpu"), []), (torch.device("cuda:0"), []),
+                    (torch.device("cuda:1"), [torch.device("cuda:1")])]
+    ops = {"add_lora", "lora_shrink", "lora_expand", "add_lora_moe", "mla_absorbed_q", "mla_absorbed_o"}
+    assert {n.partition("::")[2] for n in _dispatch._IMPLS} == ops
+    for name, impl in _dispatch._IMPLS.items():  # the guarded function is the one the operator runs too
+        assert getattr(impl, "__wrapped__", None) is not None, name
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < 2, reason="needs two GPUs")
+@pytest.mark.parametrize("backend", [b for b in BACKEND_LIST if b != "torch"])
+def test_add_lora_on_a_gpu_that_is_not_current(backend, generator):
+    """A call on cuda:1 while cuda:0 is current runs there and gets the oracle's result."""
+    dev = torch.device("cuda", 1)
+    case = make_case(generator, T=20, K=40, n_sizes=[24, 16], ranks=[3, 8, 1, 5], num_adapters=4,
+                     dtype=torch.float16, device=dev)
+    L = case.lora
+    out, _, _ = random_out(case, generator)
+    out = out.to(dev)
+    out0 = out.clone()
+    with torch.cuda.device(0):
+        lorakern.ops.add_lora(out, case.x, L.lora_a, L.lora_b, L.page_table, L.ranks, case.scales, case.slots_arg,
+                              backend=backend)
+    torch.cuda.synchronize(dev)
+    check_accumulated(case, out, out0, *oracle_add(case, out0))

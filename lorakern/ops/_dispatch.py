@@ -12,6 +12,7 @@ profiler's operator view).
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -28,13 +29,36 @@ FORCE_OP = os.environ.get("LORAKERN_DISPATCH", "").strip().lower() == "op"
 
 
 def custom_op(name: str, mutates_args):
-    """``torch.library.custom_op`` that also remembers the undecorated implementation for :func:`call`."""
+    """``torch.library.custom_op`` that also remembers the implementation for :func:`call`. The implementation runs
+    with its first argument's GPU current (:func:`on_device_of_first`)."""
 
     def deco(fn):
-        _IMPLS[name] = fn
-        return torch.library.custom_op(name, mutates_args=mutates_args)(fn)
+        impl = on_device_of_first(fn)
+        _IMPLS[name] = impl
+        # the schema from fn itself: its annotations are strings resolved in fn's module, not in this one
+        schema = torch.library.infer_schema(fn, mutates_args=mutates_args)
+        return torch.library.custom_op(name, mutates_args=mutates_args, schema=schema)(impl)
 
     return deco
+
+
+def on_device_of_first(fn):
+    """``fn`` run with the device of its first argument (a tensor: every op's first argument is its output, on the
+    op's device) as the current CUDA device, when it is another GPU than the current one. Kernels launch on the
+    current device and its stream (Triton's launcher, the CUDA runtime, ``cudaFuncSetAttribute``), so a call on
+    ``cuda:1`` while ``cuda:0`` is current would otherwise fail or touch the wrong GPU. A no-op on the CPU and on
+    the current GPU (one ``current_device`` query)."""
+
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        first = args[0] if args else next(iter(kwargs.values()))
+        dev = first.device
+        if dev.type == "cuda" and dev.index is not None and dev.index != torch.cuda.current_device():
+            with torch.cuda.device(dev):
+                return fn(*args, **kwargs)
+        return fn(*args, **kwargs)
+
+    return run
 
 
 def direct_ok(args) -> bool:

@@ -17,7 +17,9 @@ Which path runs is decided in :func:`lorakern.ops.lora.choose_path` from the pla
 
 Both paths work at each slot's *real* rank: rank is tiled in blocks of ``BLOCK_R`` (16) and loops stop at the
 slot's rank, so a rank-8 adapter costs a rank-8 amount of work next to a rank-128 one; page-table entries at or
-beyond a slot's rank are never loaded. Work is a fixed grid over the plan's tile list (``(start, length, slot)``
+beyond a slot's rank are never loaded. A rank above ``max_rank`` (the page table's width) counts as ``max_rank``:
+only a CUDA-graph replay can bring one (the value checks cannot run there), and then no kernel reads past the
+slot's page-table row. Work is a fixed grid over the plan's tile list (``(start, length, slot)``
 rows, length 0 = exit), so a CUDA graph captured with one adapter mix replays correctly with any other.
 
 Numerics: the shrink accumulates in float32 (fp16/bf16 products are exact in fp32); the float32 intermediate is
@@ -164,7 +166,7 @@ def _slot_scale(scales_ptr, slot, HAS_SCALE: tl.constexpr):
 
 # ----------------------------------------------------------------------------------------------- kernels
 @triton.jit
-def _shrink_kernel(x_ptr, sx_t, sx_k, a_table, sa_table, pt_ptr, s_pt, ranks_ptr,
+def _shrink_kernel(x_ptr, sx_t, sx_k, a_table, sa_table, pt_ptr, s_pt, ranks_ptr, max_rank,
                    tiles_ptr, token_ids_ptr, y_ptr, sy_s, sy_t, sy_r, K,
                    BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
                    UPCAST: tl.constexpr, IEEE: tl.constexpr):
@@ -173,7 +175,7 @@ def _shrink_kernel(x_ptr, sx_t, sx_k, a_table, sa_table, pt_ptr, s_pt, ranks_ptr
     tok, tmask, slot, length = _tile(tiles_ptr, token_ids_ptr, pid, BLOCK_M)
     if length == 0:
         return
-    rank = tl.load(ranks_ptr + slot)
+    rank = tl.minimum(tl.load(ranks_ptr + slot), max_rank)  # (capped: lora.py docstring)
     r0 = rt * BLOCK_R
     if r0 >= rank:
         return
@@ -187,7 +189,7 @@ def _shrink_kernel(x_ptr, sx_t, sx_k, a_table, sa_table, pt_ptr, s_pt, ranks_ptr
 
 
 @triton.jit
-def _expand_kernel(y_ptr, sy_s, sy_t, sy_r, b_table, sb_table, n_table, off_table, pt_ptr, s_pt, ranks_ptr,
+def _expand_kernel(y_ptr, sy_s, sy_t, sy_r, b_table, sb_table, n_table, off_table, pt_ptr, s_pt, ranks_ptr, max_rank,
                    scales_ptr, tiles_ptr, token_ids_ptr, out_ptr, so_t, so_n,
                    HAS_SCALE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr,
                    BLOCK_N: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr):
@@ -198,7 +200,7 @@ def _expand_kernel(y_ptr, sy_s, sy_t, sy_r, b_table, sb_table, n_table, off_tabl
         return
     n_i = tl.load(n_table + sl)
     n0 = nt * BLOCK_N
-    rank = tl.load(ranks_ptr + slot)
+    rank = tl.minimum(tl.load(ranks_ptr + slot), max_rank)  # (capped: lora.py docstring)
     if (n0 >= n_i) | (rank == 0):
         return
     b_ptr = tl.load(b_table + sl).to(tl.pointer_type(out_ptr.dtype.element_ty))
@@ -213,7 +215,7 @@ def _expand_kernel(y_ptr, sy_s, sy_t, sy_r, b_table, sb_table, n_table, off_tabl
 
 @triton.jit
 def _fused_kernel(x_ptr, sx_t, sx_k, a_table, sa_table, b_table, sb_table, n_table, off_table,
-                  pt_ptr, s_pt, ranks_ptr, scales_ptr, tiles_ptr, token_ids_ptr,
+                  pt_ptr, s_pt, ranks_ptr, max_rank, scales_ptr, tiles_ptr, token_ids_ptr,
                   y_ptr, sy_s, sy_t, sy_r, out_ptr, so_t, so_n, K,
                   HAS_SCALE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr,
                   BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr):
@@ -222,7 +224,7 @@ def _fused_kernel(x_ptr, sx_t, sx_k, a_table, sa_table, b_table, sb_table, n_tab
     tok, tmask, slot, length = _tile(tiles_ptr, token_ids_ptr, pid, BLOCK_M)
     if length == 0:
         return
-    rank = tl.load(ranks_ptr + slot)
+    rank = tl.minimum(tl.load(ranks_ptr + slot), max_rank)  # (capped: lora.py docstring)
     if rank == 0:
         return
     pt_row = pt_ptr + slot.to(tl.int64) * s_pt
@@ -280,7 +282,7 @@ def _launch_shrink(y, x, lora_a, page_table, ranks, token_ids, tiles, grid_n, cf
     S, max_rank = len(lora_a), page_table.shape[1]
     grid = (grid_n, S, triton.cdiv(max_rank, cfg["BLOCK_R"]))
     _shrink_kernel[grid](x, x.stride(0), x.stride(1), a_tab, sa_tab, page_table, page_table.stride(0), ranks,
-                         tiles, token_ids, y, y.stride(0), y.stride(1), y.stride(2), x.shape[1],
+                         max_rank, tiles, token_ids, y, y.stride(0), y.stride(1), y.stride(2), x.shape[1],
                          BLOCK_M=cfg["BLOCK_M"], BLOCK_R=cfg["BLOCK_R"], BLOCK_K=cfg["BLOCK_K"],
                          UPCAST=upcast, IEEE=ieee, num_warps=cfg["num_warps"])
 
@@ -291,8 +293,8 @@ def _launch_expand(out, y, lora_b, page_table, ranks, scales, token_ids, tiles, 
     n_max = max(b.shape[1] for b in lora_b)
     grid = (grid_n, len(lora_b), triton.cdiv(n_max, cfg["BLOCK_N"]))
     _expand_kernel[grid](y, y.stride(0), y.stride(1), y.stride(2), b_tab, sb_tab, n_tab, off_tab,
-                         page_table, page_table.stride(0), ranks, scales if scales is not None else ranks,
-                         tiles, token_ids, out, out.stride(0), out.stride(1),
+                         page_table, page_table.stride(0), ranks, page_table.shape[1],
+                         scales if scales is not None else ranks, tiles, token_ids, out, out.stride(0), out.stride(1),
                          HAS_SCALE=scales is not None, BLOCK_M=cfg["BLOCK_M"], BLOCK_R=cfg["BLOCK_R"],
                          BLOCK_N=cfg["BLOCK_N"], UPCAST=upcast, IEEE=ieee, num_warps=cfg["num_warps"])
 
@@ -337,7 +339,8 @@ def add_lora(out, x, lora_a, lora_b, page_table, ranks, scales, token_ids, tiles
     upcast, ieee = _flags(x.dtype)
     _fused_kernel[(grid_n, S)](
         x, x.stride(0), x.stride(1), a_tab, sa_tab, b_tab, sb_tab, n_tab, off_tab,
-        page_table, page_table.stride(0), ranks, scales if scales is not None else ranks, tiles, token_ids,
+        page_table, page_table.stride(0), ranks, page_table.shape[1], scales if scales is not None else ranks,
+        tiles, token_ids,
         y, y.stride(0), y.stride(1), y.stride(2), out, out.stride(0), out.stride(1), x.shape[1],
         HAS_SCALE=scales is not None, BLOCK_M=cfg["BLOCK_M"], BLOCK_R=cfg["BLOCK_R"], BLOCK_K=cfg["BLOCK_K"],
         BLOCK_N=cfg["BLOCK_N"], UPCAST=upcast, IEEE=ieee, num_warps=cfg["num_warps"])

@@ -72,7 +72,7 @@ def _pair_tile(tiles_ptr, token_ids_ptr, pid, h0, H, BLOCK_M: tl.constexpr, BLOC
 # ----------------------------------------------------------------------------------------------- kernels
 @triton.jit
 def _mla_q_kernel(qn_ptr, sqn_t, sqn_h, sqn_d, ql_ptr, sql_t, sql_h, sql_c, a_ptr, sa_r, b_ptr, sb_r,
-                  pt_ptr, s_pt, ranks_ptr, scales_ptr, tiles_ptr, token_ids_ptr, y_ptr, sy_t, sy_h, sy_r,
+                  pt_ptr, s_pt, ranks_ptr, max_rank, scales_ptr, tiles_ptr, token_ids_ptr, y_ptr, sy_t, sy_h, sy_r,
                   H, C, DN, DHEAD,
                   HAS_SCALE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_R: tl.constexpr,
                   BLOCK_D: tl.constexpr, BLOCK_C: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr):
@@ -83,7 +83,7 @@ def _mla_q_kernel(qn_ptr, sqn_t, sqn_h, sqn_d, ql_ptr, sql_t, sql_h, sql_c, a_pt
     ptok, ph, pmask, tok, tmask, slot, length = _pair_tile(tiles_ptr, token_ids_ptr, pid, h0, H, BLOCK_M, BLOCK_H)
     if length == 0:
         return
-    rank = tl.load(ranks_ptr + slot)
+    rank = tl.minimum(tl.load(ranks_ptr + slot), max_rank)  # (capped: lora.py docstring)
     if rank == 0:
         return
     pt_row = pt_ptr + slot.to(tl.int64) * s_pt
@@ -125,7 +125,7 @@ def _mla_q_kernel(qn_ptr, sqn_t, sqn_h, sqn_d, ql_ptr, sql_t, sql_h, sql_c, a_pt
 
 @triton.jit
 def _mla_o_kernel(ol_ptr, sol_t, sol_h, sol_c, out_ptr, so_t, so_h, so_d, a_ptr, sa_r, b_ptr, sb_r,
-                  pt_ptr, s_pt, ranks_ptr, scales_ptr, tiles_ptr, token_ids_ptr, y_ptr, sy_t, sy_h, sy_r,
+                  pt_ptr, s_pt, ranks_ptr, max_rank, scales_ptr, tiles_ptr, token_ids_ptr, y_ptr, sy_t, sy_h, sy_r,
                   H, C, DN, DV, DHEAD,
                   HAS_SCALE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_R: tl.constexpr,
                   BLOCK_D: tl.constexpr, BLOCK_C: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr):
@@ -136,7 +136,7 @@ def _mla_o_kernel(ol_ptr, sol_t, sol_h, sol_c, out_ptr, so_t, so_h, so_d, a_ptr,
     ptok, ph, pmask, tok, tmask, slot, length = _pair_tile(tiles_ptr, token_ids_ptr, pid, h0, H, BLOCK_M, BLOCK_H)
     if length == 0:
         return
-    rank = tl.load(ranks_ptr + slot)
+    rank = tl.minimum(tl.load(ranks_ptr + slot), max_rank)  # (capped: lora.py docstring)
     if rank == 0:
         return
     pt_row = pt_ptr + slot.to(tl.int64) * s_pt
@@ -200,8 +200,8 @@ def _launch(kernel, dst, src, lora_a, lora_b, page_table, ranks, scales, token_i
     upcast, ieee = _flags(dst.dtype)
     grid = (grid_n, triton.cdiv(H, c["BLOCK_H"]))
     kernel[grid](src, *src.stride(), dst, *dst.stride(), lora_a, lora_a.stride(0), lora_b, lora_b.stride(0),
-                 page_table, page_table.stride(0), ranks, scales if scales is not None else ranks, tiles, token_ids,
-                 y, *y.stride(), *sizes,
+                 page_table, page_table.stride(0), ranks, page_table.shape[1],
+                 scales if scales is not None else ranks, tiles, token_ids, y, *y.stride(), *sizes,
                  HAS_SCALE=scales is not None, BLOCK_M=c["BLOCK_M"], BLOCK_H=c["BLOCK_H"], BLOCK_R=c["BLOCK_R"],
                  BLOCK_D=c["BLOCK_D"], BLOCK_C=c["BLOCK_C"], UPCAST=upcast, IEEE=ieee, num_warps=c["num_warps"])
 

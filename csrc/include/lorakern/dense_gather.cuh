@@ -68,7 +68,9 @@ __global__ void __launch_bounds__(kThreads, XS ? 3 : 2) dense_gather_kernel(cons
   if (len <= 0 || key < 0) return;
   const int slot = kMoe ? key / p.E : key;
   const int64_t expert = kMoe ? key % p.E : 0;
-  const int rank = min(p.ranks[slot], kMaxRank);
+  // A rank above the page table's width can reach a kernel only in a CUDA-graph replay (the host's value checks
+  // cannot run there): it computes at max_rank, never reading past the slot's page-table row.
+  const int rank = min(min(p.ranks[slot], p.max_rank), kMaxRank);
   if (rank <= 0) return;
 
   // few tiles: this CTA's share of the tile's token passes and of the columns (DenseParams::m_split, n_split)
@@ -210,6 +212,7 @@ template <typename T, int MT, bool VEC, Mode MODE>
 cudaError_t launch_dense_gather(const DenseParams& p, cudaStream_t stream) {
   if (p.num_tiles <= 0 || p.num_slices <= 0) return cudaSuccess;
   if (p.m_split < 1 || p.n_split < 1 || (MODE == Mode::kShrink && p.n_split != 1)) return cudaErrorInvalidValue;
+  if (p.max_rank < 0 || p.max_rank > kMaxRank) return cudaErrorInvalidValue;
   dim3 grid(static_cast<unsigned>(p.num_tiles), static_cast<unsigned>(p.num_slices),
             static_cast<unsigned>(p.m_split * p.n_split));
 #if LORAKERN_GATHER_X_SMEM

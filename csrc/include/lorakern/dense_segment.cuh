@@ -120,7 +120,7 @@ __global__ void __launch_bounds__(seg::kSegThreads) segment_shrink_kernel(const 
   const int r_tile = blockIdx.z % r_tiles, ks = blockIdx.z / r_tiles;
   const int start = p.tiles[3 * tile], len = p.tiles[3 * tile + 1], slot = p.tiles[3 * tile + 2];
   if (len <= 0 || slot < 0) return;
-  const int rank = p.ranks[slot];
+  const int rank = min(p.ranks[slot], p.max_rank);  // (see dense_gather.cuh: unchecked in graph replays)
   const int r0 = r_tile * BR;
   if (r0 >= rank) return;
   const int nr = min(BR, rank - r0);
@@ -225,7 +225,7 @@ __global__ void __launch_bounds__(seg::kSegThreads, seg::kExpandMinBlocks) segme
   const int start = p.tiles[3 * tile], len = p.tiles[3 * tile + 1], slot = p.tiles[3 * tile + 2];
   if (len <= 0 || slot < 0) return;
   const int n_i = static_cast<int>(p.n_sizes[sl]);
-  const int rank = p.ranks[slot];
+  const int rank = min(p.ranks[slot], p.max_rank);  // (see dense_gather.cuh: unchecked in graph replays)
   if (n0 >= n_i || rank <= 0) return;
 
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
@@ -503,7 +503,7 @@ __global__ void __launch_bounds__(segf::kThreads, 1) segment_fused_kernel(const 
   const int tile = blockIdx.x;
   const int start = p.tiles[3 * tile], len = p.tiles[3 * tile + 1], slot = p.tiles[3 * tile + 2];
   if (len <= 0 || slot < 0) return;
-  const int rank = p.ranks[slot];
+  const int rank = min(p.ranks[slot], p.max_rank);  // (see dense_gather.cuh: unchecked in graph replays)
   if (rank <= 0) return;
   const FusedLayout<T> L(p.max_rank, OSTAGES, p.seg_cols);
   const int rank16 = (rank + 15) / 16 * 16;
