@@ -484,3 +484,22 @@ def test_rank_above_max_rank_computes_at_max_rank(side, backend, generator, monk
     finally:
         L.ranks.copy_(ranks0)
     assert_bits_equal(got.cpu(), want.cpu(), "the result at ranks capped to max_rank")
+
+
+@pytest.mark.parametrize("side", ["q", "o"])
+@pytest.mark.parametrize("backend", COMPILED_BACKENDS)
+def test_strided_page_table_ranks_and_scales(side, backend, generator):
+    """Strided views of the pool's metadata (a column-major page table, ranks and scales as record columns) give
+    the same bits as contiguous ones."""
+    g = generator
+    case = make_mla_case(g, T=12, H=2, C=32, Dn=8, Dv=8, ranks=[6, 16, 3], num_adapters=3, dtype=torch.float16)
+    L = case.lora
+    fn = lorakern.ops.mla_absorbed_q if side == "q" else lorakern.ops.mla_absorbed_o
+    dst0 = torch.randn(case.T, case.H, case.C if side == "q" else case.Dv, generator=g).half().to(DEVICE)
+    src = torch.randn(case.T, case.H, case.Dn if side == "q" else case.C, generator=g).half().to(DEVICE)
+    pt_s = L.page_table.t().contiguous().t()
+    rk_s = torch.stack([L.ranks, L.ranks + 1], 1)[:, 0]
+    sc_s = torch.stack([L.scales, L.scales + 1], 1)[:, 0]
+    outs = [fn(dst0.clone(), src, case.a, case.b, *meta, case.slots_arg, backend=backend)
+            for meta in ((L.page_table, L.ranks, L.scales), (pt_s, rk_s, sc_s))]
+    assert_bits_equal(outs[1].cpu(), outs[0].cpu(), "the result with strided metadata")

@@ -731,3 +731,24 @@ def test_rank_above_max_rank_computes_at_max_rank(backend, generator, monkeypatc
     finally:
         L.ranks.copy_(ranks0)
     assert_bits_equal(got.cpu(), want.cpu(), "the result at ranks capped to max_rank")
+
+
+@pytest.mark.parametrize("backend", COMPILED_BACKENDS)
+def test_strided_page_table_ranks_and_scales(backend, generator):
+    """Strided views of the pool's metadata (a column-major page table, ranks and scales as record columns) give
+    the same bits as contiguous ones."""
+    g = generator
+    dtype = torch.bfloat16 if backend == "cuda" else torch.float16
+    L = make_moe_lora(g, E=6, K=32, n_sizes=[24, 16], ranks=[5, 17, 2, 9], dtype=dtype)
+    ids, w = make_routing(g, 10, 2, 6)
+    slots = torch.randint(-1, 4, (10,), generator=g, dtype=torch.int32).to(DEVICE)
+    x = torch.randn(10, 32, generator=g).to(dtype).to(DEVICE)
+    out0 = torch.randn(10, 2, 40, generator=g).to(dtype).to(DEVICE)
+    pt_s = L.page_table.t().contiguous().t()
+    rk_s = torch.stack([L.ranks, L.ranks + 1], 1)[:, 0]
+    sc_s = torch.stack([L.scales, L.scales + 1], 1)[:, 0]
+    outs = []
+    for meta in ((L.page_table, L.ranks, L.scales), (pt_s, rk_s, sc_s)):
+        outs.append(add_lora_moe(out0.clone(), x, ids.to(DEVICE), L.lora_a, L.lora_b, *meta, slots,
+                                 topk_weights=w.to(DEVICE), backend=backend))
+    assert_bits_equal(outs[1].cpu(), outs[0].cpu(), "the result with strided metadata")

@@ -645,3 +645,29 @@ def test_rank_above_max_rank_computes_at_max_rank(op, impl, generator, monkeypat
         check_shrink(case, got, *ref)
     else:
         check_accumulated(case, out, out0, *ref)
+
+
+def _strided_meta(L):
+    """page_table, ranks and scales with their values, as strided views: a column-major page table, and ranks and
+    scales as columns of per-slot records (``meta[:, 0]``)."""
+    pt = L.page_table.t().contiguous().t()
+    ranks = torch.stack([L.ranks, torch.full_like(L.ranks, 99)], 1)[:, 0]
+    scales = torch.stack([L.scales, torch.full_like(L.scales, 7.0)], 1)[:, 0]
+    assert not (pt.is_contiguous() or ranks.is_contiguous() or scales.is_contiguous())
+    return pt, ranks, scales
+
+
+@pytest.mark.parametrize("op", ["add_lora", "lora_shrink", "lora_expand"])
+@pytest.mark.parametrize("impl", IMPLS)
+def test_strided_page_table_ranks_and_scales(op, impl, generator, monkeypatch):
+    """Strided views of the pool's metadata give the oracle's result (the kernels index them as contiguous, so the
+    ops pass contiguous copies)."""
+    if impl == "cuda-fused" and op != "add_lora":
+        pytest.skip("the fused kernel is add_lora's only")
+    backend = set_impl(impl, monkeypatch)
+    case = make_case(generator, T=70, K=64, n_sizes=[40, 24], ranks=[16, 5, 11, 9], num_adapters=4,
+                     dtype=torch.float16, device=DEVICE, mix="uniform", none_frac=0.1)
+    L = case.lora
+    L.page_table, L.ranks, L.scales = _strided_meta(L)
+    case.scales = L.scales
+    run_case(op, backend, case, generator)

@@ -178,6 +178,20 @@ def _slot_range(slots: torch.Tensor) -> int:
     return hi
 
 
+def kernel_layout(page_table: torch.Tensor, ranks: torch.Tensor, scales: Optional[torch.Tensor]) -> tuple:
+    """``(page_table, ranks, scales)`` as the kernels read them: every kernel indexes ``ranks[slot]``,
+    ``scales[slot]`` and ``page_table[slot * row_stride + j]``, so a strided view (``meta[:, 0]``, a column-major
+    page table) is copied to a contiguous tensor first; contiguous ones pass as they are. Called after
+    :func:`check_values`, whose caches stay keyed on the caller's tensors."""
+    if not page_table.is_contiguous():
+        page_table = page_table.contiguous()
+    if not ranks.is_contiguous():
+        ranks = ranks.contiguous()
+    if scales is not None and not scales.is_contiguous():
+        scales = scales.contiguous()
+    return page_table, ranks, scales
+
+
 def check_values(page_table, ranks, num_rows: int, slots: torch.Tensor, max_slot: int) -> None:
     """Value checks, before any launch. ``max_slot`` is the plan's known maximum (``-2`` = unknown: read it)."""
     device = page_table.device

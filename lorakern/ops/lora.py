@@ -128,6 +128,7 @@ def _add_lora_op(
     backend: str,
 ) -> None:
     V.check_values(page_table, ranks, lora_a[0].shape[0], slots, plan_info[3])
+    page_table, ranks, scales = V.kernel_layout(page_table, ranks, scales)
     if x.shape[0] == 0:
         return
     if backend == "torch":
@@ -158,6 +159,7 @@ def _lora_shrink_op(
     backend: str,
 ) -> None:
     V.check_values(page_table, ranks, lora_a[0].shape[0], slots, plan_info[3])
+    page_table, ranks, _ = V.kernel_layout(page_table, ranks, None)
     if backend == "torch":
         reference.lora_shrink(x, lora_a, page_table, ranks, slots, out=y)
     else:
@@ -187,6 +189,7 @@ def _lora_expand_op(
     backend: str,
 ) -> None:
     V.check_values(page_table, ranks, lora_b[0].shape[0], slots, plan_info[3])
+    page_table, ranks, scales = V.kernel_layout(page_table, ranks, scales)
     if out.shape[0] == 0:
         return
     if backend == "torch":

@@ -137,6 +137,7 @@ def _mla_absorbed_q_op(
     backend: str,
 ) -> None:
     V.check_values(page_table, ranks, lora_a.shape[0], slots, plan_info[1])
+    page_table, ranks, scales = V.kernel_layout(page_table, ranks, scales)
     if q_latent.shape[0] == 0:
         return
     if backend == "torch":
@@ -175,6 +176,7 @@ def _mla_absorbed_o_op(
     backend: str,
 ) -> None:
     V.check_values(page_table, ranks, lora_a.shape[0], slots, plan_info[1])
+    page_table, ranks, scales = V.kernel_layout(page_table, ranks, scales)
     if out.shape[0] == 0:
         return
     if backend == "torch":

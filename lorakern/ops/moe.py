@@ -143,6 +143,7 @@ def _add_lora_moe_op(
     backend: str,
 ) -> None:
     V.check_values(page_table, ranks, lora_a[0].shape[0], slots, plan_info[0])
+    page_table, ranks, scales = V.kernel_layout(page_table, ranks, scales)
     E = lora_a[0].shape[1]
     check_topk_ids(topk_ids, E)
     if out.shape[0] == 0 or out.shape[1] == 0:
