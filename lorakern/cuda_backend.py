@@ -272,9 +272,14 @@ def _segment_fused(out, x, a_tab, sa_tab, b_tab, sb_tab, n_tab, off_tab, lora_b,
                   **_common(page_table, ranks, scales, tiles, token_ids, grid_n, len(lora_b)))
 
 
-def _segment_shrink(y, x, a_tab, sa_tab, S, page_table, ranks, token_ids, tiles, grid_n):
-    max_rank = page_table.shape[1]
-    ks = _k_split(x.device, grid_n * S * -(-max_rank // 64), x.shape[1], x.dtype)
+def _shrink_k_split(x, S, page_table, grid_n) -> int:
+    return _k_split(x.device, grid_n * S * -(-page_table.shape[1] // 64), x.shape[1], x.dtype)
+
+
+def _segment_shrink(y, x, a_tab, sa_tab, S, page_table, ranks, token_ids, tiles, grid_n, ks=None):
+    """Into y: zeroed when the K split ``ks`` (default: :func:`_shrink_k_split`) is above 1 (atomic adds)."""
+    if ks is None:
+        ks = _shrink_k_split(x, S, page_table, grid_n)
     _call_segment(_SHRINK, x.dtype, ks, x.device,
                   x=x.data_ptr(), sx_t=x.stride(0), sx_k=x.stride(1), a_ptrs=a_tab.data_ptr(),
                   a_strides=sa_tab.data_ptr(), y=y.data_ptr(), sy_s=y.stride(0), sy_t=y.stride(1),
@@ -309,6 +314,8 @@ def _tokens_per_pass(plan_info) -> int:
 def add_lora(out, x, lora_a, lora_b, page_table, ranks, scales, token_ids, tiles_gather, tiles_segment,
              slice_offsets, plan_info):
     setting = _segment_setting()  # (a wrong value is refused whichever path runs)
+    if page_table.shape[1] == 0:  # a page table 0 wide: rank 0 everywhere, nothing to add
+        return
     a_tab, sa_tab, _, _ = _tables(lora_a)
     b_tab, sb_tab, n_tab, off_tab = _tables(lora_b, slice_offsets)
     vec = _vec_ok(x.element_size(), [x, out, *lora_a, *lora_b], slice_offsets)
@@ -320,8 +327,18 @@ def add_lora(out, x, lora_a, lora_b, page_table, ranks, scales, token_ids, tiles
             _segment_fused(out, x, a_tab, sa_tab, b_tab, sb_tab, n_tab, off_tab, lora_b, page_table, ranks, scales,
                            token_ids, tiles_segment, grid_s)
             return
-        y = torch.zeros((len(lora_a), x.shape[0], page_table.shape[1]), dtype=torch.float32, device=x.device)
-        _segment_shrink(y, x, a_tab, sa_tab, len(lora_a), page_table, ranks, token_ids, tiles_segment, grid_s)
+        S = len(lora_a)
+        ks = _shrink_k_split(x, S, page_table, grid_s)
+        # Only the split's atomic adds need a zeroed y: the shrink writes every entry the expand reads (the tiles'
+        # tokens, below their rank). On the emulator the rest is NaN, so that a read of an unwritten entry shows.
+        shape = (S, x.shape[0], page_table.shape[1])
+        if ks > 1:
+            y = torch.zeros(shape, dtype=torch.float32, device=x.device)
+        else:
+            y = torch.empty(shape, dtype=torch.float32, device=x.device)
+            if x.device.type == "cpu":
+                y.fill_(float("nan"))
+        _segment_shrink(y, x, a_tab, sa_tab, S, page_table, ranks, token_ids, tiles_segment, grid_s, ks)
         _segment_expand(out, y, b_tab, sb_tab, n_tab, off_tab, lora_b, page_table, ranks, scales, token_ids,
                         tiles_segment, grid_s)
         return
@@ -341,7 +358,7 @@ def add_lora(out, x, lora_a, lora_b, page_table, ranks, scales, token_ids, tiles
 def lora_shrink(y, x, lora_a, page_table, ranks, token_ids, tiles_gather, tiles_segment, plan_info):
     y.zero_()
     grid_n = plan_info[0]
-    if x.shape[0] == 0 or grid_n == 0:
+    if x.shape[0] == 0 or grid_n == 0 or page_table.shape[1] == 0:
         return
     a_tab, sa_tab, _, _ = _tables(lora_a)
     vec = _vec_ok(x.element_size(), [x, *lora_a])
@@ -358,7 +375,7 @@ def lora_shrink(y, x, lora_a, page_table, ranks, token_ids, tiles_gather, tiles_
 def lora_expand(out, y, lora_b, page_table, ranks, scales, token_ids, tiles_gather, tiles_segment,
                 slice_offsets, plan_info):
     grid_n = plan_info[0]
-    if out.shape[0] == 0 or grid_n == 0:
+    if out.shape[0] == 0 or grid_n == 0 or page_table.shape[1] == 0:
         return
     b_tab, sb_tab, n_tab, off_tab = _tables(lora_b, slice_offsets)
     vec = _vec_ok(out.element_size(), [out, *lora_b], slice_offsets)
@@ -413,6 +430,9 @@ def add_lora_moe(out, x, topk_ids, lora_a, lora_b, page_table, ranks, scales, sl
 # the head selects where each rank row's head slice starts (stride Dn + Dv in lora_b, 0 in lora_a), x and out
 # rows are [T, H, ·] rows. No kernel of its own: the same gather kernel, rank-r intermediate in shared memory.
 _HEAD_IDS: dict = {}
+#: one arange(H) per (H, device), never freed: every _HEAD_IDS view reads it, and so do the CUDA graphs that
+#: captured one (vLLM captures ~67 batch sizes, more than _HEAD_IDS keeps)
+_HEAD_BASE: dict = {}
 
 
 def _head_ids(T: int, H: int, device) -> torch.Tensor:
@@ -421,9 +441,12 @@ def _head_ids(T: int, H: int, device) -> torch.Tensor:
     key = (T, H, str(device))
     ids = _HEAD_IDS.get(key)
     if ids is None:
+        base = _HEAD_BASE.get(key[1:])
+        if base is None:
+            base = _HEAD_BASE[key[1:]] = torch.arange(H, dtype=torch.int32, device=device)
         if len(_HEAD_IDS) > 64:
-            _HEAD_IDS.clear()
-        ids = _HEAD_IDS[key] = torch.arange(H, dtype=torch.int32, device=device).expand(T, H)
+            _HEAD_IDS.clear()  # (views only: their storage, `base`, is never freed)
+        ids = _HEAD_IDS[key] = base.expand(T, H)
     return ids
 
 

@@ -17,6 +17,7 @@ from collections import OrderedDict
 
 import torch
 
+from lorakern._tables import cached_table
 from lorakern.ops.moe import version_of
 
 __all__ = ["group_pairs", "max_tiles", "moe_tables", "pair_operands"]
@@ -91,27 +92,16 @@ def group_pairs(slots: torch.Tensor, topk_ids: torch.Tensor, num_experts: int, n
     return val
 
 
-_TABLES: "OrderedDict[tuple, torch.Tensor]" = OrderedDict()
-
-
 def moe_tables(lora_a, lora_b, offsets):
     """int64 device table [8, S]: A pointers, A row strides, A expert strides, B pointers, B row strides, B expert
-    strides, widths N_i, output offsets. Cached by content: no host-to-device copy after the first call (CUDA
-    graphs capture the cached table)."""
+    strides, widths N_i, output offsets. Cached by content (lorakern._tables.cached_table: no host-to-device copy
+    after the first call; a CUDA graph's table stays alive)."""
     dev = lora_a[0].device
     cols = [[t.data_ptr() for t in lora_a], [t.stride(0) for t in lora_a], [t.stride(1) for t in lora_a],
             [t.data_ptr() for t in lora_b], [t.stride(0) for t in lora_b], [t.stride(1) for t in lora_b],
             [t.shape[2] for t in lora_b], list(offsets)]
-    key = (dev, tuple(tuple(c) for c in cols))
-    hit = _TABLES.get(key)
-    if hit is not None:
-        _TABLES.move_to_end(key)
-        return hit
-    tab = torch.tensor(cols, dtype=torch.int64, device=dev)
-    _TABLES[key] = tab
-    if len(_TABLES) > 512:
-        _TABLES.popitem(last=False)
-    return tab
+    key = ("moe", dev, tuple(tuple(c) for c in cols))
+    return cached_table(key, dev, lambda: torch.tensor(cols, dtype=torch.int64, device=dev))
 
 
 def pair_operands(x: torch.Tensor, topk_weights):

@@ -503,3 +503,19 @@ def test_strided_page_table_ranks_and_scales(side, backend, generator):
     outs = [fn(dst0.clone(), src, case.a, case.b, *meta, case.slots_arg, backend=backend)
             for meta in ((L.page_table, L.ranks, L.scales), (pt_s, rk_s, sc_s))]
     assert_bits_equal(outs[1].cpu(), outs[0].cpu(), "the result with strided metadata")
+
+
+def test_head_id_storage_outlives_its_cache():
+    """The cuda backend's [T, H] head ids are views of one never-freed arange(H) per (H, device): a CUDA graph
+    captured at batch size T keeps reading that storage after the view for T left the 64-entry cache (vLLM captures
+    ~67 sizes; each view used to own its storage, freed with it)."""
+    from lorakern import cuda_backend as cb
+
+    first = cb._head_ids(1, 16, torch.device("cpu"))
+    ptr = first.data_ptr()
+    assert first.tolist() == [list(range(16))]
+    for T in [2, 4] + list(range(8, 513, 8)):
+        cb._head_ids(T, 16, torch.device("cpu"))
+    assert (1, 16, "cpu") not in cb._HEAD_IDS
+    assert cb._HEAD_BASE[(16, "cpu")].data_ptr() == ptr
+    assert cb._head_ids(1, 16, torch.device("cpu")).data_ptr() == ptr

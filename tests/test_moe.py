@@ -752,3 +752,20 @@ def test_strided_page_table_ranks_and_scales(backend, generator):
         outs.append(add_lora_moe(out0.clone(), x, ids.to(DEVICE), L.lora_a, L.lora_b, *meta, slots,
                                  topk_weights=w.to(DEVICE), backend=backend))
     assert_bits_equal(outs[1].cpu(), outs[0].cpu(), "the result with strided metadata")
+
+
+@pytest.mark.parametrize("backend", COMPILED_BACKENDS)
+def test_out_that_is_x(backend, generator):
+    """add_lora_moe(x, x, ...) with per-expert x [T, topk, K] and K = N: the x of before the call is used (the op
+    copies an x that shares memory with out), the same bits as with separate buffers."""
+    g = generator
+    dtype = torch.bfloat16 if backend == "cuda" else torch.float16
+    L = make_moe_lora(g, E=6, K=40, n_sizes=[24, 16], ranks=[5, 17, 2, 9], dtype=dtype)
+    ids, w = make_routing(g, 10, 2, 6)
+    slots = torch.randint(-1, 4, (10,), generator=g, dtype=torch.int32).to(DEVICE)
+    x = torch.randn(10, 2, 40, generator=g).to(dtype).to(DEVICE)
+    args = (ids.to(DEVICE), L.lora_a, L.lora_b, L.page_table, L.ranks, L.scales, slots)
+    want = add_lora_moe(x.clone(), x, *args, topk_weights=w.to(DEVICE), backend=backend)
+    same = x.clone()
+    add_lora_moe(same, same, *args, topk_weights=w.to(DEVICE), backend=backend)
+    assert_bits_equal(same.cpu(), want.cpu(), "add_lora_moe(x, x)")

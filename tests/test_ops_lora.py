@@ -52,6 +52,8 @@ CASES = {
                         mix=m, none_frac=0.1) for m in MIXES},
     "rank0_adapters": dict(T=40, K=48, n_sizes=[40], ranks=[0, 4, 0, 9, 1, 0], num_adapters=6, none_frac=0.2),
     "all_rank0": dict(T=16, K=32, n_sizes=[24], ranks=0, max_rank=4, num_adapters=3),
+    # a page table 0 wide (a pool of rank-0 adapters): nothing to add, on every path
+    "max_rank_0": dict(T=70, K=32, n_sizes=[24], ranks=0, max_rank=0, num_adapters=3),
     "scales_none": dict(T=40, K=48, n_sizes=[24, 40], ranks="1-16", num_adapters=5, scales=False),
     "slots_int64": dict(T=40, **SMALL, slots_form="int64", none_frac=0.2),
     "slots_plan": dict(T=40, **SMALL, slots_form="plan", none_frac=0.2),
@@ -671,3 +673,79 @@ def test_strided_page_table_ranks_and_scales(op, impl, generator, monkeypatch):
     L.page_table, L.ranks, L.scales = _strided_meta(L)
     case.scales = L.scales
     run_case(op, backend, case, generator)
+
+
+def test_slice_table_cache_holds_a_large_model_and_what_graphs_captured(monkeypatch):
+    """The device tables of slice pointers (lorakern._tables): a second pass over an 80-layer model's 640 tables
+    builds none (an LRU of 512 rebuilt every one, a blocking copy per call); an entry used during a CUDA-graph
+    capture is never evicted (replays read it); a table first needed during a capture is refused with what to do."""
+    from lorakern import _tables
+
+    monkeypatch.setattr(_tables, "_TABLES", type(_tables._TABLES)())
+    monkeypatch.setattr(_tables, "_PINNED", set())
+    builds = []
+
+    def get(i):
+        return _tables.cached_table(("test", i), torch.device("cpu"), lambda: builds.append(i) or f"table {i}")
+
+    for _ in range(2):
+        for i in range(640):
+            assert get(i) == f"table {i}"
+    assert builds == list(range(640))
+    ws = [torch.randn(6, 8) for _ in range(3)]
+    t1 = _tables.slice_tables(ws, [0, 8, 16])
+    assert _tables.slice_tables(ws, [0, 8, 16]) is t1 and torch.equal(t1[0], torch.tensor([w.data_ptr() for w in ws]))
+    assert _tables.slice_tables(ws, [0, 8, 20]) is not t1  # other content, other table
+
+    monkeypatch.setattr(_tables, "TABLES_MAX", 8)
+    monkeypatch.setattr(_tables, "_capturing", lambda device: True)
+    get(3)  # used during a capture: pinned
+    with pytest.raises(RuntimeError, match="before capturing"):
+        get(10**6)
+    monkeypatch.setattr(_tables, "_capturing", lambda device: False)
+    for i in range(1000, 1100):
+        get(i)
+    assert ("test", 3) in _tables._TABLES and ("test", 4) not in _tables._TABLES
+    assert len(_tables._TABLES) - len(_tables._PINNED) <= 8
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=_dname)
+@pytest.mark.parametrize("impl", IMPLS)
+def test_expand_of_an_infinite_intermediate_is_infinite(impl, dtype, generator, monkeypatch):
+    """An infinite y entry gives +-Inf in its token's row, as the float64 reference does, not NaN: the tensor-core
+    expands split y into terms of the weight dtype, and Inf - Inf made the lower terms NaN."""
+    if impl == "cuda-fused":
+        pytest.skip("lora_expand has no fused kernel")
+    backend = set_impl(impl, monkeypatch)
+    case = make_case(generator, T=70, K=64, n_sizes=[40], ranks=[16, 9], num_adapters=2, dtype=dtype,
+                     device=DEVICE, mix="uniform")
+    L = case.lora
+    y = torch.randn(case.S, case.T, L.max_rank, generator=generator)
+    t = int((case.slots.cpu() >= 0).nonzero()[0])
+    y[0, t, 0] = float("inf")
+    y = y.to(DEVICE)
+    out, _, _ = random_out(case, generator)
+    out0 = out.clone()
+    lorakern.ops.lora_expand(out, y, L.lora_b, L.page_table, L.ranks, case.scales, case.slots_arg, backend=backend)
+    ref, _ = oracle_add(case, out0, y)
+    got = out.detach().cpu().double()
+    assert not torch.isnan(got).any()
+    assert torch.isinf(ref[t]).all() and torch.equal(torch.sign(got[t]), torch.sign(ref[t]))
+    others = torch.arange(case.T) != t
+    assert torch.isfinite(got[others]).all()
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_out_that_is_x(impl, generator, monkeypatch):
+    """add_lora(x, x, ...) adds f(x) of the x before the call (the op copies an x that shares memory with out:
+    otherwise one slice's programs read x rows that another's have already written)."""
+    backend = set_impl(impl, monkeypatch)
+    case = make_case(generator, T=70, K=64, n_sizes=[40, 24], ranks=[16, 5, 11], num_adapters=3,
+                     dtype=torch.float16, device=DEVICE, mix="uniform", none_frac=0.1)
+    L = case.lora
+    x0 = case.x.clone()
+    ref, ref_abs = oracle_add(case, x0)
+    out = case.x
+    lorakern.ops.add_lora(out, out, L.lora_a, L.lora_b, L.page_table, L.ranks, case.scales, case.slots_arg,
+                          backend=backend)
+    check_accumulated(case, out, x0, ref, ref_abs, "add_lora(x, x)")

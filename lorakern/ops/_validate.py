@@ -178,6 +178,42 @@ def _slot_range(slots: torch.Tensor) -> int:
     return hi
 
 
+_OVERLAPS = getattr(torch._C, "_overlaps", None)
+
+
+def _spans_overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether the byte ranges two tensors may touch intersect (a conservative test, as torch's own)."""
+    if a.numel() == 0 or b.numel() == 0:
+        return False
+
+    def span(t):
+        lo = hi = t.data_ptr()
+        for n, st in zip(t.shape, t.stride()):
+            d = (n - 1) * st * t.element_size()
+            if d < 0:
+                lo += d
+            else:
+                hi += d
+        return lo, hi + t.element_size()
+
+    (a0, a1), (b0, b1) = span(a), span(b)
+    return a0 < b1 and b0 < a1
+
+
+def apart_from(out: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """``t``, or a copy of it when it may share memory with ``out``: an op that adds into ``out`` reads ``t``
+    while other programs write ``out``, so ``add_lora(x, x, ...)`` must see the x of before the call. The test is
+    conservative (byte ranges, so interleaved column slices of one buffer are copied too); a copy is always right.
+    Under ``torch.compile`` tracing (no data pointers) the graph's functionalization owns aliasing."""
+    if torch.compiler.is_compiling():
+        return t
+    try:
+        hit = bool(_OVERLAPS(out, t)) if _OVERLAPS is not None else _spans_overlap(out, t)
+    except RuntimeError:
+        hit = _spans_overlap(out, t)
+    return t.clone() if hit else t
+
+
 def kernel_layout(page_table: torch.Tensor, ranks: torch.Tensor, scales: Optional[torch.Tensor]) -> tuple:
     """``(page_table, ranks, scales)`` as the kernels read them: every kernel indexes ``ranks[slot]``,
     ``scales[slot]`` and ``page_table[slot * row_stride + j]``, so a strided view (``meta[:, 0]``, a column-major

@@ -243,6 +243,7 @@ def add_lora(
     offs = V.resolve_offsets(slice_offsets, [t.shape[1] for t in b], out.shape[1])
     be = select_backend(backend, x.device, x.dtype, max_rank, op="add_lora")
     s, tok, tg, ts, info = _plan_args(slots, be, num_slots, x.device)
+    x = V.apart_from(out, x)
     _dispatch.call("lorakern::add_lora", out, x, _rows(a), _rows(b), page_table, ranks, scales, s, tok, tg, ts,
                    offs, info, be)
     return out
@@ -309,6 +310,7 @@ def lora_expand(
     offs = V.resolve_offsets(slice_offsets, [t.shape[1] for t in b], out.shape[1])
     be = select_backend(backend, out.device, out.dtype, max_rank, op="lora_expand")
     s, tok, tg, ts, info = _plan_args(slots, be, num_slots, out.device)
+    y = V.apart_from(out, y)
     _dispatch.call("lorakern::lora_expand", out, y, _rows(b), page_table, ranks, scales, s, tok, tg, ts, offs,
                    info, be)
     return out

@@ -230,6 +230,7 @@ def mla_absorbed_q(
                    scales=scales, slots=s0)
     be = select_backend(backend, q_nope.device, q_nope.dtype, max_rank, op="mla_absorbed_q")
     s, tok, tiles, info = _plan_args(slots, be, num_slots, q_nope.device)
+    q_nope = V.apart_from(q_latent, q_nope)
     _dispatch.call("lorakern::mla_absorbed_q", q_latent, q_nope, _rows(a), _rows(b), page_table, ranks, scales, s,
                    tok, tiles, info, be)
     return q_latent
@@ -266,6 +267,7 @@ def mla_absorbed_o(
                    scales=scales, slots=s0)
     be = select_backend(backend, o_latent.device, o_latent.dtype, max_rank, op="mla_absorbed_o")
     s, tok, tiles, info = _plan_args(slots, be, num_slots, o_latent.device)
+    o_latent = V.apart_from(out, o_latent)
     _dispatch.call("lorakern::mla_absorbed_o", out, o_latent, _rows(a), _rows(b), page_table, ranks, scales, s, tok,
                    tiles, info, be)
     return out

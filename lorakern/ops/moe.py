@@ -243,6 +243,7 @@ def add_lora_moe(
     offs = V.resolve_offsets(slice_offsets, [t.shape[2] for t in b], out.shape[2])
     be = select_backend(backend, x.device, x.dtype, max_rank, op="add_lora_moe")
     s, info = _plan_args(slots, be, x.device)
+    x = V.apart_from(out, x)
     _dispatch.call("lorakern::add_lora_moe", out, x, topk_ids, [_rows(t) for t in a], [_rows(t) for t in b],
                    page_table, ranks, scales, s, topk_weights, offs, info, be)
     return out

@@ -72,17 +72,22 @@ def _mma_f32_lhs(y, b, acc, UPCAST: tl.constexpr, IEEE: tl.constexpr):
         # y = s * (hi + mid) in fp16 (22 significant bits in two terms). fp16 tops out at 65504, below what a
         # float32 y may hold, so each row is first divided by a power of two s (exact) with |y / s| <= 2^14
         # (s = 1 unless some |y| of the row exceeds 2^14), and the row's product is multiplied back by s.
+        # A row holding +-Inf keeps s = 1 (Inf / Inf would be NaN), and a term whose hi is infinite gets no lower
+        # term (Inf - Inf = NaN): the product is then +-Inf, as in the float64 reference.
         amax = tl.max(tl.abs(y), axis=1)
-        s = tl.where(amax > 16384.0, tl.exp2(tl.ceil(tl.log2(tl.maximum(amax, 1.0))) - 14.0), 1.0)
+        big = (amax > 16384.0) & (amax < float("inf"))
+        s = tl.where(big, tl.exp2(tl.ceil(tl.log2(tl.maximum(amax, 1.0))) - 14.0), 1.0)
         ys = y / s[:, None]
         hi = ys.to(b.dtype)
-        mid = (ys - hi.to(tl.float32)).to(b.dtype)
+        hf = hi.to(tl.float32)
+        mid = tl.where(tl.abs(hf) == float("inf"), 0.0, ys - hf).to(b.dtype)
         return acc + s[:, None] * tl.dot(mid, b, tl.dot(hi, b))
     else:
         # bf16 (fp32's range): y = hi + mid + lo, three terms for fp32's 24 significant bits; the extra MMAs are
         # free in a memory-bound op.
         hi = y.to(b.dtype)
-        r1 = y - hi.to(tl.float32)
+        hf = hi.to(tl.float32)
+        r1 = tl.where(tl.abs(hf) == float("inf"), 0.0, y - hf)  # (no lower terms under an infinite hi, as above)
         mid = r1.to(b.dtype)
         acc = tl.dot(hi, b, acc)
         acc = tl.dot(mid, b, acc)

@@ -45,7 +45,10 @@ cudaError_t launch_kernel_smem(void (*kernel)(P...), dim3 grid, dim3 block, int 
 #else
   if (smem_bytes > 48 * 1024) {
     const cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes);
-    if (e != cudaSuccess) return e;
+    if (e != cudaSuccess) {
+      (void)cudaGetLastError();  // reported here; not left behind for the next launch's check
+      return e;
+    }
   }
   kernel<<<grid, block, smem_bytes, stream>>>(args...);
   return cudaGetLastError();

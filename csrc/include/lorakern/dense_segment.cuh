@@ -81,6 +81,14 @@ constexpr int LDS = 16 + 4;   // a warp's fp32 fragment stage in the expand epil
 
 constexpr int round128(int b) { return (b + 127) / 128 * 128; }
 
+// v - hi: what the hi term of v misses, split further into the lower terms. 0 where hi is infinite (v = +-Inf, or a
+// bf16 hi rounded past the largest finite value): Inf - Inf would make the lower terms NaN and the product NaN,
+// where the float64 reference (and the gather path) give +-Inf.
+template <typename T> __device__ __forceinline__ float term_rest(float v, T hi) {
+  const float h = Num<T>::to_f(hi);
+  return isinf(h) ? 0.f : v - h;
+}
+
 // Dynamic shared memory of each kernel. Shrink: the K ring, aliased after the loop by the fp32 result tile.
 template <typename T> struct ShrinkSmem {
   static constexpr int kStage = 2 * BM * LDX * int(sizeof(T));  // xs [BM][LDX], as [BR][LDX]
@@ -323,7 +331,7 @@ __global__ void __launch_bounds__(seg::kSegThreads, seg::kExpandMinBlocks) segme
       const int m = tid / RK + l * (kSegThreads / RK), j = tid % RK;
       const float v = kScaled ? yv[l] * inv_S : yv[l];  // a power of two: exact
       const T hi = Num<T>::from_f(v);
-      const float r1 = v - Num<T>::to_f(hi);
+      const float r1 = seg::term_rest(v, hi);
       const T lo = Num<T>::from_f(r1);
       yhi[m][j] = hi;
       ylo[m][j] = lo;
@@ -687,7 +695,7 @@ __global__ void __launch_bounds__(segf::kThreads, 1) segment_fused_kernel(const 
             for (int e = 0; e < 2; ++e) {
               const float v = acc[i][mi][h][2 * hr + e] * inv_S;  // a power of two: exact
               hi.v[e] = Num<T>::from_f(v);
-              const float r1 = v - Num<T>::to_f(hi.v[e]);
+              const float r1 = seg::term_rest(v, hi.v[e]);
               lo.v[e] = Num<T>::from_f(r1);
               lo2.v[e] = Num<T>::from_f(r1 - Num<T>::to_f(lo.v[e]));
             }
@@ -778,6 +786,7 @@ int segment_fused_smem_t(int max_rank, int ostages, int cols) {
 template <typename T>
 cudaError_t launch_dense_segment(const DenseParams& p, int mode, int k_split, cudaStream_t stream) {
   if (p.num_tiles <= 0 || p.num_slices <= 0) return cudaSuccess;
+  if (p.max_rank <= 0) return mode >= 1 && mode <= 3 ? cudaSuccess : cudaErrorInvalidValue;  // rank 0: no work
   if (mode == 1) {
     const int r_tiles = (p.max_rank + seg::BR - 1) / seg::BR;
     dim3 grid(p.num_tiles, p.num_slices, r_tiles * max(k_split, 1));
