@@ -29,7 +29,7 @@ template <typename P>
 P ptr(int64_t v) { return reinterpret_cast<P>(static_cast<uintptr_t>(v)); }
 
 // Field order of `a` (all int64), documented in lorakern/cuda_backend.py (_DENSE_FIELDS).
-constexpr size_t kFields = 39;
+constexpr size_t kFields = 41;
 
 lorakern::DenseParams unpack(const std::vector<int64_t>& a) {
   if (a.size() != kFields) throw std::invalid_argument("expected " + std::to_string(kFields) + " fields");
@@ -63,6 +63,8 @@ lorakern::DenseParams unpack(const std::vector<int64_t>& a) {
   p.sw_t = a[i++]; p.sw_k = a[i++];
   p.n_split = static_cast<int>(a[i++]);
   p.seg_cols = static_cast<int>(a[i++]);
+  p.num_slots = static_cast<int>(a[i++]);
+  p.num_rows = static_cast<int>(a[i++]);
   if (p.E < 1 || p.topk < 1) throw std::invalid_argument("E and topk must be >= 1");
   if (p.m_split < 1 || p.n_split < 1) throw std::invalid_argument("m_split and n_split must be >= 1");
   return p;

@@ -38,6 +38,7 @@ _DENSE_FIELDS = (
     "page_table", "s_pt", "ranks", "scales", "tiles", "token_ids", "y", "sy_s", "sy_t", "sy_r",
     "out", "so_t", "so_n", "num_tiles", "num_slices", "K", "max_rank", "max_n", "m_split",
     "E", "topk", "sx_p", "so_p", "a_e_strides", "b_e_strides", "topk_w", "sw_t", "sw_k", "n_split", "seg_cols",
+    "num_slots", "num_rows",
 )
 _FIELD_DEFAULTS = {"E": 1, "topk": 1, "m_split": 1, "n_split": 1}
 
@@ -269,14 +270,14 @@ def _segment_fused(out, x, a_tab, sa_tab, b_tab, sb_tab, n_tab, off_tab, lora_b,
                   a_strides=sa_tab.data_ptr(), b_ptrs=b_tab.data_ptr(), b_strides=sb_tab.data_ptr(),
                   n_sizes=n_tab.data_ptr(), offsets=off_tab.data_ptr(), out=out.data_ptr(), so_t=out.stride(0),
                   so_n=out.stride(1), K=x.shape[1], max_n=max(b.shape[1] for b in lora_b),
-                  **_common(page_table, ranks, scales, tiles, token_ids, grid_n, len(lora_b)))
+                  **_common(page_table, ranks, scales, tiles, token_ids, grid_n, len(lora_b), lora_b[0].shape[0]))
 
 
 def _shrink_k_split(x, S, page_table, grid_n) -> int:
     return _k_split(x.device, grid_n * S * -(-page_table.shape[1] // 64), x.shape[1], x.dtype)
 
 
-def _segment_shrink(y, x, a_tab, sa_tab, S, page_table, ranks, token_ids, tiles, grid_n, ks=None):
+def _segment_shrink(y, x, a_tab, sa_tab, S, page_table, ranks, token_ids, tiles, grid_n, num_rows, ks=None):
     """Into y: zeroed when the K split ``ks`` (default: :func:`_shrink_k_split`) is above 1 (atomic adds)."""
     if ks is None:
         ks = _shrink_k_split(x, S, page_table, grid_n)
@@ -284,7 +285,7 @@ def _segment_shrink(y, x, a_tab, sa_tab, S, page_table, ranks, token_ids, tiles,
                   x=x.data_ptr(), sx_t=x.stride(0), sx_k=x.stride(1), a_ptrs=a_tab.data_ptr(),
                   a_strides=sa_tab.data_ptr(), y=y.data_ptr(), sy_s=y.stride(0), sy_t=y.stride(1),
                   sy_r=y.stride(2), K=x.shape[1],
-                  **_common(page_table, ranks, None, tiles, token_ids, grid_n, S))
+                  **_common(page_table, ranks, None, tiles, token_ids, grid_n, S, num_rows))
 
 
 def _segment_expand(out, y, b_tab, sb_tab, n_tab, off_tab, lora_b, page_table, ranks, scales, token_ids, tiles,
@@ -294,14 +295,15 @@ def _segment_expand(out, y, b_tab, sb_tab, n_tab, off_tab, lora_b, page_table, r
                   offsets=off_tab.data_ptr(), y=y.data_ptr(), sy_s=y.stride(0), sy_t=y.stride(1),
                   sy_r=y.stride(2), out=out.data_ptr(), so_t=out.stride(0), so_n=out.stride(1),
                   max_n=max(b.shape[1] for b in lora_b),
-                  **_common(page_table, ranks, scales, tiles, token_ids, grid_n, len(lora_b)))
+                  **_common(page_table, ranks, scales, tiles, token_ids, grid_n, len(lora_b), lora_b[0].shape[0]))
 
 
-def _common(page_table, ranks, scales, tiles, token_ids, grid_n, num_slices):
-    # max_rank: every kernel computes at min(rank, max_rank), so that a rank above the page table's width (which
-    # only a CUDA-graph replay can bring, the value checks being skipped there) never reads past a slot's row
+def _common(page_table, ranks, scales, tiles, token_ids, grid_n, num_slices, num_rows):
+    # max_rank, num_slots, num_rows: the kernels cap ranks at max_rank, skip slots >= num_slots and read row 0 for
+    # an out-of-range page-table entry, so that the values a CUDA-graph replay brings unchecked (the value checks
+    # cannot run there) never make them hang or read out of bounds
     return dict(page_table=page_table.data_ptr(), s_pt=page_table.stride(0), max_rank=page_table.shape[1],
-                ranks=ranks.data_ptr(),
+                num_slots=page_table.shape[0], num_rows=num_rows, ranks=ranks.data_ptr(),
                 scales=scales.data_ptr() if scales is not None else 0, tiles=tiles.data_ptr(),
                 token_ids=token_ids.data_ptr(), num_tiles=grid_n, num_slices=num_slices)
 
@@ -338,7 +340,8 @@ def add_lora(out, x, lora_a, lora_b, page_table, ranks, scales, token_ids, tiles
             y = torch.empty(shape, dtype=torch.float32, device=x.device)
             if x.device.type == "cpu":
                 y.fill_(float("nan"))
-        _segment_shrink(y, x, a_tab, sa_tab, S, page_table, ranks, token_ids, tiles_segment, grid_s, ks)
+        _segment_shrink(y, x, a_tab, sa_tab, S, page_table, ranks, token_ids, tiles_segment, grid_s,
+                        lora_a[0].shape[0], ks)
         _segment_expand(out, y, b_tab, sb_tab, n_tab, off_tab, lora_b, page_table, ranks, scales, token_ids,
                         tiles_segment, grid_s)
         return
@@ -352,7 +355,7 @@ def add_lora(out, x, lora_a, lora_b, page_table, ranks, scales, token_ids, tiles
           x=x.data_ptr(), sx_t=x.stride(0), sx_k=x.stride(1), a_ptrs=a_tab.data_ptr(), a_strides=sa_tab.data_ptr(),
           b_ptrs=b_tab.data_ptr(), b_strides=sb_tab.data_ptr(), n_sizes=n_tab.data_ptr(),
           offsets=off_tab.data_ptr(), out=out.data_ptr(), so_t=out.stride(0), so_n=out.stride(1), K=x.shape[1],
-          **_common(page_table, ranks, scales, tiles_gather, token_ids, grid_n, len(lora_a)))
+          **_common(page_table, ranks, scales, tiles_gather, token_ids, grid_n, len(lora_a), lora_a[0].shape[0]))
 
 
 def lora_shrink(y, x, lora_a, page_table, ranks, token_ids, tiles_gather, tiles_segment, plan_info):
@@ -363,13 +366,14 @@ def lora_shrink(y, x, lora_a, page_table, ranks, token_ids, tiles_gather, tiles_
     a_tab, sa_tab, _, _ = _tables(lora_a)
     vec = _vec_ok(x.element_size(), [x, *lora_a])
     if _use_segment(plan_info, x.dtype, vec) and plan_info[1] > 0:
-        _segment_shrink(y, x, a_tab, sa_tab, len(lora_a), page_table, ranks, token_ids, tiles_segment, plan_info[1])
+        _segment_shrink(y, x, a_tab, sa_tab, len(lora_a), page_table, ranks, token_ids, tiles_segment, plan_info[1],
+                        lora_a[0].shape[0])
         return
     ms, _ = _gather_splits(x.device, grid_n * len(lora_a), 4, plan_info, 0, 1, split_n=False)
     _call(_SHRINK, x.dtype, 4, vec, x.device, m_split=ms,
           x=x.data_ptr(), sx_t=x.stride(0), sx_k=x.stride(1), a_ptrs=a_tab.data_ptr(), a_strides=sa_tab.data_ptr(),
           y=y.data_ptr(), sy_s=y.stride(0), sy_t=y.stride(1), sy_r=y.stride(2), K=x.shape[1],
-          **_common(page_table, ranks, None, tiles_gather, token_ids, grid_n, len(lora_a)))
+          **_common(page_table, ranks, None, tiles_gather, token_ids, grid_n, len(lora_a), lora_a[0].shape[0]))
 
 
 def lora_expand(out, y, lora_b, page_table, ranks, scales, token_ids, tiles_gather, tiles_segment,
@@ -389,7 +393,7 @@ def lora_expand(out, y, lora_b, page_table, ranks, scales, token_ids, tiles_gath
           b_ptrs=b_tab.data_ptr(), b_strides=sb_tab.data_ptr(), n_sizes=n_tab.data_ptr(), offsets=off_tab.data_ptr(),
           y=y.data_ptr(), sy_s=y.stride(0), sy_t=y.stride(1), sy_r=y.stride(2),
           out=out.data_ptr(), so_t=out.stride(0), so_n=out.stride(1),
-          **_common(page_table, ranks, scales, tiles_gather, token_ids, grid_n, len(lora_b)))
+          **_common(page_table, ranks, scales, tiles_gather, token_ids, grid_n, len(lora_b), lora_b[0].shape[0]))
 
 
 #: (token, expert) pairs per tile of add_lora_moe: the gather kernel's tile
@@ -422,7 +426,7 @@ def add_lora_moe(out, x, topk_ids, lora_a, lora_b, page_table, ranks, scales, sl
           out=out.data_ptr(), so_t=out.stride(0), so_p=out.stride(1), so_n=out.stride(2), K=x.shape[-1], E=E,
           topk=topk, topk_w=w.data_ptr() if w is not None else 0, sw_t=w.stride(0) if w is not None else 0,
           sw_k=w.stride(1) if w is not None else 0, max_n=max(b.shape[2] for b in lora_b),
-          **_common(page_table, ranks, scales, tiles, pair_ids, n_max, len(lora_a)))
+          **_common(page_table, ranks, scales, tiles, pair_ids, n_max, len(lora_a), lora_a[0].shape[0]))
 
 
 # ------------------------------------------------------------------------------------------------ MLA

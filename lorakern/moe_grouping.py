@@ -61,7 +61,9 @@ def group_pairs(slots: torch.Tensor, topk_ids: torch.Tensor, num_experts: int, n
     tiles = torch.zeros(max(n_max, 1), 3, **i32)
     s = slots.to(torch.int32)[:, None].expand(T, topk).reshape(-1)
     e = topk_ids.to(torch.int32).reshape(-1)
-    live = (s >= 0) & (e >= 0) & (e < E)
+    # (slot < num_slots too: a replayed graph's slots are unchecked, and more groups than num_slots * E would
+    # overflow the tile list sized for them)
+    live = (s >= 0) & (s < num_slots) & (e >= 0) & (e < E)
     k = torch.where(live, s * E + e, torch.full_like(s, _SENTINEL))
     sorted_key, order = torch.sort(k, stable=True)
     pair_ids = order.to(torch.int32)

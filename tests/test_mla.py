@@ -519,3 +519,27 @@ def test_head_id_storage_outlives_its_cache():
     assert (1, 16, "cpu") not in cb._HEAD_IDS
     assert cb._HEAD_BASE[(16, "cpu")].data_ptr() == ptr
     assert cb._head_ids(1, 16, torch.device("cpu")).data_ptr() == ptr
+
+
+@pytest.mark.parametrize("backend", COMPILED_BACKENDS)
+def test_out_of_range_slots_and_rows_stay_in_bounds(backend, generator, monkeypatch):
+    """As for add_lora (test_ops_lora): unchecked slots >= num_slots act as -1 and out-of-range page-table entries
+    read row 0, the same bits as a checked call with those values."""
+    from lorakern.ops import _validate
+
+    g = generator
+    case = make_mla_case(g, T=12, H=2, C=32, Dn=8, Dv=8, ranks=[6, 16, 3], num_adapters=3, dtype=torch.float16)
+    L = case.lora
+    good_pt, bad_pt = L.page_table.clone(), L.page_table.clone()
+    good_pt[1, 4], bad_pt[1, 4] = 0, 10**9
+    slots = torch.tensor([0, 1, 2] * 4, dtype=torch.int32).to(DEVICE)
+    good_slots, bad_slots = slots.clone(), slots.clone()
+    good_slots[[0, 7]], bad_slots[[0, 7]] = -1, 50
+    dst0 = torch.randn(case.T, case.H, case.C, generator=g).half().to(DEVICE)
+    src = torch.randn(case.T, case.H, case.Dn, generator=g).half().to(DEVICE)
+    want = lorakern.ops.mla_absorbed_q(dst0.clone(), src, case.a, case.b, good_pt, L.ranks, L.scales, good_slots,
+                                       backend=backend)
+    monkeypatch.setattr(_validate, "_capturing", lambda device: True)
+    got = lorakern.ops.mla_absorbed_q(dst0.clone(), src, case.a, case.b, bad_pt, L.ranks, L.scales, bad_slots,
+                                      backend=backend)
+    assert_bits_equal(got.cpu(), want.cpu(), "the result with out-of-range slots and rows")

@@ -769,3 +769,30 @@ def test_out_that_is_x(backend, generator):
     same = x.clone()
     add_lora_moe(same, same, *args, topk_weights=w.to(DEVICE), backend=backend)
     assert_bits_equal(same.cpu(), want.cpu(), "add_lora_moe(x, x)")
+
+
+@pytest.mark.parametrize("backend", COMPILED_BACKENDS)
+def test_out_of_range_slots_and_rows_stay_in_bounds(backend, generator, monkeypatch):
+    """As for add_lora (test_ops_lora): unchecked slots >= num_slots act as -1 and out-of-range page-table entries
+    read row 0, the same bits as a checked call with those values."""
+    from lorakern.ops import _validate
+
+    g = generator
+    dtype = torch.bfloat16 if backend == "cuda" else torch.float16
+    L = make_moe_lora(g, E=6, K=32, n_sizes=[24, 16], ranks=[5, 17, 2, 9], dtype=dtype)
+    ids, w = make_routing(g, 10, 2, 6)
+    slots = torch.tensor([0, 1, 2, 3, 1, 0, 2, 3, 1, 1], dtype=torch.int32).to(DEVICE)
+    x = torch.randn(10, 32, generator=g).to(dtype).to(DEVICE)
+    out0 = torch.randn(10, 2, 40, generator=g).to(dtype).to(DEVICE)
+    good_pt, bad_pt = L.page_table.clone(), L.page_table.clone()
+    good_pt[1, 4], bad_pt[1, 4] = 0, 10**9
+    good_pt[3, 0], bad_pt[3, 0] = 0, -3
+    good_slots, bad_slots = slots.clone(), slots.clone()
+    good_slots[[2, 5]], bad_slots[[2, 5]] = -1, 99
+    rest = (L.lora_a, L.lora_b)
+    want = add_lora_moe(out0.clone(), x, ids.to(DEVICE), *rest, good_pt, L.ranks, L.scales, good_slots,
+                        topk_weights=w.to(DEVICE), backend=backend)
+    monkeypatch.setattr(_validate, "_capturing", lambda device: True)
+    got = add_lora_moe(out0.clone(), x, ids.to(DEVICE), *rest, bad_pt, L.ranks, L.scales, bad_slots,
+                       topk_weights=w.to(DEVICE), backend=backend)
+    assert_bits_equal(got.cpu(), want.cpu(), "the result with out-of-range slots and rows")

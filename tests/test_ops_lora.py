@@ -749,3 +749,43 @@ def test_out_that_is_x(impl, generator, monkeypatch):
     lorakern.ops.add_lora(out, out, L.lora_a, L.lora_b, L.page_table, L.ranks, case.scales, case.slots_arg,
                           backend=backend)
     check_accumulated(case, out, x0, ref, ref_abs, "add_lora(x, x)")
+
+
+@pytest.mark.parametrize("op", ["add_lora", "lora_shrink", "lora_expand"])
+@pytest.mark.parametrize("impl", [i for i in IMPLS if i != "torch"])
+def test_out_of_range_slots_and_rows_stay_in_bounds(op, impl, generator, monkeypatch):
+    """Slots and page-table entries that only a CUDA-graph replay can bring unchecked (simulated by the checks'
+    own capture switch) never make a kernel read out of bounds: a token of a slot >= num_slots is left as a -1
+    token is, and an out-of-range row id (negative, or past the rows of lora_a / lora_b) reads row 0."""
+    if impl == "cuda-fused" and op != "add_lora":
+        pytest.skip("the fused kernel is add_lora's only")
+    from lorakern.ops import _validate
+
+    backend = set_impl(impl, monkeypatch)
+    case = make_case(generator, T=70, K=64, n_sizes=[40, 24], ranks=[16, 5, 11, 9], num_adapters=4,
+                     dtype=torch.float16, device=DEVICE, mix="uniform", slots_form="int32")
+    L = case.lora
+    pt0 = L.page_table.clone()
+    bad_pt = L.page_table.clone()
+    bad_pt[0, 3], bad_pt[2, 0] = 10**9, -5  # live entries (ranks 16 and 11)
+    L.page_table[0, 3], L.page_table[2, 0] = 0, 0  # what the oracle should see: row 0
+    live = (case.slots >= 0).nonzero().flatten()
+    bad_slots = case.slots.clone()
+    bad_slots[live[:5]] = L.num_slots + 7
+    case.slots[live[:5]] = -1  # the oracle's view: untouched tokens
+    y = torch.randn(case.S, case.T, L.max_rank, generator=generator).to(DEVICE)
+    out, _, _ = random_out(case, generator)
+    out0 = out.clone()
+    ref = oracle_shrink(case) if op == "lora_shrink" else oracle_add(case, out0, y if op == "lora_expand" else None)
+    monkeypatch.setattr(_validate, "_capturing", lambda device: True)
+    if op == "add_lora":
+        lorakern.ops.add_lora(out, case.x, L.lora_a, L.lora_b, bad_pt, L.ranks, case.scales, bad_slots,
+                              backend=backend)
+        check_accumulated(case, out, out0, *ref)
+    elif op == "lora_expand":
+        lorakern.ops.lora_expand(out, y, L.lora_b, bad_pt, L.ranks, case.scales, bad_slots, backend=backend)
+        check_accumulated(case, out, out0, *ref)
+    else:
+        got = lorakern.ops.lora_shrink(case.x, L.lora_a, bad_pt, L.ranks, bad_slots, backend=backend)
+        check_shrink(case, got, *ref)
+    L.page_table.copy_(pt0)

@@ -17,10 +17,12 @@ Which path runs is decided in :func:`lorakern.ops.lora.choose_path` from the pla
 
 Both paths work at each slot's *real* rank: rank is tiled in blocks of ``BLOCK_R`` (16) and loops stop at the
 slot's rank, so a rank-8 adapter costs a rank-8 amount of work next to a rank-128 one; page-table entries at or
-beyond a slot's rank are never loaded. A rank above ``max_rank`` (the page table's width) counts as ``max_rank``:
-only a CUDA-graph replay can bring one (the value checks cannot run there), and then no kernel reads past the
-slot's page-table row. Work is a fixed grid over the plan's tile list (``(start, length, slot)``
-rows, length 0 = exit), so a CUDA graph captured with one adapter mix replays correctly with any other.
+beyond a slot's rank are never loaded. Values that only a CUDA-graph replay can bring unchecked (the value checks
+cannot run there) never make a kernel read out of bounds: a rank above ``max_rank`` (the page table's width)
+counts as ``max_rank``, a slot outside the page table does nothing, and a page-table entry outside the rows of
+``lora_a`` / ``lora_b`` reads row 0 (the cuda kernels do the same). Work is a fixed grid over the plan's tile
+list (``(start, length, slot)`` rows, length 0 = exit), so a CUDA graph captured with one adapter mix replays
+correctly with any other.
 
 Numerics: the shrink accumulates in float32 (fp16/bf16 products are exact in fp32); the float32 intermediate is
 never rounded to the input dtype — on the GPU the expand feeds it to the tensor cores as a sum of terms of the
@@ -108,13 +110,24 @@ def _tile(tiles_ptr, token_ids_ptr, pid, BLOCK_M: tl.constexpr):
 
 
 @triton.jit
-def _rank_rows(pt_row, r0, rank, BLOCK_R: tl.constexpr):
+def _rank_rows(pt_row, r0, rank, num_rows, BLOCK_R: tl.constexpr):
     """Rank tile ``r0 .. r0 + BLOCK_R`` of a slot: (indices, mask ``< rank``, int64 row ids). The one place the
-    kernels read a page table: entries at or beyond the slot's real rank are never loaded."""
+    kernels read a page table: entries at or beyond the slot's real rank are never loaded; an entry outside
+    ``[0, num_rows)`` reads row 0 (see the module docstring)."""
     rr = r0 + tl.arange(0, BLOCK_R)
     rmask = rr < rank
     rows = tl.load(pt_row + rr, mask=rmask, other=0).to(tl.int64)
+    rows = tl.where((rows >= 0) & (rows < num_rows), rows, 0)
     return rr, rmask, rows
+
+
+@triton.jit
+def _rank_of(ranks_ptr, slot, max_rank, num_slots):
+    """A slot's rank as the kernels use it: capped at max_rank, 0 (nothing to do) for a slot outside
+    ``[0, num_slots)`` (see the module docstring)."""
+    ok = (slot >= 0) & (slot < num_slots)
+    rank = tl.load(ranks_ptr + tl.where(ok, slot, 0))
+    return tl.where(ok, tl.minimum(rank, max_rank), 0)
 
 
 @triton.jit
@@ -135,7 +148,7 @@ def _shrink_block(x_ptr, sx_t, sx_k, a_ptr, sa_r, rows, rmask, tok, tmask, K,
 
 
 @triton.jit
-def _expand_block(y_ptr, sy_t, sy_r, pt_row_ptr, rank, tok, tmask, b_ptr, sb_r, nn, nmask,
+def _expand_block(y_ptr, sy_t, sy_r, pt_row_ptr, rank, num_rows, tok, tmask, b_ptr, sb_r, nn, nmask,
                   BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
                   UPCAST: tl.constexpr, IEEE: tl.constexpr):
     """[BLOCK_M, BLOCK_N] float32 = y[tok, :rank] @ B[rows(:rank), nn], looping over the real rank only.
@@ -143,7 +156,7 @@ def _expand_block(y_ptr, sy_t, sy_r, pt_row_ptr, rank, tok, tmask, b_ptr, sb_r, 
     ``y_ptr`` points at this slice's ``y``; rows of B come from the slot's page-table row ``pt_row_ptr``."""
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for r0 in range(0, rank, BLOCK_R):
-        rr, rmask, rows = _rank_rows(pt_row_ptr, r0, rank, BLOCK_R)
+        rr, rmask, rows = _rank_rows(pt_row_ptr, r0, rank, num_rows, BLOCK_R)
         yt = tl.load(y_ptr + tok[:, None] * sy_t + rr[None, :] * sy_r,
                      mask=tmask[:, None] & rmask[None, :], other=0.0)
         bt = tl.load(b_ptr + rows[:, None] * sb_r + nn[None, :],
@@ -171,7 +184,8 @@ def _slot_scale(scales_ptr, slot, HAS_SCALE: tl.constexpr):
 
 # ----------------------------------------------------------------------------------------------- kernels
 @triton.jit
-def _shrink_kernel(x_ptr, sx_t, sx_k, a_table, sa_table, pt_ptr, s_pt, ranks_ptr, max_rank,
+def _shrink_kernel(x_ptr, sx_t, sx_k, a_table, sa_table, pt_ptr, s_pt, ranks_ptr, max_rank, num_slots,
+                   num_rows,
                    tiles_ptr, token_ids_ptr, y_ptr, sy_s, sy_t, sy_r, K,
                    BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
                    UPCAST: tl.constexpr, IEEE: tl.constexpr):
@@ -180,11 +194,11 @@ def _shrink_kernel(x_ptr, sx_t, sx_k, a_table, sa_table, pt_ptr, s_pt, ranks_ptr
     tok, tmask, slot, length = _tile(tiles_ptr, token_ids_ptr, pid, BLOCK_M)
     if length == 0:
         return
-    rank = tl.minimum(tl.load(ranks_ptr + slot), max_rank)  # (capped: lora.py docstring)
+    rank = _rank_of(ranks_ptr, slot, max_rank, num_slots)
     r0 = rt * BLOCK_R
     if r0 >= rank:
         return
-    rr, rmask, rows = _rank_rows(pt_ptr + slot.to(tl.int64) * s_pt, r0, rank, BLOCK_R)
+    rr, rmask, rows = _rank_rows(pt_ptr + slot.to(tl.int64) * s_pt, r0, rank, num_rows, BLOCK_R)
     a_ptr = tl.load(a_table + sl).to(tl.pointer_type(x_ptr.dtype.element_ty))
     sa_r = tl.load(sa_table + sl)
     acc = _shrink_block(x_ptr, sx_t, sx_k, a_ptr, sa_r, rows, rmask, tok, tmask, K,
@@ -194,7 +208,8 @@ def _shrink_kernel(x_ptr, sx_t, sx_k, a_table, sa_table, pt_ptr, s_pt, ranks_ptr
 
 
 @triton.jit
-def _expand_kernel(y_ptr, sy_s, sy_t, sy_r, b_table, sb_table, n_table, off_table, pt_ptr, s_pt, ranks_ptr, max_rank,
+def _expand_kernel(y_ptr, sy_s, sy_t, sy_r, b_table, sb_table, n_table, off_table, pt_ptr, s_pt, ranks_ptr,
+                   max_rank, num_slots, num_rows,
                    scales_ptr, tiles_ptr, token_ids_ptr, out_ptr, so_t, so_n,
                    HAS_SCALE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr,
                    BLOCK_N: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr):
@@ -205,14 +220,14 @@ def _expand_kernel(y_ptr, sy_s, sy_t, sy_r, b_table, sb_table, n_table, off_tabl
         return
     n_i = tl.load(n_table + sl)
     n0 = nt * BLOCK_N
-    rank = tl.minimum(tl.load(ranks_ptr + slot), max_rank)  # (capped: lora.py docstring)
+    rank = _rank_of(ranks_ptr, slot, max_rank, num_slots)
     if (n0 >= n_i) | (rank == 0):
         return
     b_ptr = tl.load(b_table + sl).to(tl.pointer_type(out_ptr.dtype.element_ty))
     sb_r = tl.load(sb_table + sl)
     nn = n0 + tl.arange(0, BLOCK_N)
     nmask = nn < n_i
-    acc = _expand_block(y_ptr + sl * sy_s, sy_t, sy_r, pt_ptr + slot.to(tl.int64) * s_pt, rank, tok, tmask,
+    acc = _expand_block(y_ptr + sl * sy_s, sy_t, sy_r, pt_ptr + slot.to(tl.int64) * s_pt, rank, num_rows, tok, tmask,
                         b_ptr, sb_r, nn, nmask, BLOCK_M, BLOCK_R, BLOCK_N, UPCAST, IEEE)
     off = tl.load(off_table + sl)
     _accumulate_out(out_ptr, so_t, so_n, tok, tmask, off + nn, nmask, acc, _slot_scale(scales_ptr, slot, HAS_SCALE))
@@ -220,7 +235,8 @@ def _expand_kernel(y_ptr, sy_s, sy_t, sy_r, b_table, sb_table, n_table, off_tabl
 
 @triton.jit
 def _fused_kernel(x_ptr, sx_t, sx_k, a_table, sa_table, b_table, sb_table, n_table, off_table,
-                  pt_ptr, s_pt, ranks_ptr, max_rank, scales_ptr, tiles_ptr, token_ids_ptr,
+                  pt_ptr, s_pt, ranks_ptr, max_rank, num_slots, num_rows, scales_ptr, tiles_ptr,
+                  token_ids_ptr,
                   y_ptr, sy_s, sy_t, sy_r, out_ptr, so_t, so_n, K,
                   HAS_SCALE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr,
                   BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr):
@@ -229,7 +245,7 @@ def _fused_kernel(x_ptr, sx_t, sx_k, a_table, sa_table, b_table, sb_table, n_tab
     tok, tmask, slot, length = _tile(tiles_ptr, token_ids_ptr, pid, BLOCK_M)
     if length == 0:
         return
-    rank = tl.minimum(tl.load(ranks_ptr + slot), max_rank)  # (capped: lora.py docstring)
+    rank = _rank_of(ranks_ptr, slot, max_rank, num_slots)
     if rank == 0:
         return
     pt_row = pt_ptr + slot.to(tl.int64) * s_pt
@@ -238,7 +254,7 @@ def _fused_kernel(x_ptr, sx_t, sx_k, a_table, sa_table, b_table, sb_table, n_tab
     ys = y_ptr + sl * sy_s
     # shrink, rank tile by rank tile up to the real rank, into this program's rows of the scratch
     for r0 in range(0, rank, BLOCK_R):
-        rr, rmask, rows = _rank_rows(pt_row, r0, rank, BLOCK_R)
+        rr, rmask, rows = _rank_rows(pt_row, r0, rank, num_rows, BLOCK_R)
         acc = _shrink_block(x_ptr, sx_t, sx_k, a_ptr, sa_r, rows, rmask, tok, tmask, K,
                             BLOCK_M, BLOCK_R, BLOCK_K, UPCAST, IEEE)
         tl.store(ys + tok[:, None] * sy_t + rr[None, :] * sy_r, acc, mask=tmask[:, None] & rmask[None, :])
@@ -251,7 +267,7 @@ def _fused_kernel(x_ptr, sx_t, sx_k, a_table, sa_table, b_table, sb_table, n_tab
     for n0 in range(0, n_i, BLOCK_N):
         nn = n0 + tl.arange(0, BLOCK_N)
         nmask = nn < n_i
-        acc = _expand_block(ys, sy_t, sy_r, pt_row, rank, tok, tmask, b_ptr, sb_r, nn, nmask,
+        acc = _expand_block(ys, sy_t, sy_r, pt_row, rank, num_rows, tok, tmask, b_ptr, sb_r, nn, nmask,
                             BLOCK_M, BLOCK_R, BLOCK_N, UPCAST, IEEE)
         _accumulate_out(out_ptr, so_t, so_n, tok, tmask, off + nn, nmask, acc, scale)
 
@@ -287,7 +303,8 @@ def _launch_shrink(y, x, lora_a, page_table, ranks, token_ids, tiles, grid_n, cf
     S, max_rank = len(lora_a), page_table.shape[1]
     grid = (grid_n, S, triton.cdiv(max_rank, cfg["BLOCK_R"]))
     _shrink_kernel[grid](x, x.stride(0), x.stride(1), a_tab, sa_tab, page_table, page_table.stride(0), ranks,
-                         max_rank, tiles, token_ids, y, y.stride(0), y.stride(1), y.stride(2), x.shape[1],
+                         max_rank, page_table.shape[0], lora_a[0].shape[0], tiles, token_ids,
+                         y, y.stride(0), y.stride(1), y.stride(2), x.shape[1],
                          BLOCK_M=cfg["BLOCK_M"], BLOCK_R=cfg["BLOCK_R"], BLOCK_K=cfg["BLOCK_K"],
                          UPCAST=upcast, IEEE=ieee, num_warps=cfg["num_warps"])
 
@@ -298,8 +315,9 @@ def _launch_expand(out, y, lora_b, page_table, ranks, scales, token_ids, tiles, 
     n_max = max(b.shape[1] for b in lora_b)
     grid = (grid_n, len(lora_b), triton.cdiv(n_max, cfg["BLOCK_N"]))
     _expand_kernel[grid](y, y.stride(0), y.stride(1), y.stride(2), b_tab, sb_tab, n_tab, off_tab,
-                         page_table, page_table.stride(0), ranks, page_table.shape[1],
-                         scales if scales is not None else ranks, tiles, token_ids, out, out.stride(0), out.stride(1),
+                         page_table, page_table.stride(0), ranks, page_table.shape[1], page_table.shape[0],
+                         lora_b[0].shape[0], scales if scales is not None else ranks, tiles, token_ids,
+                         out, out.stride(0), out.stride(1),
                          HAS_SCALE=scales is not None, BLOCK_M=cfg["BLOCK_M"], BLOCK_R=cfg["BLOCK_R"],
                          BLOCK_N=cfg["BLOCK_N"], UPCAST=upcast, IEEE=ieee, num_warps=cfg["num_warps"])
 
@@ -344,8 +362,8 @@ def add_lora(out, x, lora_a, lora_b, page_table, ranks, scales, token_ids, tiles
     upcast, ieee = _flags(x.dtype)
     _fused_kernel[(grid_n, S)](
         x, x.stride(0), x.stride(1), a_tab, sa_tab, b_tab, sb_tab, n_tab, off_tab,
-        page_table, page_table.stride(0), ranks, page_table.shape[1], scales if scales is not None else ranks,
-        tiles, token_ids,
+        page_table, page_table.stride(0), ranks, page_table.shape[1], page_table.shape[0], lora_a[0].shape[0],
+        scales if scales is not None else ranks, tiles, token_ids,
         y, y.stride(0), y.stride(1), y.stride(2), out, out.stride(0), out.stride(1), x.shape[1],
         HAS_SCALE=scales is not None, BLOCK_M=cfg["BLOCK_M"], BLOCK_R=cfg["BLOCK_R"], BLOCK_K=cfg["BLOCK_K"],
         BLOCK_N=cfg["BLOCK_N"], UPCAST=upcast, IEEE=ieee, num_warps=cfg["num_warps"])

@@ -43,7 +43,7 @@ import triton.language as tl
 
 from lorakern.backends import triton_interpret
 from lorakern.plan import GATHER_BLOCK_M
-from lorakern.triton.lora import BLOCK_R, _flags, _mma, _mma_f32_lhs, _rank_rows, _slot_scale
+from lorakern.triton.lora import BLOCK_R, _flags, _mma, _mma_f32_lhs, _rank_of, _rank_rows, _slot_scale
 
 __all__ = ["mla_absorbed_q", "mla_absorbed_o", "cfg"]
 
@@ -72,7 +72,8 @@ def _pair_tile(tiles_ptr, token_ids_ptr, pid, h0, H, BLOCK_M: tl.constexpr, BLOC
 # ----------------------------------------------------------------------------------------------- kernels
 @triton.jit
 def _mla_q_kernel(qn_ptr, sqn_t, sqn_h, sqn_d, ql_ptr, sql_t, sql_h, sql_c, a_ptr, sa_r, b_ptr, sb_r,
-                  pt_ptr, s_pt, ranks_ptr, max_rank, scales_ptr, tiles_ptr, token_ids_ptr, y_ptr, sy_t, sy_h, sy_r,
+                  pt_ptr, s_pt, ranks_ptr, max_rank, num_slots, num_rows, scales_ptr, tiles_ptr, token_ids_ptr,
+                  y_ptr, sy_t, sy_h, sy_r,
                   H, C, DN, DHEAD,
                   HAS_SCALE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_R: tl.constexpr,
                   BLOCK_D: tl.constexpr, BLOCK_C: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr):
@@ -83,7 +84,7 @@ def _mla_q_kernel(qn_ptr, sqn_t, sqn_h, sqn_d, ql_ptr, sql_t, sql_h, sql_c, a_pt
     ptok, ph, pmask, tok, tmask, slot, length = _pair_tile(tiles_ptr, token_ids_ptr, pid, h0, H, BLOCK_M, BLOCK_H)
     if length == 0:
         return
-    rank = tl.minimum(tl.load(ranks_ptr + slot), max_rank)  # (capped: lora.py docstring)
+    rank = _rank_of(ranks_ptr, slot, max_rank, num_slots)
     if rank == 0:
         return
     pt_row = pt_ptr + slot.to(tl.int64) * s_pt
@@ -92,7 +93,7 @@ def _mla_q_kernel(qn_ptr, sqn_t, sqn_h, sqn_d, ql_ptr, sql_t, sql_h, sql_c, a_pt
         h = h0 + hl
         if h < H:
             for r0 in range(0, rank, BLOCK_R):
-                rr, rmask, rows = _rank_rows(pt_row, r0, rank, BLOCK_R)
+                rr, rmask, rows = _rank_rows(pt_row, r0, rank, num_rows, BLOCK_R)
                 acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
                 for d0 in range(0, DN, BLOCK_D):
                     dd = d0 + tl.arange(0, BLOCK_D)
@@ -112,7 +113,7 @@ def _mla_q_kernel(qn_ptr, sqn_t, sqn_h, sqn_d, ql_ptr, sql_t, sql_h, sql_c, a_pt
         cmask = cc < C
         acc = tl.zeros((BLOCK_M * BLOCK_H, BLOCK_C), dtype=tl.float32)
         for r0 in range(0, rank, BLOCK_R):
-            rr, rmask, rows = _rank_rows(pt_row, r0, rank, BLOCK_R)
+            rr, rmask, rows = _rank_rows(pt_row, r0, rank, num_rows, BLOCK_R)
             yt = tl.load(y_ptr + ptok[:, None] * sy_t + ph[:, None] * sy_h + rr[None, :] * sy_r,
                          mask=pmask[:, None] & rmask[None, :], other=0.0)
             at = tl.load(a_ptr + rows[:, None] * sa_r + cc[None, :], mask=rmask[:, None] & cmask[None, :], other=0.0)
@@ -125,7 +126,8 @@ def _mla_q_kernel(qn_ptr, sqn_t, sqn_h, sqn_d, ql_ptr, sql_t, sql_h, sql_c, a_pt
 
 @triton.jit
 def _mla_o_kernel(ol_ptr, sol_t, sol_h, sol_c, out_ptr, so_t, so_h, so_d, a_ptr, sa_r, b_ptr, sb_r,
-                  pt_ptr, s_pt, ranks_ptr, max_rank, scales_ptr, tiles_ptr, token_ids_ptr, y_ptr, sy_t, sy_h, sy_r,
+                  pt_ptr, s_pt, ranks_ptr, max_rank, num_slots, num_rows, scales_ptr, tiles_ptr, token_ids_ptr,
+                  y_ptr, sy_t, sy_h, sy_r,
                   H, C, DN, DV, DHEAD,
                   HAS_SCALE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_R: tl.constexpr,
                   BLOCK_D: tl.constexpr, BLOCK_C: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr):
@@ -136,13 +138,13 @@ def _mla_o_kernel(ol_ptr, sol_t, sol_h, sol_c, out_ptr, so_t, so_h, so_d, a_ptr,
     ptok, ph, pmask, tok, tmask, slot, length = _pair_tile(tiles_ptr, token_ids_ptr, pid, h0, H, BLOCK_M, BLOCK_H)
     if length == 0:
         return
-    rank = tl.minimum(tl.load(ranks_ptr + slot), max_rank)  # (capped: lora.py docstring)
+    rank = _rank_of(ranks_ptr, slot, max_rank, num_slots)
     if rank == 0:
         return
     pt_row = pt_ptr + slot.to(tl.int64) * s_pt
     # 1. shrink (C -> r) by the shared A, all (token, head) pairs of the program as the rows of one product
     for r0 in range(0, rank, BLOCK_R):
-        rr, rmask, rows = _rank_rows(pt_row, r0, rank, BLOCK_R)
+        rr, rmask, rows = _rank_rows(pt_row, r0, rank, num_rows, BLOCK_R)
         acc = tl.zeros((BLOCK_M * BLOCK_H, BLOCK_R), dtype=tl.float32)
         for c0 in range(0, C, BLOCK_C):
             cc = c0 + tl.arange(0, BLOCK_C)
@@ -164,7 +166,7 @@ def _mla_o_kernel(ol_ptr, sol_t, sol_h, sol_c, out_ptr, so_t, so_h, so_d, a_ptr,
                 dmask = dd < DV
                 acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
                 for r0 in range(0, rank, BLOCK_R):
-                    rr, rmask, rows = _rank_rows(pt_row, r0, rank, BLOCK_R)
+                    rr, rmask, rows = _rank_rows(pt_row, r0, rank, num_rows, BLOCK_R)
                     yt = tl.load(y_ptr + tok[:, None] * sy_t + h * sy_h + rr[None, :] * sy_r,
                                  mask=tmask[:, None] & rmask[None, :], other=0.0)
                     bv = tl.load(b_ptr + rows[:, None] * sb_r + (h * DHEAD + DN + dd[None, :]),
@@ -200,7 +202,7 @@ def _launch(kernel, dst, src, lora_a, lora_b, page_table, ranks, scales, token_i
     upcast, ieee = _flags(dst.dtype)
     grid = (grid_n, triton.cdiv(H, c["BLOCK_H"]))
     kernel[grid](src, *src.stride(), dst, *dst.stride(), lora_a, lora_a.stride(0), lora_b, lora_b.stride(0),
-                 page_table, page_table.stride(0), ranks, page_table.shape[1],
+                 page_table, page_table.stride(0), ranks, page_table.shape[1], page_table.shape[0], lora_a.shape[0],
                  scales if scales is not None else ranks, tiles, token_ids, y, *y.stride(), *sizes,
                  HAS_SCALE=scales is not None, BLOCK_M=c["BLOCK_M"], BLOCK_H=c["BLOCK_H"], BLOCK_R=c["BLOCK_R"],
                  BLOCK_D=c["BLOCK_D"], BLOCK_C=c["BLOCK_C"], UPCAST=upcast, IEEE=ieee, num_warps=c["num_warps"])

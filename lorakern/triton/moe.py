@@ -37,14 +37,14 @@ import triton.language as tl
 
 from lorakern.backends import triton_interpret
 from lorakern.moe_grouping import group_pairs, max_tiles, moe_tables, pair_operands
-from lorakern.triton.lora import BLOCK_R, _flags, _mma, _mma_f32_lhs, _rank_rows, _slot_scale
+from lorakern.triton.lora import BLOCK_R, _flags, _mma, _mma_f32_lhs, _rank_of, _rank_rows, _slot_scale
 
 __all__ = ["add_lora_moe", "group_pairs", "cfg", "max_tiles"]
 
 # ----------------------------------------------------------------------------------------------- kernel
 @triton.jit
 def _moe_kernel(x_ptr, sx_t, sx_p, sx_k, a_table, sa_table, sae_table, b_table, sb_table, sbe_table, n_table,
-                off_table, pt_ptr, s_pt, ranks_ptr, max_rank, scales_ptr, topk_w_ptr, sw_t, sw_k,
+                off_table, pt_ptr, s_pt, ranks_ptr, max_rank, num_slots, num_rows, scales_ptr, topk_w_ptr, sw_t, sw_k,
                 tiles_ptr, pair_ids_ptr, num_tiles_ptr, y_ptr, sy_s, sy_p, sy_r, out_ptr, so_t, so_p, so_n,
                 K, E, TOPK,
                 HAS_SCALE: tl.constexpr, HAS_WEIGHTS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr,
@@ -69,7 +69,7 @@ def _moe_kernel(x_ptr, sx_t, sx_p, sx_k, a_table, sa_table, sae_table, b_table, 
         key = tl.load(tiles_ptr + tile * 3 + 2)
         slot = key // E
         expert = (key % E).to(tl.int64)
-        rank = tl.minimum(tl.load(ranks_ptr + slot), max_rank)  # (capped: lora.py docstring)
+        rank = _rank_of(ranks_ptr, slot, max_rank, num_slots)
         if rank > 0:
             pmask = m < length
             pair = tl.load(pair_ids_ptr + start + m, mask=pmask, other=0).to(tl.int64)
@@ -81,7 +81,7 @@ def _moe_kernel(x_ptr, sx_t, sx_p, sx_k, a_table, sa_table, sae_table, b_table, 
             be = b_ptr + expert * sb_e
             # shrink, rank tile by rank tile up to the real rank, into the pairs' rows of the scratch
             for r0 in range(0, rank, BLOCK_R):
-                rr, rmask, rows = _rank_rows(pt_row, r0, rank, BLOCK_R)
+                rr, rmask, rows = _rank_rows(pt_row, r0, rank, num_rows, BLOCK_R)
                 acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
                 for k0 in range(0, K, BLOCK_K):
                     kk = k0 + tl.arange(0, BLOCK_K)
@@ -101,7 +101,7 @@ def _moe_kernel(x_ptr, sx_t, sx_p, sx_k, a_table, sa_table, sae_table, b_table, 
                 nmask = nn < n_i
                 acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
                 for r0 in range(0, rank, BLOCK_R):
-                    rr, rmask, rows = _rank_rows(pt_row, r0, rank, BLOCK_R)
+                    rr, rmask, rows = _rank_rows(pt_row, r0, rank, num_rows, BLOCK_R)
                     yt = tl.load(ys + pair[:, None] * sy_p + rr[None, :] * sy_r,
                                  mask=pmask[:, None] & rmask[None, :], other=0.0)
                     bt = tl.load(be + rows[:, None] * sb_r + nn[None, :], mask=rmask[:, None] & nmask[None, :],
@@ -157,7 +157,8 @@ def add_lora_moe(out, x, topk_ids, lora_a, lora_b, page_table, ranks, scales, sl
     upcast, ieee = _flags(x.dtype)
     _moe_kernel[(grid_n, S)](
         x, sx_t, sx_p, sx_k, tab[0], tab[1], tab[2], tab[3], tab[4], tab[5], tab[6], tab[7],
-        page_table, page_table.stride(0), ranks, page_table.shape[1], scales if scales is not None else ranks,
+        page_table, page_table.stride(0), ranks, max_rank, num_slots, lora_a[0].shape[0],
+        scales if scales is not None else ranks,
         w if w is not None else y, w.stride(0) if w is not None else 0, w.stride(1) if w is not None else 0,
         tiles, pair_ids, num_tiles, y, y.stride(0), y.stride(1), y.stride(2),
         out, out.stride(0), out.stride(1), out.stride(2), x.shape[-1], E, topk,

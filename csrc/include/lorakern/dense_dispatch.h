@@ -50,7 +50,15 @@ struct DenseParams {
   // Fused segment kernel (dense_segment mode 3): rank columns per group of slices (a multiple of 16, >= max_rank
   // rounded up to 16, <= 256), chosen by the host with its shared-memory layout (segment_fused_smem).
   int seg_cols;
+  // Sizes of the slot and row spaces (page_table rows; lora_a / lora_b rows). Kernels never trust a slot or a
+  // page-table entry beyond them: the host checks values, but not while a CUDA graph is captured, so a replay can
+  // bring anything. A tile of a slot >= num_slots does nothing; an out-of-range row id reads row 0 instead
+  // (a wrong result, never an out-of-bounds read).
+  int num_slots, num_rows;
 };
+
+// A page-table entry as a row id the kernels may read: an out-of-range one (a replayed graph's) becomes row 0.
+__host__ __device__ inline int64_t checked_row(int32_t r, int num_rows) { return r >= 0 && r < num_rows ? r : 0; }
 
 enum class DType : int { kF16 = 0, kBF16 = 1, kF32 = 2 };
 

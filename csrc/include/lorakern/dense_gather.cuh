@@ -67,6 +67,7 @@ __global__ void __launch_bounds__(kThreads, XS ? 3 : 2) dense_gather_kernel(cons
   const int start = p.tiles[3 * tile], len = p.tiles[3 * tile + 1], key = p.tiles[3 * tile + 2];
   if (len <= 0 || key < 0) return;
   const int slot = kMoe ? key / p.E : key;
+  if (slot >= p.num_slots || p.num_rows <= 0) return;  // (a replayed graph's values: see DenseParams)
   const int64_t expert = kMoe ? key % p.E : 0;
   // A rank above the page table's width can reach a kernel only in a CUDA-graph replay (the host's value checks
   // cannot run there): it computes at max_rank, never reading past the slot's page-table row.
@@ -86,7 +87,8 @@ __global__ void __launch_bounds__(kThreads, XS ? 3 : 2) dense_gather_kernel(cons
   }
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  for (int j = tid; j < rank; j += kThreads) rows_s[j] = p.page_table[slot * p.s_pt + j];  // j < rank only
+  for (int j = tid; j < rank; j += kThreads)  // (j < rank only)
+    rows_s[j] = static_cast<int32_t>(checked_row(p.page_table[slot * p.s_pt + j], p.num_rows));
 
   const T* A = reinterpret_cast<const T*>(p.a_ptrs[sl]) + (kMoe ? expert * p.a_e_strides[sl] : 0);
   const int64_t sa = p.a_strides[sl];

@@ -127,7 +127,7 @@ __global__ void __launch_bounds__(seg::kSegThreads) segment_shrink_kernel(const 
   const int r_tiles = (p.max_rank + BR - 1) / BR;
   const int r_tile = blockIdx.z % r_tiles, ks = blockIdx.z / r_tiles;
   const int start = p.tiles[3 * tile], len = p.tiles[3 * tile + 1], slot = p.tiles[3 * tile + 2];
-  if (len <= 0 || slot < 0) return;
+  if (len <= 0 || slot < 0 || slot >= p.num_slots || p.num_rows <= 0) return;  // (see DenseParams)
   const int rank = min(p.ranks[slot], p.max_rank);  // (see dense_gather.cuh: unchecked in graph replays)
   const int r0 = r_tile * BR;
   if (r0 >= rank) return;
@@ -139,7 +139,8 @@ __global__ void __launch_bounds__(seg::kSegThreads) segment_shrink_kernel(const 
 
   const int tid = threadIdx.x, warp = tid >> 5;
   for (int i = tid; i < BM; i += kSegThreads) tok_s[i] = i < len ? p.token_ids[start + i] : -1;
-  for (int i = tid; i < BR; i += kSegThreads) rows_s[i] = i < nr ? p.page_table[slot * p.s_pt + r0 + i] : -1;
+  for (int i = tid; i < BR; i += kSegThreads)
+    rows_s[i] = i < nr ? checked_row(p.page_table[slot * p.s_pt + r0 + i], p.num_rows) : -1;
   __syncthreads();
 
   const T* X = reinterpret_cast<const T*>(p.x);
@@ -231,7 +232,7 @@ __global__ void __launch_bounds__(seg::kSegThreads, seg::kExpandMinBlocks) segme
   constexpr bool kScaled = std::is_same<T, __half>::value;
   const int tile = blockIdx.x, sl = blockIdx.y, n0 = blockIdx.z * BN;
   const int start = p.tiles[3 * tile], len = p.tiles[3 * tile + 1], slot = p.tiles[3 * tile + 2];
-  if (len <= 0 || slot < 0) return;
+  if (len <= 0 || slot < 0 || slot >= p.num_slots || p.num_rows <= 0) return;  // (see DenseParams)
   const int n_i = static_cast<int>(p.n_sizes[sl]);
   const int rank = min(p.ranks[slot], p.max_rank);  // (see dense_gather.cuh: unchecked in graph replays)
   if (n0 >= n_i || rank <= 0) return;
@@ -256,7 +257,7 @@ __global__ void __launch_bounds__(seg::kSegThreads, seg::kExpandMinBlocks) segme
     for (int l = 0; l < RK * (BN / V) / kSegThreads; ++l) {
       const int i = tid + l * kSegThreads, j = i / (BN / V), c = (i % (BN / V)) * V;
       const bool ok = rc + j < rank && n0 + c < n_i;
-      cp_async16(&bs(buf)[j][c], ok ? Bn + pt[rc + j] * sb + c : B, ok);
+      cp_async16(&bs(buf)[j][c], ok ? Bn + checked_row(pt[rc + j], p.num_rows) * sb + c : B, ok);
     }
   };
   // Commit groups: B(0), B(1), the out tile, then B(s + 2) after step s. Step 0 and 1 wait for all but the 2
@@ -510,7 +511,7 @@ __global__ void __launch_bounds__(segf::kThreads, 1) segment_fused_kernel(const 
 
   const int tile = blockIdx.x;
   const int start = p.tiles[3 * tile], len = p.tiles[3 * tile + 1], slot = p.tiles[3 * tile + 2];
-  if (len <= 0 || slot < 0) return;
+  if (len <= 0 || slot < 0 || slot >= p.num_slots || p.num_rows <= 0) return;  // (see DenseParams)
   const int rank = min(p.ranks[slot], p.max_rank);  // (see dense_gather.cuh: unchecked in graph replays)
   if (rank <= 0) return;
   const FusedLayout<T> L(p.max_rank, OSTAGES, p.seg_cols);
@@ -522,7 +523,8 @@ __global__ void __launch_bounds__(segf::kThreads, 1) segment_fused_kernel(const 
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
   const int g = lane >> 2, q = lane & 3;
   for (int i = tid; i < BM; i += kThreads) tok_s[i] = i < len ? p.token_ids[start + i] : -1;
-  for (int j = tid; j < rank; j += kThreads) rows_s[j] = p.page_table[slot * p.s_pt + j];
+  for (int j = tid; j < rank; j += kThreads)
+    rows_s[j] = static_cast<int32_t>(checked_row(p.page_table[slot * p.s_pt + j], p.num_rows));
   if (tid == 0) {
     int c = 0;
     for (int s = 0; s < S; ++s) {
