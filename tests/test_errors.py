@@ -358,3 +358,17 @@ def test_value_checks_hold_for_inference_tensors(form, generator):
             arg.update(torch.tensor([0, 1, 2, 7, 2, 0, 1, 2], dtype=torch.int32))
         with pytest.raises(ValueError, match="slots"):
             lorakern.ops.add_lora(out, x, *L.args(), arg, backend="torch")
+
+
+def test_overlap_test_of_out_and_its_inputs():
+    """The byte-range overlap test behind ``add_lora(x, x, ...)``: conservative (interleaved column slices of one
+    buffer count), never missing a shared element, and no copy for disjoint rows of one buffer."""
+    from lorakern.ops import _validate as V
+
+    buf = torch.zeros(4, 8)
+    cases = [(buf, buf, True), (buf[:, :4], buf[:, 4:], True), (buf[:2], buf[2:], False),
+             (buf, torch.zeros(4, 8), False), (buf.t(), buf, True), (buf[:0], buf, False)]
+    for a, b, want in cases:
+        assert V._spans_overlap(a, b) == want, (a.shape, b.shape)
+        got = V.apart_from(a, b)
+        assert (got is not b) == want and torch.equal(got, b)

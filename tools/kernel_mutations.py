@@ -36,9 +36,9 @@ MUTATIONS = [
     ("gather: scale ignored", G, "const float scale = p.scales ? p.scales[slot] : 1.0f;", "const float scale = 1.0f;"),
     ("gather: slice offset ignored", G, "T* o = O + orow[m] + (off + n) * p.so_n;",
      "T* o = O + orow[m] + n * p.so_n; (void)off;"),
-    ("segment: shrink reads page-table entries past the rank", S,
-     "rows_s[i] = i < nr ? p.page_table[slot * p.s_pt + r0 + i] : -1;",
-     "rows_s[i] = p.page_table[slot * p.s_pt + r0 + i];"),
+    ("segment: shrink trusts out-of-range row ids", S,
+     "rows_s[i] = i < nr ? checked_row(p.page_table[slot * p.s_pt + r0 + i], p.num_rows) : -1;",
+     "rows_s[i] = i < nr ? p.page_table[slot * p.s_pt + r0 + i] : -1;"),
     ("segment: expand reads y past the rank", S, "const bool in_rank = rc + tid % RK < rank;",
      "const bool in_rank = rc + tid % RK < p.max_rank;"),
     ("segment: no lo term of the fp32 intermediate", S, "        wmma::mma_sync(acc[f], fl, fb, acc[f]);\n", ""),
@@ -105,6 +105,10 @@ MUTATIONS = [
      "    if (s0 > 0) {  // the previous group's expand", "    if (false) {  // the previous group's expand"),
     ("fused: B rows past the rank loaded", S, "const bool ok = j < rank && n0 + n < n_i;",
      "const bool ok = n0 + n < n_i;"),
+    ("gather: a slot past the page table runs", G, "if (slot >= p.num_slots || p.num_rows <= 0) return;",
+     "if (p.num_rows <= 0) return;"),
+    ("gather: rank not capped at max_rank", G, "const int rank = min(min(p.ranks[slot], p.max_rank), kMaxRank);",
+     "const int rank = min(p.ranks[slot], kMaxRank);"),
 ]
 
 TESTS = ["tests/test_ops_lora.py", "tests/test_moe.py", "-k", "cuda and not 2048"]

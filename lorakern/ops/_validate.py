@@ -182,7 +182,8 @@ _OVERLAPS = getattr(torch._C, "_overlaps", None)
 
 
 def _spans_overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Whether the byte ranges two tensors may touch intersect (a conservative test, as torch's own)."""
+    """Whether the byte ranges two tensors may touch intersect (conservative: interleaved column slices of one
+    buffer count)."""
     if a.numel() == 0 or b.numel() == 0:
         return False
 
@@ -207,11 +208,12 @@ def apart_from(out: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     Under ``torch.compile`` tracing (no data pointers) the graph's functionalization owns aliasing."""
     if torch.compiler.is_compiling():
         return t
-    try:
-        hit = bool(_OVERLAPS(out, t)) if _OVERLAPS is not None else _spans_overlap(out, t)
+    try:  # torch's test first: fast, and False whenever the two cannot share memory (it says True more often)
+        if _OVERLAPS is not None and not _OVERLAPS(out, t):
+            return t
     except RuntimeError:
-        hit = _spans_overlap(out, t)
-    return t.clone() if hit else t
+        pass
+    return t.clone() if _spans_overlap(out, t) else t
 
 
 def kernel_layout(page_table: torch.Tensor, ranks: torch.Tensor, scales: Optional[torch.Tensor]) -> tuple:
