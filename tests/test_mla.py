@@ -456,34 +456,47 @@ def test_cuda_graph_replays_another_mix_gpu(backend, op, generator):
         check(case, dst, dst0, *oracle(case, op, dst0, src), what=f"mla_absorbed_{op} replay")
 
 
+
+class _SmallMLA:
+    """A small absorbed-MLA call (12 tokens, 2 heads, C = 32, Dn = Dv = 8, 3 slots of ranks 6, 16, 3) on one
+    ``side`` whose pool metadata and slots each test may replace: ``run(...)`` returns the result on a copy of one
+    random destination."""
+
+    def __init__(self, g, backend, side="q"):
+        self.backend = backend
+        self.case = c = make_mla_case(g, T=12, H=2, C=32, Dn=8, Dv=8, ranks=[6, 16, 3], num_adapters=3,
+                                      dtype=torch.float16)
+        self.fn = lorakern.ops.mla_absorbed_q if side == "q" else lorakern.ops.mla_absorbed_o
+        dst0 = torch.randn(c.T, c.H, c.C if side == "q" else c.Dv, generator=g)
+        src = torch.randn(c.T, c.H, c.Dn if side == "q" else c.C, generator=g)
+        self.dst0, self.src = dst0.half().to(DEVICE), src.half().to(DEVICE)
+
+    def run(self, page_table=None, ranks=None, scales=None, slots=None):
+        c, L = self.case, self.case.lora
+        return self.fn(self.dst0.clone(), self.src, c.a, c.b, L.page_table if page_table is None else page_table,
+                       L.ranks if ranks is None else ranks, L.scales if scales is None else scales,
+                       c.slots_arg if slots is None else slots, backend=self.backend)
+
+
+def _unchecked(monkeypatch):
+    """Switch the value checks off by their own capture switch: what a CUDA-graph replay sees."""
+    from lorakern.ops import _validate
+
+    monkeypatch.setattr(_validate, "_capturing", lambda device: True)
+
+
 @pytest.mark.parametrize("side", ["q", "o"])
 @pytest.mark.parametrize("backend", COMPILED_BACKENDS)
 def test_rank_above_max_rank_computes_at_max_rank(side, backend, generator, monkeypatch):
     """As for add_lora (test_ops_lora): a rank above the page table's width, which only a CUDA-graph replay can
     bring (the value checks are skipped there), computes at max_rank: the same bits as the rank at max_rank."""
-    from lorakern.ops import _validate
-
-    g = generator
-    case = make_mla_case(g, T=12, H=2, C=32, Dn=8, Dv=8, ranks=[6, 16, 3], num_adapters=3, dtype=torch.float16)
-    L = case.lora
-    assert L.page_table.shape[1] == 16
-    if side == "q":
-        fn, dst0 = lorakern.ops.mla_absorbed_q, torch.randn(case.T, case.H, case.C, generator=g)
-        src = torch.randn(case.T, case.H, case.Dn, generator=g)
-    else:
-        fn, dst0 = lorakern.ops.mla_absorbed_o, torch.randn(case.T, case.H, case.Dv, generator=g)
-        src = torch.randn(case.T, case.H, case.C, generator=g)
-    dst0, src = dst0.half().to(DEVICE), src.half().to(DEVICE)
-    rest = (case.a, case.b, L.page_table, L.ranks, L.scales, case.slots_arg)
-    want = fn(dst0.clone(), src, *rest, backend=backend)
-    ranks0 = L.ranks.clone()
-    monkeypatch.setattr(_validate, "_capturing", lambda device: True)
-    L.ranks[1] = 10**6
-    try:
-        got = fn(dst0.clone(), src, *rest, backend=backend)
-    finally:
-        L.ranks.copy_(ranks0)
-    assert_bits_equal(got.cpu(), want.cpu(), "the result at ranks capped to max_rank")
+    m = _SmallMLA(generator, backend, side)
+    assert m.case.lora.page_table.shape[1] == 16
+    want = m.run()
+    bad_ranks = m.case.lora.ranks.clone()
+    bad_ranks[1] = 10**6
+    _unchecked(monkeypatch)
+    assert_bits_equal(m.run(ranks=bad_ranks).cpu(), want.cpu(), "the result at ranks capped to max_rank")
 
 
 @pytest.mark.parametrize("side", ["q", "o"])
@@ -491,18 +504,12 @@ def test_rank_above_max_rank_computes_at_max_rank(side, backend, generator, monk
 def test_strided_page_table_ranks_and_scales(side, backend, generator):
     """Strided views of the pool's metadata (a column-major page table, ranks and scales as record columns) give
     the same bits as contiguous ones."""
-    g = generator
-    case = make_mla_case(g, T=12, H=2, C=32, Dn=8, Dv=8, ranks=[6, 16, 3], num_adapters=3, dtype=torch.float16)
-    L = case.lora
-    fn = lorakern.ops.mla_absorbed_q if side == "q" else lorakern.ops.mla_absorbed_o
-    dst0 = torch.randn(case.T, case.H, case.C if side == "q" else case.Dv, generator=g).half().to(DEVICE)
-    src = torch.randn(case.T, case.H, case.Dn if side == "q" else case.C, generator=g).half().to(DEVICE)
+    m = _SmallMLA(generator, backend, side)
+    L = m.case.lora
     pt_s = L.page_table.t().contiguous().t()
     rk_s = torch.stack([L.ranks, L.ranks + 1], 1)[:, 0]
     sc_s = torch.stack([L.scales, L.scales + 1], 1)[:, 0]
-    outs = [fn(dst0.clone(), src, case.a, case.b, *meta, case.slots_arg, backend=backend)
-            for meta in ((L.page_table, L.ranks, L.scales), (pt_s, rk_s, sc_s))]
-    assert_bits_equal(outs[1].cpu(), outs[0].cpu(), "the result with strided metadata")
+    assert_bits_equal(m.run(pt_s, rk_s, sc_s).cpu(), m.run().cpu(), "the result with strided metadata")
 
 
 def test_head_id_storage_outlives_its_cache():
@@ -521,25 +528,18 @@ def test_head_id_storage_outlives_its_cache():
     assert cb._head_ids(1, 16, torch.device("cpu")).data_ptr() == ptr
 
 
+
 @pytest.mark.parametrize("backend", COMPILED_BACKENDS)
 def test_out_of_range_slots_and_rows_stay_in_bounds(backend, generator, monkeypatch):
     """As for add_lora (test_ops_lora): unchecked slots >= num_slots act as -1 and out-of-range page-table entries
     read row 0, the same bits as a checked call with those values."""
-    from lorakern.ops import _validate
-
-    g = generator
-    case = make_mla_case(g, T=12, H=2, C=32, Dn=8, Dv=8, ranks=[6, 16, 3], num_adapters=3, dtype=torch.float16)
-    L = case.lora
-    good_pt, bad_pt = L.page_table.clone(), L.page_table.clone()
+    m = _SmallMLA(generator, backend)
+    good_pt, bad_pt = m.case.lora.page_table.clone(), m.case.lora.page_table.clone()
     good_pt[1, 4], bad_pt[1, 4] = 0, 10**9
     slots = torch.tensor([0, 1, 2] * 4, dtype=torch.int32).to(DEVICE)
     good_slots, bad_slots = slots.clone(), slots.clone()
     good_slots[[0, 7]], bad_slots[[0, 7]] = -1, 50
-    dst0 = torch.randn(case.T, case.H, case.C, generator=g).half().to(DEVICE)
-    src = torch.randn(case.T, case.H, case.Dn, generator=g).half().to(DEVICE)
-    want = lorakern.ops.mla_absorbed_q(dst0.clone(), src, case.a, case.b, good_pt, L.ranks, L.scales, good_slots,
-                                       backend=backend)
-    monkeypatch.setattr(_validate, "_capturing", lambda device: True)
-    got = lorakern.ops.mla_absorbed_q(dst0.clone(), src, case.a, case.b, bad_pt, L.ranks, L.scales, bad_slots,
-                                      backend=backend)
+    want = m.run(page_table=good_pt, slots=good_slots)
+    _unchecked(monkeypatch)
+    got = m.run(page_table=bad_pt, slots=bad_slots)
     assert_bits_equal(got.cpu(), want.cpu(), "the result with out-of-range slots and rows")

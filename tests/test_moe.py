@@ -707,67 +707,72 @@ def test_cuda_graph_replays_another_routing_and_mix_gpu(backend, generator):
 
 
 
+
+class _SmallMoE:
+    """A small add_lora_moe call (10 tokens, top-2 of 6 experts, 4 slots, slices 24 + 16) whose pool metadata,
+    slots and x each test may replace: ``run(...)`` returns the result on a copy of one random ``out``."""
+
+    def __init__(self, g, backend, ranks, K=32, x_per_expert=False):
+        self.backend = backend
+        self.dtype = torch.bfloat16 if backend == "cuda" else torch.float16
+        self.L = make_moe_lora(g, E=6, K=K, n_sizes=[24, 16], ranks=ranks, dtype=self.dtype)
+        ids, w = make_routing(g, 10, 2, 6)
+        self.ids, self.w = ids.to(DEVICE), w.to(DEVICE)
+        self.slots = torch.randint(0, 4, (10,), generator=g, dtype=torch.int32).to(DEVICE)
+        shape = (10, 2, K) if x_per_expert else (10, K)
+        self.x = torch.randn(*shape, generator=g).to(self.dtype).to(DEVICE)
+        self.out0 = torch.randn(10, 2, 40, generator=g).to(self.dtype).to(DEVICE)
+
+    def run(self, page_table=None, ranks=None, scales=None, slots=None, out=None, x=None):
+        L = self.L
+        out = self.out0.clone() if out is None else out
+        return add_lora_moe(out, self.x if x is None else x, self.ids, L.lora_a, L.lora_b,
+                            L.page_table if page_table is None else page_table, L.ranks if ranks is None else ranks,
+                            L.scales if scales is None else scales, self.slots if slots is None else slots,
+                            topk_weights=self.w, backend=self.backend)
+
+
+def _unchecked(monkeypatch):
+    """Switch the value checks off by their own capture switch: what a CUDA-graph replay sees."""
+    from lorakern.ops import _validate
+
+    monkeypatch.setattr(_validate, "_capturing", lambda device: True)
+
+
 @pytest.mark.parametrize("backend", COMPILED_BACKENDS)
 def test_rank_above_max_rank_computes_at_max_rank(backend, generator, monkeypatch):
     """As for add_lora (test_ops_lora): a rank above the page table's width, which only a CUDA-graph replay can
     bring (the value checks are skipped there), computes at max_rank: the same bits as the rank at max_rank."""
-    from lorakern.ops import _validate
-
-    g = generator
-    dtype = torch.bfloat16 if backend == "cuda" else torch.float16
-    L = make_moe_lora(g, E=6, K=32, n_sizes=[24, 16], ranks=[5, 17, 2, 17], dtype=dtype)
-    assert L.page_table.shape[1] == 17
-    ids, w = make_routing(g, 10, 2, 6)
-    slots = torch.randint(0, 4, (10,), generator=g, dtype=torch.int32).to(DEVICE)
-    x = torch.randn(10, 32, generator=g).to(dtype).to(DEVICE)
-    out0 = torch.randn(10, 2, 40, generator=g).to(dtype).to(DEVICE)
-    args = (x, ids.to(DEVICE), L.lora_a, L.lora_b, L.page_table, L.ranks, L.scales, slots)
-    want = add_lora_moe(out0.clone(), *args, topk_weights=w.to(DEVICE), backend=backend)
-    ranks0 = L.ranks.clone()
-    monkeypatch.setattr(_validate, "_capturing", lambda device: True)
-    L.ranks[1], L.ranks[3] = 10**6, 18
-    try:
-        got = add_lora_moe(out0.clone(), *args, topk_weights=w.to(DEVICE), backend=backend)
-    finally:
-        L.ranks.copy_(ranks0)
-    assert_bits_equal(got.cpu(), want.cpu(), "the result at ranks capped to max_rank")
+    m = _SmallMoE(generator, backend, ranks=[5, 17, 2, 17])
+    assert m.L.page_table.shape[1] == 17
+    want = m.run()
+    bad_ranks = m.L.ranks.clone()
+    bad_ranks[1], bad_ranks[3] = 10**6, 18
+    _unchecked(monkeypatch)
+    assert_bits_equal(m.run(ranks=bad_ranks).cpu(), want.cpu(), "the result at ranks capped to max_rank")
 
 
 @pytest.mark.parametrize("backend", COMPILED_BACKENDS)
 def test_strided_page_table_ranks_and_scales(backend, generator):
     """Strided views of the pool's metadata (a column-major page table, ranks and scales as record columns) give
     the same bits as contiguous ones."""
-    g = generator
-    dtype = torch.bfloat16 if backend == "cuda" else torch.float16
-    L = make_moe_lora(g, E=6, K=32, n_sizes=[24, 16], ranks=[5, 17, 2, 9], dtype=dtype)
-    ids, w = make_routing(g, 10, 2, 6)
-    slots = torch.randint(-1, 4, (10,), generator=g, dtype=torch.int32).to(DEVICE)
-    x = torch.randn(10, 32, generator=g).to(dtype).to(DEVICE)
-    out0 = torch.randn(10, 2, 40, generator=g).to(dtype).to(DEVICE)
+    m = _SmallMoE(generator, backend, ranks=[5, 17, 2, 9])
+    m.slots[[1, 6]] = -1
+    L = m.L
     pt_s = L.page_table.t().contiguous().t()
     rk_s = torch.stack([L.ranks, L.ranks + 1], 1)[:, 0]
     sc_s = torch.stack([L.scales, L.scales + 1], 1)[:, 0]
-    outs = []
-    for meta in ((L.page_table, L.ranks, L.scales), (pt_s, rk_s, sc_s)):
-        outs.append(add_lora_moe(out0.clone(), x, ids.to(DEVICE), L.lora_a, L.lora_b, *meta, slots,
-                                 topk_weights=w.to(DEVICE), backend=backend))
-    assert_bits_equal(outs[1].cpu(), outs[0].cpu(), "the result with strided metadata")
+    assert_bits_equal(m.run(pt_s, rk_s, sc_s).cpu(), m.run().cpu(), "the result with strided metadata")
 
 
 @pytest.mark.parametrize("backend", COMPILED_BACKENDS)
 def test_out_that_is_x(backend, generator):
     """add_lora_moe(x, x, ...) with per-expert x [T, topk, K] and K = N: the x of before the call is used (the op
     copies an x that shares memory with out), the same bits as with separate buffers."""
-    g = generator
-    dtype = torch.bfloat16 if backend == "cuda" else torch.float16
-    L = make_moe_lora(g, E=6, K=40, n_sizes=[24, 16], ranks=[5, 17, 2, 9], dtype=dtype)
-    ids, w = make_routing(g, 10, 2, 6)
-    slots = torch.randint(-1, 4, (10,), generator=g, dtype=torch.int32).to(DEVICE)
-    x = torch.randn(10, 2, 40, generator=g).to(dtype).to(DEVICE)
-    args = (ids.to(DEVICE), L.lora_a, L.lora_b, L.page_table, L.ranks, L.scales, slots)
-    want = add_lora_moe(x.clone(), x, *args, topk_weights=w.to(DEVICE), backend=backend)
-    same = x.clone()
-    add_lora_moe(same, same, *args, topk_weights=w.to(DEVICE), backend=backend)
+    m = _SmallMoE(generator, backend, ranks=[5, 17, 2, 9], K=40, x_per_expert=True)
+    want = m.run(out=m.x.clone())
+    same = m.x.clone()
+    m.run(out=same, x=same)
     assert_bits_equal(same.cpu(), want.cpu(), "add_lora_moe(x, x)")
 
 
@@ -775,24 +780,14 @@ def test_out_that_is_x(backend, generator):
 def test_out_of_range_slots_and_rows_stay_in_bounds(backend, generator, monkeypatch):
     """As for add_lora (test_ops_lora): unchecked slots >= num_slots act as -1 and out-of-range page-table entries
     read row 0, the same bits as a checked call with those values."""
-    from lorakern.ops import _validate
-
-    g = generator
-    dtype = torch.bfloat16 if backend == "cuda" else torch.float16
-    L = make_moe_lora(g, E=6, K=32, n_sizes=[24, 16], ranks=[5, 17, 2, 9], dtype=dtype)
-    ids, w = make_routing(g, 10, 2, 6)
-    slots = torch.tensor([0, 1, 2, 3, 1, 0, 2, 3, 1, 1], dtype=torch.int32).to(DEVICE)
-    x = torch.randn(10, 32, generator=g).to(dtype).to(DEVICE)
-    out0 = torch.randn(10, 2, 40, generator=g).to(dtype).to(DEVICE)
-    good_pt, bad_pt = L.page_table.clone(), L.page_table.clone()
+    m = _SmallMoE(generator, backend, ranks=[5, 17, 2, 9])
+    m.slots.copy_(torch.tensor([0, 1, 2, 3, 1, 0, 2, 3, 1, 1], dtype=torch.int32))
+    good_pt, bad_pt = m.L.page_table.clone(), m.L.page_table.clone()
     good_pt[1, 4], bad_pt[1, 4] = 0, 10**9
     good_pt[3, 0], bad_pt[3, 0] = 0, -3
-    good_slots, bad_slots = slots.clone(), slots.clone()
+    good_slots, bad_slots = m.slots.clone(), m.slots.clone()
     good_slots[[2, 5]], bad_slots[[2, 5]] = -1, 99
-    rest = (L.lora_a, L.lora_b)
-    want = add_lora_moe(out0.clone(), x, ids.to(DEVICE), *rest, good_pt, L.ranks, L.scales, good_slots,
-                        topk_weights=w.to(DEVICE), backend=backend)
-    monkeypatch.setattr(_validate, "_capturing", lambda device: True)
-    got = add_lora_moe(out0.clone(), x, ids.to(DEVICE), *rest, bad_pt, L.ranks, L.scales, bad_slots,
-                       topk_weights=w.to(DEVICE), backend=backend)
+    want = m.run(page_table=good_pt, slots=good_slots)
+    _unchecked(monkeypatch)
+    got = m.run(page_table=bad_pt, slots=bad_slots)
     assert_bits_equal(got.cpu(), want.cpu(), "the result with out-of-range slots and rows")

@@ -610,6 +610,34 @@ def test_cuda_gather_splits_agree_with_one_cta_per_tile(op, dtype, splits, gener
 
 
 
+def _unchecked_call(op, backend, case, out, y, ref, page_table, ranks, slots_arg, monkeypatch):
+    """Call ``op`` with the value checks switched off by their own capture switch (what a CUDA-graph replay
+    sees) and check the result against ``ref``, the oracle of what the kernels must compute then."""
+    from lorakern.ops import _validate
+
+    L = case.lora
+    monkeypatch.setattr(_validate, "_capturing", lambda device: True)
+    if op == "lora_shrink":
+        got = lorakern.ops.lora_shrink(case.x, L.lora_a, page_table, ranks, slots_arg, backend=backend)
+        check_shrink(case, got, *ref[:2])
+        return
+    if op == "add_lora":
+        lorakern.ops.add_lora(out, case.x, L.lora_a, L.lora_b, page_table, ranks, case.scales, slots_arg,
+                              backend=backend)
+    else:
+        lorakern.ops.lora_expand(out, y, L.lora_b, page_table, ranks, case.scales, slots_arg, backend=backend)
+    check_accumulated(case, out, ref[2], *ref[:2])
+
+
+def _replay_case(op, case, generator):
+    """(out, y, ref) for :func:`_unchecked_call`: ``ref`` = the oracle's (result, abs) and the out it starts from."""
+    out, _, _ = random_out(case, generator)
+    out0 = out.clone()
+    y = torch.randn(case.S, case.T, case.lora.max_rank, generator=generator).to(DEVICE)
+    ref = oracle_shrink(case) if op == "lora_shrink" else oracle_add(case, out0, y if op == "lora_expand" else None)
+    return out, y, (*ref, out0)
+
+
 @pytest.mark.parametrize("op", ["add_lora", "lora_shrink", "lora_expand"])
 @pytest.mark.parametrize("impl", [i for i in IMPLS if i != "torch"])
 def test_rank_above_max_rank_computes_at_max_rank(op, impl, generator, monkeypatch):
@@ -619,34 +647,14 @@ def test_rank_above_max_rank_computes_at_max_rank(op, impl, generator, monkeypat
     Simulated by the checks' own capture switch."""
     if impl == "cuda-fused" and op != "add_lora":
         pytest.skip("the fused kernel is add_lora's only")
-    from lorakern.ops import _validate
-
     backend = set_impl(impl, monkeypatch)
     case = make_case(generator, T=70, K=64, n_sizes=[40, 24], ranks=[16, 5, 16, 9], max_rank=16, num_adapters=4,
                      dtype=torch.bfloat16, device=DEVICE, mix="uniform")
     L = case.lora
-    out, _, _ = random_out(case, generator)
-    out0 = out.clone()
-    y = torch.randn(case.S, case.T, 16, generator=generator).to(DEVICE)
-    ref = oracle_shrink(case) if op == "lora_shrink" else oracle_add(case, out0, y if op == "lora_expand" else None)
-    ranks0 = L.ranks.clone()
-    monkeypatch.setattr(_validate, "_capturing", lambda device: True)
-    L.ranks[0], L.ranks[2] = 10**6, 17  # both at max_rank = 16 in the oracle
-    try:
-        if op == "add_lora":
-            lorakern.ops.add_lora(out, case.x, L.lora_a, L.lora_b, L.page_table, L.ranks, case.scales,
-                                  case.slots_arg, backend=backend)
-        elif op == "lora_expand":
-            lorakern.ops.lora_expand(out, y, L.lora_b, L.page_table, L.ranks, case.scales, case.slots_arg,
-                                     backend=backend)
-        else:
-            got = lorakern.ops.lora_shrink(case.x, L.lora_a, L.page_table, L.ranks, case.slots_arg, backend=backend)
-    finally:
-        L.ranks.copy_(ranks0)
-    if op == "lora_shrink":
-        check_shrink(case, got, *ref)
-    else:
-        check_accumulated(case, out, out0, *ref)
+    out, y, ref = _replay_case(op, case, generator)
+    bad_ranks = L.ranks.clone()
+    bad_ranks[0], bad_ranks[2] = 10**6, 17  # both at max_rank = 16 in the oracle
+    _unchecked_call(op, backend, case, out, y, ref, L.page_table, bad_ranks, case.slots_arg, monkeypatch)
 
 
 def _strided_meta(L):
@@ -759,13 +767,10 @@ def test_out_of_range_slots_and_rows_stay_in_bounds(op, impl, generator, monkeyp
     token is, and an out-of-range row id (negative, or past the rows of lora_a / lora_b) reads row 0."""
     if impl == "cuda-fused" and op != "add_lora":
         pytest.skip("the fused kernel is add_lora's only")
-    from lorakern.ops import _validate
-
     backend = set_impl(impl, monkeypatch)
     case = make_case(generator, T=70, K=64, n_sizes=[40, 24], ranks=[16, 5, 11, 9], num_adapters=4,
                      dtype=torch.float16, device=DEVICE, mix="uniform", slots_form="int32")
     L = case.lora
-    pt0 = L.page_table.clone()
     bad_pt = L.page_table.clone()
     bad_pt[0, 3], bad_pt[2, 0] = 10**9, -5  # live entries (ranks 16 and 11)
     L.page_table[0, 3], L.page_table[2, 0] = 0, 0  # what the oracle should see: row 0
@@ -773,19 +778,5 @@ def test_out_of_range_slots_and_rows_stay_in_bounds(op, impl, generator, monkeyp
     bad_slots = case.slots.clone()
     bad_slots[live[:5]] = L.num_slots + 7
     case.slots[live[:5]] = -1  # the oracle's view: untouched tokens
-    y = torch.randn(case.S, case.T, L.max_rank, generator=generator).to(DEVICE)
-    out, _, _ = random_out(case, generator)
-    out0 = out.clone()
-    ref = oracle_shrink(case) if op == "lora_shrink" else oracle_add(case, out0, y if op == "lora_expand" else None)
-    monkeypatch.setattr(_validate, "_capturing", lambda device: True)
-    if op == "add_lora":
-        lorakern.ops.add_lora(out, case.x, L.lora_a, L.lora_b, bad_pt, L.ranks, case.scales, bad_slots,
-                              backend=backend)
-        check_accumulated(case, out, out0, *ref)
-    elif op == "lora_expand":
-        lorakern.ops.lora_expand(out, y, L.lora_b, bad_pt, L.ranks, case.scales, bad_slots, backend=backend)
-        check_accumulated(case, out, out0, *ref)
-    else:
-        got = lorakern.ops.lora_shrink(case.x, L.lora_a, bad_pt, L.ranks, bad_slots, backend=backend)
-        check_shrink(case, got, *ref)
-    L.page_table.copy_(pt0)
+    out, y, ref = _replay_case(op, case, generator)
+    _unchecked_call(op, backend, case, out, y, ref, bad_pt, L.ranks, bad_slots, monkeypatch)
