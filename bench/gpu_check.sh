@@ -33,7 +33,8 @@
 #                          none: the recorded run of STEPS=core has them), Nsight Compute on the
 #                          prefill segment kernels and the decode gather kernel (ncu.txt) and on the fused kernel
 #                          (ncu-fused.txt), bench/sweep_variants.sh on SWEEP_VARIANTS (default "default seg-mma
-#                          seg-fused seg-fused-s6 seg-fused-o4 gather-xsmem": the variants not yet timed; the
+#                          seg-fused seg-fused-s6 seg-fused-o4 gather-xsmem gather-prefetch gather-xsmem-prefetch": the
+#                          variants not yet timed; the
 #                          others were, docs/cuda.md),
 #                          then the cuda-backend op suites on the GPU
 #                          (TUNE_TESTS_TIMEOUT): one call of a session that changes kernels
@@ -52,9 +53,21 @@ fi
 unset TRITON_INTERPRET   # the interpreter runs kernels on the CPU; here they must run on the GPU
 
 STATUS=0
+# The lent machine stops a call at 600 s, and whatever is under $OUT then comes back only if it is at most 8 files
+# (the packing at the end of this script): every step's limit is cut to what is left before DEADLINE_S seconds
+# after the start (default 560), and a step with less than 10 s left is skipped, so the packing always runs.
+START_S=$(date +%s)
+DEADLINE_S="${DEADLINE_S:-560}"
 log() { echo "[$(date -u +%H:%M:%S)] $*" | tee -a "$LOG"; }
 step() {  # step NAME TIMEOUT CMD...: run with a time limit, log its output and exit status, keep going
     local name="$1" limit="$2"; shift 2
+    local left=$(( DEADLINE_S - ($(date +%s) - START_S) ))
+    if [ "$left" -lt 10 ]; then
+        log "=== $name: skipped, ${left}s left of DEADLINE_S=${DEADLINE_S}"
+        [ $STATUS -eq 0 ] && STATUS=124
+        return 0
+    fi
+    if [ "$left" -lt "$limit" ]; then limit=$left; fi
     log "=== $name: $*"
     timeout --kill-after=10 "$limit" "$@" >>"$LOG" 2>&1
     local rc=$?
@@ -183,7 +196,7 @@ fi
 
 if run_tune; then
     # shellcheck disable=SC2086
-    step bench "${BENCH_TIMEOUT:-110}" "$PY" -m lorakern bench --device cuda --out "$OUT" \
+    step bench "${BENCH_TIMEOUT:-140}" "$PY" -m lorakern bench --device cuda --out "$OUT" \
         --backends ${TUNE_BACKENDS:-cuda cuda-fused triton} --baselines ${TUNE_BASELINES:-none} \
         --filter "${TUNE_FILTER:-decode-qkv distinct|decode-qkv-qwen3moe|prefill|mixed-ranks|rank-}"
     if command -v ncu >/dev/null 2>&1; then
@@ -196,8 +209,8 @@ if run_tune; then
             --section WarpStateStats --section LaunchStats $PY bench/ncu_case.py --calls 1 --backend cuda-fused \
             --filter 'prefill uniform' 'prefill-qkv' > '$OUT/ncu-fused.txt' 2>&1"
     fi
-    step sweep "${SWEEP_TIMEOUT:-260}" env OUT="$OUT/sweep" VARIANT_TIMEOUT="${VARIANT_TIMEOUT:-40}" \
-        bash bench/sweep_variants.sh ${SWEEP_VARIANTS:-default seg-mma seg-fused seg-fused-s6 seg-fused-o4 gather-xsmem}
+    step sweep "${SWEEP_TIMEOUT:-320}" env OUT="$OUT/sweep" VARIANT_TIMEOUT="${VARIANT_TIMEOUT:-40}" \
+        bash bench/sweep_variants.sh ${SWEEP_VARIANTS:-default seg-mma seg-fused seg-fused-s6 seg-fused-o4 gather-xsmem gather-prefetch gather-xsmem-prefetch}
     [ -f "$OUT/sweep/sweep-summary.txt" ] && cat "$OUT/sweep/sweep-summary.txt" | tee -a "$LOG"
     XDIST=()
     if "$PY" -c "import xdist" >/dev/null 2>&1; then XDIST=(-n "${TEST_WORKERS:-14}" --dist worksteal); fi

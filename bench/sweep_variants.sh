@@ -39,6 +39,8 @@ add seg-fused "" seg "LORAKERN_CUDA_SEGMENT=fused"
 add seg-fused-s6 "LORAKERN_FUSED_STAGES=6" seg "LORAKERN_CUDA_SEGMENT=fused"
 add seg-fused-o4 "LORAKERN_FUSED_OSTAGES=4" seg "LORAKERN_CUDA_SEGMENT=fused"
 add gather-xsmem "LORAKERN_GATHER_X_SMEM=1" dec
+add gather-prefetch "LORAKERN_GATHER_PREFETCH=1" dec
+add gather-xsmem-prefetch "LORAKERN_GATHER_X_SMEM=1 LORAKERN_GATHER_PREFETCH=1" dec
 
 WANT=()
 for v in "${@:-${ORDER[@]}}"; do

@@ -11,8 +11,14 @@ A plan holds, on the tokens' device (all int32):
 ``num_segments``    ``[1]``            number of segments (the no-LoRA segment included)
 ``tiles(bm)``       ``[T, 3]``         work list for kernels: ``(start, length, slot)`` of every block of at
                                        most ``bm`` consecutive sorted tokens of one LoRA segment; unused
-                                       rows have length 0 so that a fixed grid exits early
+                                       rows have length 0 (and come last) so that a fixed grid exits early
 ==================  =================  ====================================================================
+
+Given the slots' ``ranks`` (``from_slots(slots, ranks=...)``, ``update(slots, ranks=...)``; the ops pass their own
+when handed a plain slots tensor), the work tiles are ordered by descending rank of their slot (stable: an
+adapter's tiles stay together, in token order). A kernel's CTAs start in tile order, so the longest ones start
+first and a batch of mixed ranks does not end on a lone rank-128 tile (longest-processing-time-first). The order
+changes no result: tiles are independent. Without ranks, tiles are in slot order.
 
 Everything is computed with torch ops on the device, with buffers of a size fixed by the token count, so the same
 code serves the two forms:
@@ -32,7 +38,8 @@ from typing import Optional, Sequence, Union
 
 import torch
 
-__all__ = ["LoRAPlan", "PlanStats", "GATHER_BLOCK_M", "SEGMENT_BLOCK_M", "canonical_device", "check_plan_device"]
+__all__ = ["LoRAPlan", "PlanStats", "GATHER_BLOCK_M", "SEGMENT_BLOCK_M", "canonical_device", "check_plan_device",
+           "ranks_on"]
 
 #: token block of the fused gather (decode) path and of the segment path; the plan keeps a work list for each.
 GATHER_BLOCK_M = 16
@@ -83,6 +90,45 @@ def check_plan_device(plan: "LoRAPlan", device, holder: str = "x is") -> None:
         raise ValueError(f"slots: the LoRAPlan lives on {plan.device}, but {holder} on {device}")
 
 
+def _as_ranks(ranks, device) -> Optional[torch.Tensor]:
+    if ranks is None:
+        return None
+    if not isinstance(ranks, torch.Tensor):
+        raise TypeError(f"ranks: expected an integer torch.Tensor [num_slots] or None, got {type(ranks).__name__}")
+    if ranks.dtype.is_floating_point or ranks.dtype.is_complex or ranks.dtype == torch.bool:
+        raise TypeError(f"ranks: expected an integer tensor (int32), got {ranks.dtype}")
+    if ranks.dim() != 1:
+        raise ValueError(f"ranks: expected a 1-D tensor [num_slots], got shape {tuple(ranks.shape)}")
+    if canonical_device(ranks.device) != canonical_device(device):
+        raise ValueError(f"ranks: on {ranks.device}, but the slots are on {device}")
+    return ranks
+
+
+def ranks_on(ranks, slots: torch.Tensor) -> Optional[torch.Tensor]:
+    """``ranks`` when it can order a plan of ``slots`` (an integer tensor [num_slots] on the slots' device), else
+    None: for callers that hold a pool's ranks and want the order when it applies, never an error."""
+    if (isinstance(ranks, torch.Tensor) and ranks.dim() == 1 and not ranks.dtype.is_floating_point
+            and ranks.dtype != torch.bool and canonical_device(ranks.device) == canonical_device(slots.device)):
+        return ranks
+    return None
+
+
+def _order_by_rank(tiles: torch.Tensor, ranks: torch.Tensor) -> None:
+    """Reorder the rows of a work list ``[T, 3]`` in place: used tiles by descending rank of their slot (stable),
+    then the unused rows (length 0), so that an exact grid still covers the used tiles."""
+    n = ranks.shape[0]
+    slot = tiles[:, 2]
+    used = tiles[:, 1] > 0
+    if n:
+        r = ranks.to(torch.int32)[slot.clamp(0, n - 1).long()].clamp(min=0)
+        r = torch.where(slot < n, r, torch.zeros_like(r))
+    else:
+        r = torch.zeros_like(slot)
+    key = torch.where(used, r, torch.full_like(r, -1))
+    order = torch.sort(key, descending=True, stable=True)[1]
+    tiles.copy_(tiles[order])
+
+
 class LoRAPlan:
     """Tokens grouped by adapter slot for one batch. Build with :meth:`from_slots` or :meth:`static`."""
 
@@ -108,12 +154,15 @@ class LoRAPlan:
 
     # ------------------------------------------------------------------ construction
     @classmethod
-    def from_slots(cls, slots: torch.Tensor) -> "LoRAPlan":
-        """Plan for one batch (contract). ``slots``: integer tensor ``[T]``, ``-1`` = no LoRA.
+    def from_slots(cls, slots: torch.Tensor, ranks: Optional[torch.Tensor] = None) -> "LoRAPlan":
+        """Plan for one batch (contract). ``slots``: integer tensor ``[T]``, ``-1`` = no LoRA. ``ranks`` (optional,
+        the ``ranks [num_slots]`` the ops will get, on the same device): order the work tiles by descending rank
+        (module docstring); a slot outside ``ranks`` is ordered as rank 0 (the ops reject it).
 
         Raises ``TypeError`` for a non-integer tensor, ``ValueError`` for a wrong shape or a slot below ``-1``.
         """
         slots = _as_slots(slots)
+        ranks = _as_ranks(ranks, slots.device)
         if slots.numel() and slots.dtype == torch.int64:
             lo, hi = (int(v) for v in torch.aminmax(slots))  # before the int32 copy, so nothing wraps silently
             if lo < -1:
@@ -121,7 +170,7 @@ class LoRAPlan:
             if hi > _SENTINEL - 1:
                 raise ValueError(f"slots: slot {hi} is beyond the int32 range of slot ids")
         plan = cls(slots.shape[0], slots.device, static=False)
-        plan._fill(slots)
+        plan._fill(slots, ranks)
         plan._read_stats()
         return plan
 
@@ -132,8 +181,9 @@ class LoRAPlan:
             raise ValueError(f"max_tokens: must be >= 0, got {max_tokens}")
         return cls(max_tokens, device, static=True)
 
-    def update(self, slots: torch.Tensor) -> "LoRAPlan":
-        """Refill a static plan in place from ``slots [T']`` (``T' <= max_tokens``; missing tokens get ``-1``).
+    def update(self, slots: torch.Tensor, ranks: Optional[torch.Tensor] = None) -> "LoRAPlan":
+        """Refill a static plan in place from ``slots [T']`` (``T' <= max_tokens``; missing tokens get ``-1``);
+        ``ranks`` as in :meth:`from_slots` (read on the device: captured, the order follows the ranks at replay).
 
         No host synchronisation and no allocation of persistent buffers: safe to call between graph replays (or
         inside a captured region). Slot values are not range-checked here (that would need a host read); the
@@ -146,10 +196,10 @@ class LoRAPlan:
             raise ValueError(f"slots: {slots.shape[0]} tokens exceed the static plan's max_tokens={self.num_tokens}")
         if slots.device != self.device:
             raise ValueError(f"slots: on {slots.device}, the plan lives on {self.device}")
-        self._fill(slots)
+        self._fill(slots, _as_ranks(ranks, self.device))
         return self
 
-    def _fill(self, slots: torch.Tensor) -> None:
+    def _fill(self, slots: torch.Tensor, ranks: Optional[torch.Tensor] = None) -> None:
         T = self.num_tokens
         n = slots.shape[0]
         self.slots.fill_(-1)
@@ -178,6 +228,8 @@ class LoRAPlan:
         lora_counts = torch.where(self.seg_slots >= 0, self.counts, torch.zeros_like(self.counts))
         for bm, tiles in self._tiles.items():
             self._fill_tiles(bm, tiles, lora_counts)
+            if ranks is not None:
+                _order_by_rank(tiles, ranks)
 
     def _fill_tiles(self, bm: int, tiles: torch.Tensor, lora_counts: torch.Tensor) -> None:
         ntiles = (lora_counts + (bm - 1)) // bm  # per segment

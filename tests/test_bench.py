@@ -368,3 +368,23 @@ def test_kernel_time_splits_calls_at_each_flush():
             (6, True, 70.0), (7, True, 80.0), (8, False, 4.0)]
     assert split_calls(recs) == [5.0, 1.0, 0.0, 4.0]
     assert split_calls([(0, False, 1.0)]) == []
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="bash script")
+def test_gpu_check_steps_stop_at_the_deadline(tmp_path):
+    """bench/gpu_check.sh cuts every step to what is left before DEADLINE_S (the lent machine stops a call at 600 s,
+    and only a packed $OUT comes back whole): a step that would run past it is skipped, logged, and the script
+    still reaches its end (the packing) with a non-zero status. A fake python stands in for every step."""
+    fake = tmp_path / "py"
+    fake.write_text("#!/usr/bin/env bash\nsleep 1\n")
+    fake.chmod(0o755)
+    out = tmp_path / "out"
+    env = {**os.environ, "OUT": str(out), "PYTHON": str(fake), "SKIP_INSTALL": "1", "STEPS": "tune",
+           "DEADLINE_S": "12", "PATH": os.environ.get("PATH", "")}
+    r = subprocess.run(["bash", str(REPO / "bench" / "gpu_check.sh")], env=env, capture_output=True, text=True,
+                       timeout=60)
+    log = (out / "gpu_check.log").read_text()
+    assert r.returncode != 0, log
+    assert re.search(r"=== versions: rc=0", log), log
+    assert re.search(r"=== pytest-cuda: skipped, -?\d+s left of DEADLINE_S=12", log), log
+    assert "=== done" in log or "done: exit status" in log, log

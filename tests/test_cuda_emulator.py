@@ -357,7 +357,13 @@ def asan_build(tmp_path_factory):
     d = tmp_path_factory.mktemp("emu_asan")
     ext = sysconfig.get_config_var("EXT_SUFFIX")
     kernels = d / ("_C_emu" + ext)
-    cuda_build.build_emu(kernels, d / "obj", extra=cuda_build.ASAN_FLAGS)
+    # with the gather kernel's L2 prefetches compiled in (LORAKERN_GATHER_PREFETCH, a tuning variant): the emulator
+    # reads a byte at every prefetched address, and the variant adds accesses without changing any other, so this
+    # build checks the default kernels' accesses and the prefetches' addresses
+    # (unless LORAKERN_NVCC_DEFINES already sets it)
+    prefetch = [] if "LORAKERN_GATHER_PREFETCH" in os.environ.get("LORAKERN_NVCC_DEFINES", "") else [
+        "-DLORAKERN_GATHER_PREFETCH=1"]
+    cuda_build.build_emu(kernels, d / "obj", extra=cuda_build.ASAN_FLAGS + prefetch)
     selft = build_selftest(d, extra=cuda_build.ASAN_FLAGS, load=False)  # loaded only with libasan preloaded
     script = d / "memcheck.py"
     script.write_text(_MEMCHECK_SCRIPT)

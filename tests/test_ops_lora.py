@@ -15,8 +15,8 @@ import pytest
 import torch
 
 import lorakern
-from conftest import (BACKEND_LIST, CUDA_RUNS, DEVICE, DTYPES, HAS_CUDA, IMPLS, check_accumulated, check_shrink,
-                      make_case, oracle_add, oracle_shrink, random_out, run_case, set_impl)
+from conftest import (BACKEND_LIST, CUDA_RUNS, DEVICE, DTYPES, HAS_CUDA, IMPLS, assert_bits_equal, check_accumulated,
+                      check_shrink, make_case, oracle_add, oracle_shrink, random_out, run_case, set_impl)
 from lorakern.workloads import MIXES, make_lora, make_slots
 
 SMALL = dict(K=48, n_sizes=[40], ranks="1-24", num_adapters=6, mix="uniform")
@@ -327,7 +327,7 @@ def test_static_plan_launches_are_replayable(impl, generator, monkeypatch):
 def test_fused_segment_kernel_is_chosen_where_it_fits(generator, monkeypatch):
     """LORAKERN_CUDA_SEGMENT: "fused" runs add_lora's segment path as one launch of the fused kernel (mode 3)
     wherever its layout fits (slices x max_rank rounded up to 16 <= 256 columns, shared memory within the device's
-    limit) and as shrink + expand elsewhere; "auto" also wants one tile per SM; "split" (the default) never fuses;
+    limit) and as shrink + expand elsewhere; "auto" also wants its waves well filled; "split" (the default) never fuses;
     anything else is refused. Each variant's result matches the float64 oracle, and the fused one is the same bits
     on a second call (no atomics)."""
     from lorakern import cuda_backend
@@ -390,7 +390,7 @@ def test_fused_segment_kernel_is_chosen_where_it_fits(generator, monkeypatch):
     if have >= 227 * 1024 - cuda_backend._FUSED_STATIC_SMEM:  # an H100's (and the emulator's) limit: all fused
         assert "split" not in (fused(2, 128), fused(3, 64), fused(3, 128), fused(8, 64))
     sms = cuda_backend._sm_count(DEVICE)
-    assert modes("auto", [40], [4, 9], T=40) == [1, 2]                       # fewer tiles than SMs
+    assert modes("auto", [40], [4, 9], T=40) == [1, 2]                       # 2 tiles: most SMs idle
     assert kernels("auto", [40], [4, 9] * sms, T=64 * sms) == fused(1, 16)
     monkeypatch.setenv("LORAKERN_CUDA_SEGMENT", "fast")
     case = make_case(generator, T=40, K=64, n_sizes=[40], ranks=[4, 9], num_adapters=2, dtype=torch.bfloat16,
@@ -412,6 +412,22 @@ def test_fused_segment_kernel_is_chosen_where_it_fits(generator, monkeypatch):
                               backend="cuda")
         outs.append(out)
     assert torch.equal(outs[0], outs[1]) and not torch.equal(outs[0], torch.ones_like(outs[0]))
+
+
+def test_auto_takes_the_fused_kernel_where_its_waves_are_filled(monkeypatch):
+    """``auto``: the fused kernel (one CTA per SM, its time in whole waves) where the last wave is >= 3/4 full."""
+    from lorakern import cuda_backend
+    monkeypatch.setattr(cuda_backend, "_fused_config", lambda *a: (3, 64))
+    monkeypatch.setattr(cuda_backend, "_sm_count", lambda device: 132)
+    mode = lambda tiles: cuda_backend._segment_mode("auto", DEVICE, torch.bfloat16, 1, 64, tiles)  # noqa: E731
+    assert cuda_backend.FUSED_MIN_WAVE_FILL == 0.75
+    # the prefill benchmark's 128 tiles (8192 tokens over 16 adapters) on an H100's 132 SMs: one wave at 97 %
+    assert [mode(t) for t in (128, 99, 132, 198, 264, 400)] == ["fused"] * 6
+    assert [mode(t) for t in (0, 1, 64, 98, 133, 197, 265)] == ["split"] * 7
+    assert cuda_backend._segment_mode("fused", DEVICE, torch.bfloat16, 1, 64, 1) == "fused"
+    assert cuda_backend._segment_mode("split", DEVICE, torch.bfloat16, 1, 64, 128) == "split"
+    monkeypatch.setattr(cuda_backend, "_fused_config", lambda *a: None)      # no layout fits: split, always
+    assert cuda_backend._segment_mode("auto", DEVICE, torch.bfloat16, 1, 64, 128) == "split"
 
 
 @pytest.mark.parametrize("static", [False, True], ids=["dynamic", "static"])
@@ -450,6 +466,34 @@ def test_same_inputs_give_identical_results(impl, generator, monkeypatch):
                               backend=backend)
         outs.append(o)
     assert torch.equal(outs[0].view(torch.int16), outs[1].view(torch.int16))
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_tile_order_changes_no_bit(impl, generator, monkeypatch):
+    """A plan's tiles in descending rank order (from_slots / update with ranks; what the ops build from a plain
+    slots tensor) give the same bits as slot order: tiles are independent. Mixed ranks, both kernel paths'
+    block sizes, -1 tokens."""
+    backend = set_impl(impl, monkeypatch)
+    case = make_case(generator, T=150, K=48, n_sizes=[40, 24], ranks=[3, 24, 1, 16, 9, 24, 2], num_adapters=7,
+                     mix="zipf:1.5", none_frac=0.1, dtype=torch.float16)
+    L = case.lora
+    forms = {"slot order": lorakern.LoRAPlan.from_slots(case.slots),
+             "rank order": lorakern.LoRAPlan.from_slots(case.slots, L.ranks),
+             "static rank order": lorakern.LoRAPlan.static(case.T, DEVICE).update(case.slots, L.ranks),
+             "plain slots": case.slots}
+    assert not torch.equal(forms["slot order"].tiles(16), forms["rank order"].tiles(16))
+    out, _, _ = random_out(case, generator)
+    got = {}
+    for name, arg in forms.items():
+        o = out.clone()
+        lorakern.ops.add_lora(o, case.x, L.lora_a, L.lora_b, L.page_table, L.ranks, case.scales, arg,
+                              backend=backend)
+        y = lorakern.ops.lora_shrink(case.x, L.lora_a, L.page_table, L.ranks, arg, backend=backend)
+        got[name] = (o, y)
+    base = got.pop("slot order")
+    for name, (o, y) in got.items():
+        assert_bits_equal(o, base[0], f"add_lora, {name}")
+        assert_bits_equal(y, base[1], f"lora_shrink, {name}")
 
 
 # ------------------------------------------------------------------------------------------------ GPU only

@@ -14,8 +14,9 @@ from lorakern.workloads import MIXES, make_slots
 BLOCKS = (GATHER_BLOCK_M, SEGMENT_BLOCK_M)
 
 
-def expected(slots):
-    """The plan's buffers computed the slow, obvious way from a list of slots."""
+def expected(slots, ranks=None):
+    """The plan's buffers computed the slow, obvious way from a list of slots (and, given, the slots' ranks: tiles
+    by descending rank, stable; a slot outside ``ranks`` counts as rank 0)."""
     s = [int(v) for v in slots]
     T = len(s)
     order = sorted(range(T), key=lambda t: (s[t] < 0, s[t], t))  # by slot, -1 last, stable
@@ -32,15 +33,18 @@ def expected(slots):
                 continue
             for i in range(0, count, bm):
                 rows.append((start + i, min(bm, count - i), slot))
+        if ranks is not None:
+            rank = lambda slot: max(ranks[slot], 0) if slot < len(ranks) else 0  # noqa: E731
+            rows = sorted(rows, key=lambda r: -rank(r[2]))  # (sorted is stable)
         tiles[bm] = rows
     return order, segs, tiles
 
 
-def check_plan(plan, slots):
+def check_plan(plan, slots, ranks=None):
     """Every buffer of ``plan`` against :func:`expected` for ``slots`` (a list, length ``plan.num_tokens``)."""
     T = plan.num_tokens
     assert len(slots) == T
-    order, segs, tiles = expected(slots)
+    order, segs, tiles = expected(slots, ranks)
     assert plan.slots.tolist() == list(slots)
     assert plan.token_ids.tolist() == order
     nseg = len(segs)
@@ -139,6 +143,71 @@ def test_all_tokens_without_lora():
 
 
 # ------------------------------------------------------------------------------------------------ static form
+@pytest.mark.parametrize("mix,T,n,none_frac", CASES, ids=[f"{m}-T{T}-n{n}-none{nf}" for m, T, n, nf in CASES])
+def test_from_slots_orders_tiles_by_descending_rank(mix, T, n, none_frac, generator):
+    slots = make_slots(mix, T, n, none_frac=none_frac, generator=generator, device=DEVICE)
+    # few distinct ranks (ties keep an adapter's tiles together, in token order), zeros and a short ranks tensor:
+    # a slot past its end is ordered as rank 0 (the ops reject it later)
+    ranks = torch.tensor([8, 128, 16, 0, 64, 16, 128, 1], dtype=torch.int32)[torch.randint(0, 8, (max(n - 1, 0),),
+                                                                                          generator=generator)]
+    plan = LoRAPlan.from_slots(slots, ranks.to(DEVICE))
+    _, _, tiles = check_plan(plan, slots.tolist(), ranks.tolist())
+    plain = LoRAPlan.from_slots(slots)
+    assert plan.stats == plain.stats
+    for k, b in _buffers(plain).items():  # only the tile order differs
+        if not k.startswith("tiles"):
+            assert torch.equal(b, _buffers(plan)[k]), k
+    for bm in BLOCKS:
+        used = plan.tiles(bm)[: len(tiles[bm])]
+        keys = [(-(ranks.tolist()[s] if s < len(ranks) else 0)) for s in used[:, 2].tolist()]
+        assert keys == sorted(keys)
+        if len({r for r in ranks.tolist()}) > 1 and len(tiles[bm]) > 1 and mix == "distinct":
+            assert not torch.equal(plan.tiles(bm), plain.tiles(bm))  # (the case reorders something)
+
+
+def test_static_update_with_ranks_follows_the_ranks_of_each_update(generator):
+    max_tokens = 80
+    plan = LoRAPlan.static(max_tokens, DEVICE)
+    ptrs = {k: b.data_ptr() for k, b in _buffers(plan).items()}
+    ranks = torch.randint(1, 129, (40,), generator=generator, dtype=torch.int32).to(DEVICE)
+    for mix, T, n in [("distinct", 70, 40), ("uniform", 80, 12), ("zipf:1.5", 33, 40)]:
+        slots = make_slots(mix, T, n, generator=generator, device=DEVICE)
+        ranks.copy_(torch.randint(1, 129, (40,), generator=generator, dtype=torch.int32))  # other ranks each time
+        plan.update(slots, ranks)
+        padded = torch.cat([slots, torch.full((max_tokens - T,), -1, dtype=torch.int32, device=DEVICE)])
+        check_plan(plan, padded.tolist(), ranks.tolist())
+        fresh = LoRAPlan.from_slots(padded, ranks)
+        for k, b in _buffers(plan).items():
+            assert torch.equal(b, _buffers(fresh)[k]), k
+        assert {k: b.data_ptr() for k, b in _buffers(plan).items()} == ptrs, "update reallocated a buffer"
+
+
+@pytest.mark.parametrize("bad,err", [(torch.ones(4), TypeError), (torch.ones(4, dtype=torch.bool), TypeError),
+                                     ([1, 2], TypeError), (torch.ones(2, 2, dtype=torch.int32), ValueError)],
+                         ids=["float", "bool", "list", "2d"])
+def test_bad_ranks_for_a_plan_are_typed_errors(bad, err):
+    slots = torch.tensor([0, 1, -1], dtype=torch.int32, device=DEVICE)
+    with pytest.raises(err, match="ranks"):
+        LoRAPlan.from_slots(slots, bad if not isinstance(bad, torch.Tensor) else bad.to(DEVICE))
+    plan = LoRAPlan.static(4, DEVICE)
+    before = {k: b.clone() for k, b in _buffers(plan).items()}
+    with pytest.raises(err, match="ranks"):
+        plan.update(slots, bad if not isinstance(bad, torch.Tensor) else bad.to(DEVICE))
+    for k, b in _buffers(plan).items():  # refused before anything was written
+        assert torch.equal(b, before[k]), k
+
+
+def test_ranks_on_is_none_where_ranks_cannot_order_the_plan():
+    from lorakern.plan import ranks_on
+    slots = torch.zeros(3, dtype=torch.int32)
+    r = torch.ones(2, dtype=torch.int32)
+    assert ranks_on(r, slots) is r
+    assert ranks_on(None, slots) is None
+    assert ranks_on(r.float(), slots) is None
+    assert ranks_on(r.view(1, 2), slots) is None
+    assert ranks_on(torch.ones(2, dtype=torch.int32, device="meta"), slots) is None
+
+
 def _buffers(plan):
     return {"slots": plan.slots, "token_ids": plan.token_ids, "seg_starts": plan.seg_starts,
             "seg_slots": plan.seg_slots, "counts": plan.counts, "num_segments": plan.num_segments,

@@ -24,7 +24,8 @@ S = "csrc/include/lorakern/dense_segment.cuh"
 
 #: (what, file, original text, planted defect)
 MUTATIONS = [
-    ("gather: no barrier after the page-table read", G, "  __syncthreads();\n\n  for (int m0", "\n  for (int m0"),
+    ("gather: no barrier after the page-table read", G, "  __syncthreads();\n#if LORAKERN_GATHER_PREFETCH",
+     "\n#if LORAKERN_GATHER_PREFETCH"),
     ("gather: expand reads one rank row too many", G, "for (int j = 0; j < rank; ++j) {",
      "for (int j = 0; j <= rank && j < kMaxRank; ++j) {"),
     ("gather: shrink skips the last rank row", G, "for (int j = warp; j < rank; j += kWarps) {",

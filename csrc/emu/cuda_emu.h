@@ -23,7 +23,7 @@
 //     so a read before the wait (or, by another thread, before the wait and a barrier) sees the poison;
 //     the destination must be shared memory;
 //   * mma.sync m16n8k16 and ldmatrix .x4 (common.cuh) with the PTX per-lane fragment layouts, as warp collectives;
-//   * atomicAdd, __ldg, min/max, cudaGetLastError/cudaGetErrorString.
+//   * atomicAdd, __ldg, min/max, prefetch.global.L2 (reads one byte), cudaGetLastError/cudaGetErrorString.
 // An error stops the launch and is returned as cudaErrorLaunchFailure with the message in cudaGetErrorString.
 #pragma once
 
@@ -83,6 +83,12 @@ T shfl_xor(unsigned mask, T v, int lane_mask) {
   T r;
   std::memcpy(&r, &got, sizeof(T));
   return r;
+}
+
+// prefetch.global.L2: no effect on results; one byte is read so that a memcheck build catches a bad address
+inline void prefetch_l2(const void* p) {
+  const volatile unsigned char* b = static_cast<const volatile unsigned char*>(p);
+  (void)*b;
 }
 
 inline void check_align(const void* p, size_t a, const char* what) {

@@ -9,7 +9,9 @@ GPU shapes (``full_cases``), bf16, ``K = 4096`` unless said otherwise:
 * ``decode-qkv`` — 256 tokens × 256 distinct adapters, r = 16, three slices 4096/1024/1024 (a GQA qkv target);
 * ``prefill`` / ``prefill-qkv`` — 8192 tokens over 16 adapters (uniform), r = 64, one slice N = 4096 / qkv;
 * ``mixed-ranks`` / ``mixed-ranks-qkv`` — ranks drawn in 8..128: 4096 tokens over 32 adapters (one slice), and
-  256 distinct decode tokens with the qkv slices;
+  256 distinct decode tokens with the qkv slices; every case's plan is built with the pool's ranks
+  (``LoRAPlan.from_slots(slots, ranks)``: work tiles in descending rank order), and ``mixed-ranks-slot-order`` /
+  ``mixed-ranks-qkv-slot-order`` are the same batches with the tiles in slot order (the plan without ranks);
 * ``rank-8-qkv`` / ``rank-64-qkv`` / ``rank-128-qkv`` / ``rank-256-qkv`` — the mixed-ranks decode batch at
   fixed ranks, to check that time follows the real ranks (mixed 8..128 averages ~68), not the maximum;
 * ``decode-qkv-qwen3moe`` — Qwen3-30B-A3B's attention qkv (K = 2048, slices 4096/512/512), 256 distinct;
@@ -76,6 +78,7 @@ class Case:
     pool: int  # adapters in the pool
     dtype: torch.dtype
     seed: int = 0
+    order: str = "rank"  # the plan's tile order: "rank" (from_slots(slots, ranks), the default) or "slot"
 
     @property
     def label(self) -> str:
@@ -116,6 +119,9 @@ def full_cases() -> list:
         Case("prefill-qkv", "uniform", 8192, 4096, qkv, "64", 16, bf16),
         Case("mixed-ranks", "uniform", 4096, 4096, (4096,), "8-128", 32, bf16),
         Case("mixed-ranks-qkv", "distinct", 256, 4096, qkv, "8-128", 256, bf16),
+        # the same two batches with the plan's tiles in slot order instead of descending rank order
+        Case("mixed-ranks-slot-order", "uniform", 4096, 4096, (4096,), "8-128", 32, bf16, order="slot"),
+        Case("mixed-ranks-qkv-slot-order", "distinct", 256, 4096, qkv, "8-128", 256, bf16, order="slot"),
         # the same decode batch at fixed ranks: time should follow the (mean) real rank, not the max
         Case("rank-8-qkv", "distinct", 256, 4096, qkv, "8", 256, bf16),
         Case("rank-64-qkv", "distinct", 256, 4096, qkv, "64", 256, bf16),
@@ -151,7 +157,7 @@ def _build(case: Case, device: torch.device) -> _Inputs:
     x = torch.randn(case.T, case.K, generator=g).to(case.dtype).to(device)
     out0 = torch.randn(case.T, sum(case.n_sizes), generator=g).to(case.dtype).to(device)
     offs = B.default_offsets(pool.lora_b)
-    plan = LoRAPlan.from_slots(slots)
+    plan = LoRAPlan.from_slots(slots, pool.ranks if case.order == "rank" else None)
     slots_cpu = slots.cpu()
     ranks_cpu = pool.ranks.cpu()
     adapters = int(torch.unique(slots_cpu[slots_cpu >= 0]).numel())

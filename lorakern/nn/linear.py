@@ -39,7 +39,7 @@ import torch
 from torch import nn
 
 from lorakern import ops as _ops
-from lorakern.plan import LoRAPlan
+from lorakern.plan import LoRAPlan, ranks_on
 
 __all__ = ["LoRAContext", "LoRALinear", "MergedLoRALinear", "SliceGroup", "derive_token_slots"]
 
@@ -214,17 +214,18 @@ class LoRAContext:
             if n != T:
                 raise ValueError(f"token slots: {n} given, but the input has {T} tokens (shape {tuple(x.shape)})")
             if not isinstance(tok, LoRAPlan):  # built once, whatever the inputs' leading shapes
-                self._token = tok = LoRAPlan.from_slots(tok)
+                self._token = tok = LoRAPlan.from_slots(tok, ranks_on(getattr(self.pool, "ranks", None), tok))
                 self.plans_built += 1
             plan = tok
         else:
             slots = derive_token_slots(self._seq_slots, lead, **self._packing)
+            ranks = ranks_on(getattr(self.pool, "ranks", None), slots)  # tiles in descending rank order
             if torch.compiler.is_compiling():
                 # a dynamic plan reads its statistics back to the host (a graph break per module under
                 # torch.compile); a static one sizes its grids from T alone
-                plan = LoRAPlan.static(T, slots.device).update(slots)
+                plan = LoRAPlan.static(T, slots.device).update(slots, ranks)
             else:
-                plan = LoRAPlan.from_slots(slots)
+                plan = LoRAPlan.from_slots(slots, ranks)
             self.plans_built += 1
         self._plans[lead] = plan
         return plan

@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lorakern.ops import add_lora, mla_absorbed_o, mla_absorbed_q
-from lorakern.plan import LoRAPlan
+from lorakern.plan import LoRAPlan, ranks_on
 
 __all__ = ["MLAConfig", "MLAAttention", "MLALoRA", "RMSNorm", "apply_rope", "PROJECTIONS"]
 
@@ -237,7 +237,8 @@ class MLAAttention(nn.Module):
             if slots is None or slots.shape != (Bsz,):
                 raise ValueError(f"slots: expected an int tensor [B]=({Bsz},) (one adapter per sequence) with lora, "
                                  f"got {None if slots is None else tuple(slots.shape)}")
-            plan = LoRAPlan.from_slots(slots.to(torch.int32).repeat_interleave(L))  # one plan, every op call
+            # one plan, every op call; its tiles in descending rank order
+            plan = LoRAPlan.from_slots(slots.to(torch.int32).repeat_interleave(L), ranks_on(lora.ranks, slots))
 
         def proj(name, inp):
             return self._proj(name, inp, lora, plan, backend)

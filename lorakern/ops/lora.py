@@ -58,8 +58,9 @@ def choose_path(plan: LoRAPlan) -> str:
     return "gather" if plan.stats.mean_count <= GATHER_MAX_MEAN_TOKENS else "segment"
 
 
-def _plan_args(slots, backend: str, num_slots: int, device):
-    """(slots tensor, token_ids, gather tiles, segment tiles, plan_info) for the operator.
+def _plan_args(slots, backend: str, num_slots: int, device, ranks=None):
+    """(slots tensor, token_ids, gather tiles, segment tiles, plan_info) for the operator. A plain slots tensor
+    becomes a plan with its tiles in descending rank order (``LoRAPlan.from_slots(slots, ranks)``).
 
     ``plan_info`` = [grid of the gather tiles, grid of the segment tiles, path (0 gather, 1 segment),
     largest slot (-2 = unknown), longest LoRA segment (-1 = unknown)]."""
@@ -70,7 +71,7 @@ def _plan_args(slots, backend: str, num_slots: int, device):
             max_slot = slots.stats.max_slot
         e = _NO_PLAN.to(device)
         return s, e, e, e, [0, 0, 0, max_slot, -1]
-    plan = slots if isinstance(slots, LoRAPlan) else LoRAPlan.from_slots(slots)
+    plan = slots if isinstance(slots, LoRAPlan) else LoRAPlan.from_slots(slots, ranks)
     check_plan_device(plan, device)
     max_slot = plan.stats.max_slot if plan.stats is not None else -2
     info = [
@@ -242,7 +243,7 @@ def add_lora(
                    **{f"lora_b[{i}]": t for i, t in enumerate(b)})
     offs = V.resolve_offsets(slice_offsets, [t.shape[1] for t in b], out.shape[1])
     be = select_backend(backend, x.device, x.dtype, max_rank, op="add_lora")
-    s, tok, tg, ts, info = _plan_args(slots, be, num_slots, x.device)
+    s, tok, tg, ts, info = _plan_args(slots, be, num_slots, x.device, ranks)
     x = V.apart_from(out, x)
     _dispatch.call("lorakern::add_lora", out, x, _rows(a), _rows(b), page_table, ranks, scales, s, tok, tg, ts,
                    offs, info, be)
@@ -274,7 +275,7 @@ def lora_shrink(
             raise ValueError(f"out: expected shape {shape} [S, T, max_rank], got {tuple(out.shape)}")
         V.check_device(x.device, out=out)
     be = select_backend(backend, x.device, x.dtype, max_rank, op="lora_shrink")
-    s, tok, tg, ts, info = _plan_args(slots, be, num_slots, x.device)
+    s, tok, tg, ts, info = _plan_args(slots, be, num_slots, x.device, ranks)
     _dispatch.call("lorakern::lora_shrink", out, x, _rows(a), page_table, ranks, s, tok, tg, ts, info, be)
     return out
 
@@ -309,7 +310,7 @@ def lora_expand(
                    **{f"lora_b[{i}]": t for i, t in enumerate(b)})
     offs = V.resolve_offsets(slice_offsets, [t.shape[1] for t in b], out.shape[1])
     be = select_backend(backend, out.device, out.dtype, max_rank, op="lora_expand")
-    s, tok, tg, ts, info = _plan_args(slots, be, num_slots, out.device)
+    s, tok, tg, ts, info = _plan_args(slots, be, num_slots, out.device, ranks)
     y = V.apart_from(out, y)
     _dispatch.call("lorakern::lora_expand", out, y, _rows(b), page_table, ranks, scales, s, tok, tg, ts, offs,
                    info, be)

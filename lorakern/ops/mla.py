@@ -48,7 +48,7 @@ __all__ = ["mla_absorbed_q", "mla_absorbed_o"]
 _NO_PLAN = torch.empty(0, dtype=torch.int32)
 
 
-def _plan_args(slots, backend: str, num_slots: int, device):
+def _plan_args(slots, backend: str, num_slots: int, device, ranks=None):
     """(slots tensor, token_ids, decode tiles, plan_info = [grid programs, max slot or -2]) for the operator."""
     if backend in ("torch", "cuda"):  # cuda groups (token, head) pairs itself (lorakern.moe_grouping)
         if backend == "cuda" and isinstance(slots, LoRAPlan):
@@ -57,7 +57,7 @@ def _plan_args(slots, backend: str, num_slots: int, device):
         max_slot = slots.stats.max_slot if isinstance(slots, LoRAPlan) and slots.stats is not None else -2
         e = _NO_PLAN.to(device)
         return s, e, e, [0, max_slot]
-    plan = slots if isinstance(slots, LoRAPlan) else LoRAPlan.from_slots(slots)
+    plan = slots if isinstance(slots, LoRAPlan) else LoRAPlan.from_slots(slots, ranks)
     check_plan_device(plan, device, "the tensors are")
     max_slot = plan.stats.max_slot if plan.stats is not None else -2
     return plan.slots, plan.token_ids, plan.tiles(GATHER_BLOCK_M), [plan.grid_tiles(GATHER_BLOCK_M, num_slots),
@@ -229,7 +229,7 @@ def mla_absorbed_q(
     V.check_device(q_nope.device, q_latent=q_latent, lora_a=a, lora_b=b, page_table=page_table, ranks=ranks,
                    scales=scales, slots=s0)
     be = select_backend(backend, q_nope.device, q_nope.dtype, max_rank, op="mla_absorbed_q")
-    s, tok, tiles, info = _plan_args(slots, be, num_slots, q_nope.device)
+    s, tok, tiles, info = _plan_args(slots, be, num_slots, q_nope.device, ranks)
     q_nope = V.apart_from(q_latent, q_nope)
     _dispatch.call("lorakern::mla_absorbed_q", q_latent, q_nope, _rows(a), _rows(b), page_table, ranks, scales, s,
                    tok, tiles, info, be)
@@ -266,7 +266,7 @@ def mla_absorbed_o(
     V.check_device(o_latent.device, out=out, lora_a=a, lora_b=b, page_table=page_table, ranks=ranks,
                    scales=scales, slots=s0)
     be = select_backend(backend, o_latent.device, o_latent.dtype, max_rank, op="mla_absorbed_o")
-    s, tok, tiles, info = _plan_args(slots, be, num_slots, o_latent.device)
+    s, tok, tiles, info = _plan_args(slots, be, num_slots, o_latent.device, ranks)
     o_latent = V.apart_from(out, o_latent)
     _dispatch.call("lorakern::mla_absorbed_o", out, o_latent, _rows(a), _rows(b), page_table, ranks, scales, s, tok,
                    tiles, info, be)

@@ -2,7 +2,9 @@
 #pragma once
 
 #include <cstdint>
+#include <mutex>
 #include <type_traits>
+#include <vector>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -20,6 +22,43 @@
 #endif
 
 namespace lorakern {
+
+#ifndef LORAKERN_EMU
+// Let `kernel` use `smem_bytes` of dynamic shared memory on the current device (needed above 48 KB). The attribute
+// is set once per (kernel, device) and only ever raised, under a lock: a launch costs no driver call once its size
+// is allowed, and two host threads launching one kernel with different sizes never lower the limit under each
+// other's launch. A failure is returned and cleared (not left behind for the next launch's error check).
+inline cudaError_t allow_dynamic_smem(const void* kernel, int smem_bytes) {
+  struct Allowed {
+    const void* kernel;
+    int device, bytes;
+  };
+  static std::mutex mu;
+  static std::vector<Allowed> allowed;
+  int device = 0;
+  cudaError_t e = cudaGetDevice(&device);
+  if (e != cudaSuccess) {
+    (void)cudaGetLastError();
+    return e;
+  }
+  std::lock_guard<std::mutex> lock(mu);
+  Allowed* hit = nullptr;
+  for (Allowed& a : allowed)
+    if (a.kernel == kernel && a.device == device) hit = &a;
+  if (hit && hit->bytes >= smem_bytes) return cudaSuccess;
+  e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes);
+  if (e != cudaSuccess) {
+    (void)cudaGetLastError();
+    return e;
+  }
+  if (hit) {
+    hit->bytes = smem_bytes;
+  } else {
+    allowed.push_back({kernel, device, smem_bytes});
+  }
+  return cudaSuccess;
+}
+#endif
 
 // Launch `kernel` on `stream` (or, in the emulation build, run it on the CPU); returns the launch error.
 template <typename... P, typename... A>
@@ -44,11 +83,8 @@ cudaError_t launch_kernel_smem(void (*kernel)(P...), dim3 grid, dim3 block, int 
   return cudaSuccess;
 #else
   if (smem_bytes > 48 * 1024) {
-    const cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes);
-    if (e != cudaSuccess) {
-      (void)cudaGetLastError();  // reported here; not left behind for the next launch's check
-      return e;
-    }
+    const cudaError_t e = allow_dynamic_smem(reinterpret_cast<const void*>(kernel), smem_bytes);
+    if (e != cudaSuccess) return e;
   }
   kernel<<<grid, block, smem_bytes, stream>>>(args...);
   return cudaGetLastError();
@@ -62,11 +98,8 @@ int ctas_per_sm(void (*kernel)(P...), int threads, int smem_bytes) {
   (void)kernel; (void)threads; (void)smem_bytes;
   return 2;
 #else
-  if (smem_bytes > 48 * 1024 &&
-      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes) != cudaSuccess) {
-    (void)cudaGetLastError();
+  if (smem_bytes > 48 * 1024 && allow_dynamic_smem(reinterpret_cast<const void*>(kernel), smem_bytes) != cudaSuccess)
     return 0;
-  }
   int n = 0;
   if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kernel, threads, smem_bytes) != cudaSuccess) {
     (void)cudaGetLastError();
@@ -95,6 +128,16 @@ __device__ __forceinline__ void cp_async16(void* dst, const void* src, bool vali
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
 template <int N> __device__ __forceinline__ void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+}
+#endif
+
+// A hint that the 128-byte line holding `p` (global memory) will be read soon: fetched into L2, no register, no
+// wait. `p` must be a valid address (the emulator reads a byte there, so a memcheck build catches a wrong one).
+#ifdef LORAKERN_EMU
+__device__ __forceinline__ void prefetch_l2(const void* p) { ::lk_emu::prefetch_l2(p); }
+#else
+__device__ __forceinline__ void prefetch_l2(const void* p) {
+  asm volatile("prefetch.global.L2 [%0];\n" ::"l"(p));
 }
 #endif
 

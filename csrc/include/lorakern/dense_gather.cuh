@@ -29,10 +29,19 @@
 //                                 shared memory (dynamic, K x 2 bytes up to 32 KB; registers capped for 3 CTAs per
 //                                 SM) and the shrink reads x from there instead of L1/L2 (on the H100 the decode
 //                                 kernel's L2 traffic nearly equals its DRAM traffic); 0 = off
+//   LORAKERN_GATHER_PREFETCH      1: a CTA that expands first asks L2 for its B rows and its tokens' out rows
+//                                 (prefetch.global.L2, one per 128-byte line of its columns) right after reading
+//                                 the page table, so that the expand's loads and the out read-modify-write hit L2
+//                                 while the shrink streams A (Nsight Compute, decode: 77 %
+//                                 of warp time waits on global loads; this adds bytes in flight at no register
+//                                 cost); 0 = off
 // Timed on the H100 and removed: two column chunks per thread in the expand (10-15 % slower), two rank rows per
 // warp sharing each x load in the shrink (decode 3 % slower, rank 128 2 % faster).
 #ifndef LORAKERN_GATHER_X_SMEM
 #define LORAKERN_GATHER_X_SMEM 0
+#endif
+#ifndef LORAKERN_GATHER_PREFETCH
+#define LORAKERN_GATHER_PREFETCH 0
 #endif
 
 namespace lorakern {
@@ -46,8 +55,16 @@ enum class Mode : int { kFused = 0, kShrink = 1, kExpand = 2, kMoe = 3 };
 
 // Registers sized for 2 CTAs per SM (<= 128). The decode instantiation sized for 4 (<= 64 registers) was timed on
 // an H100 (256 x 256 distinct, r = 16, qkv): 68.9 us against 68.3 us for this one, so it was dropped.
+// The decode instantiation (MT = 1, vectors, fused) with x staging or L2 prefetches: capped for 3 CTAs per SM (<= 80
+// registers), which the default one reaches by itself (80).
+template <typename T, int MT, bool VEC, Mode MODE>
+constexpr int gather_min_ctas(bool xs) {
+  return (xs || (LORAKERN_GATHER_PREFETCH && MT == 1 && VEC && MODE == Mode::kFused)) ? 3 : 2;
+}
+
 template <typename T, int MT, bool VEC, Mode MODE, bool XS = false>
-__global__ void __launch_bounds__(kThreads, XS ? 3 : 2) dense_gather_kernel(const DenseParams p) {
+__global__ void __launch_bounds__(kThreads, (gather_min_ctas<T, MT, VEC, MODE>(XS)))
+    dense_gather_kernel(const DenseParams p) {
   using V = Vec<T, VEC>;
   constexpr int W = V::N;
   static_assert(!XS || (MT == 1 && VEC && MODE == Mode::kFused), "x staging: the decode instantiation only");
@@ -99,6 +116,23 @@ __global__ void __launch_bounds__(kThreads, XS ? 3 : 2) dense_gather_kernel(cons
   const T* X = reinterpret_cast<const T*>(p.x);
   T* O = reinterpret_cast<T*>(p.out);
   __syncthreads();
+#if LORAKERN_GATHER_PREFETCH
+  if constexpr (MODE != Mode::kShrink) {  // before the passes, where few registers are live
+    constexpr int kLine = 128 / int(sizeof(T));  // elements per 128-byte line
+    const int lines = (n_hi - n_lo + kLine - 1) / kLine;  // (every address below stays inside [n_lo, n_hi))
+    for (int i = tid; i < rank * lines; i += kThreads) {
+      const int j = i / lines, c = i - j * lines;
+      prefetch_l2(B + rows_s[j] * sb + n_lo + c * kLine);
+    }
+    for (int i = tid; i < len * lines; i += kThreads) {  // the out rows of this CTA's passes' tokens
+      const int m = i / lines, c = i - m * lines;
+      if ((m / MT) % p.m_split != zm) continue;
+      const int64_t t = p.token_ids[start + m];
+      const int64_t row = kMoe ? (t / p.topk) * p.so_t + (t % p.topk) * p.so_p : t * p.so_t;
+      prefetch_l2(O + row + (off + n_lo + c * kLine) * p.so_n);
+    }
+  }
+#endif
 
   for (int m0 = zm * MT; m0 < len; m0 += MT * p.m_split) {
     const int mt = min(MT, len - m0);
