@@ -5,7 +5,7 @@ directories, safetensors blobs, in-memory tensors) and the million-adapter catal
     pool = AdapterPool(layout, max_rows=4096, max_slots=256, max_rank=64, dtype=torch.bfloat16, device="cuda",
                        catalog=AdapterCatalog.open("adapters.lkcat"))
     with pool.wave(request_adapter_ids) as req_slots:
-        plan = LoRAPlan.from_slots(req_slots[token_to_request])
+        plan = LoRAPlan.from_slots(req_slots[token_to_request], pool.ranks)
         for layer in range(32):
             lorakern.ops.add_lora(out, x, *pool.args(layer, "qkv_proj"), plan)
 """
