@@ -33,8 +33,8 @@
 #                          none: the recorded run of STEPS=core has them), Nsight Compute on the
 #                          prefill segment kernels and the decode gather kernel (ncu.txt) and on the fused kernel
 #                          (ncu-fused.txt), bench/sweep_variants.sh on SWEEP_VARIANTS (default "default seg-mma
-#                          seg-fused seg-fused-s6 seg-fused-o4 gather-xsmem gather-prefetch gather-xsmem-prefetch": the
-#                          variants not yet timed; the
+#                          seg-fused seg-fused-s4 seg-fused-s8 seg-fused-o4 gather-xsmem gather-prefetch
+#                          gather-xsmem-prefetch": the variants not yet timed; the
 #                          others were, docs/cuda.md),
 #                          then the cuda-backend op suites on the GPU
 #                          (TUNE_TESTS_TIMEOUT): one call of a session that changes kernels
@@ -209,8 +209,8 @@ if run_tune; then
             --section WarpStateStats --section LaunchStats $PY bench/ncu_case.py --calls 1 --backend cuda-fused \
             --filter 'prefill uniform' 'prefill-qkv' > '$OUT/ncu-fused.txt' 2>&1"
     fi
-    step sweep "${SWEEP_TIMEOUT:-320}" env OUT="$OUT/sweep" VARIANT_TIMEOUT="${VARIANT_TIMEOUT:-40}" \
-        bash bench/sweep_variants.sh ${SWEEP_VARIANTS:-default seg-mma seg-fused seg-fused-s6 seg-fused-o4 gather-xsmem gather-prefetch gather-xsmem-prefetch}
+    step sweep "${SWEEP_TIMEOUT:-340}" env OUT="$OUT/sweep" VARIANT_TIMEOUT="${VARIANT_TIMEOUT:-40}" \
+        bash bench/sweep_variants.sh ${SWEEP_VARIANTS:-default seg-mma seg-fused seg-fused-s4 seg-fused-s8 seg-fused-o4 gather-xsmem gather-prefetch gather-xsmem-prefetch}
     [ -f "$OUT/sweep/sweep-summary.txt" ] && cat "$OUT/sweep/sweep-summary.txt" | tee -a "$LOG"
     XDIST=()
     if "$PY" -c "import xdist" >/dev/null 2>&1; then XDIST=(-n "${TEST_WORKERS:-14}" --dist worksteal); fi

@@ -36,7 +36,8 @@ add seg-k64-s3 "LORAKERN_SEG_STAGES=3" seg
 add seg-bf16-2terms "LORAKERN_SEG_BF16_TERMS=2" seg
 add seg-mma "LORAKERN_SEG_MMA=1" seg
 add seg-fused "" seg "LORAKERN_CUDA_SEGMENT=fused"
-add seg-fused-s6 "LORAKERN_FUSED_STAGES=6" seg "LORAKERN_CUDA_SEGMENT=fused"
+add seg-fused-s4 "LORAKERN_FUSED_DEEP_STAGES=0" seg "LORAKERN_CUDA_SEGMENT=fused"
+add seg-fused-s8 "LORAKERN_FUSED_DEEP_STAGES=8" seg "LORAKERN_CUDA_SEGMENT=fused"
 add seg-fused-o4 "LORAKERN_FUSED_OSTAGES=4" seg "LORAKERN_CUDA_SEGMENT=fused"
 add gather-xsmem "LORAKERN_GATHER_X_SMEM=1" dec
 add gather-prefetch "LORAKERN_GATHER_PREFETCH=1" dec

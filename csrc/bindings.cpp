@@ -104,11 +104,17 @@ PYBIND11_MODULE(LORAKERN_MODULE, m) {
         return lorakern::dense_segment_ctas_per_sm(static_cast<lorakern::DType>(dtype), mode);
       }, py::arg("dtype"), py::arg("mode"),
         "CTAs of the segment kernel (mode 1 shrink, 2 expand) that fit on one SM of the current device; 0: unknown");
-  m.def("segment_fused_smem", [](int dtype, int max_rank, int ostages, int cols) {
-        return lorakern::dense_segment_fused_smem(static_cast<lorakern::DType>(dtype), max_rank, ostages, cols);
-      }, py::arg("dtype"), py::arg("max_rank"), py::arg("ostages"), py::arg("cols"),
-        "dynamic shared memory (bytes) of the fused segment kernel (mode 3) at an out-chunk ring depth and rank "
-        "columns per group of slices; 0: not supported (or that depth is not built)");
+  m.def("segment_fused_smem", [](int dtype, int max_rank, int config, int cols) {
+        return lorakern::dense_segment_fused_smem(static_cast<lorakern::DType>(dtype), max_rank, config, cols);
+      }, py::arg("dtype"), py::arg("max_rank"), py::arg("config"), py::arg("cols"),
+        "dynamic shared memory (bytes) of the fused segment kernel (mode 3) at a ring configuration (an index into "
+        "segment_fused_configs) and rank columns per group of slices; 0: not supported");
+  m.def("segment_fused_configs", []() {
+        std::vector<std::pair<int, int>> v;
+        for (const auto& c : lorakern::kFusedConfigs) v.emplace_back(c.stages, c.ostages);
+        return v;
+      }, "the fused segment kernel's ring configurations, (K ring depth, out-chunk ring depth), in the host's order "
+         "of preference (the first whose layout fits the device)");
   m.def("max_smem_per_block", []() {
 #ifdef LORAKERN_EMU
         return 227 * 1024;  // the emulator's limit (an H100's)

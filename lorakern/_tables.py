@@ -11,11 +11,13 @@ run the op once before capturing, as CUDA-graph capture wants anyway."""
 
 from __future__ import annotations
 
+import math
 from collections import OrderedDict
+from typing import Optional
 
 import torch
 
-__all__ = ["slice_tables", "cached_table"]
+__all__ = ["slice_tables", "cached_table", "SliceTables"]
 
 _TABLES: "OrderedDict[tuple, object]" = OrderedDict()
 _PINNED: set = set()
@@ -48,18 +50,52 @@ def cached_table(key: tuple, device: torch.device, build):
     return table
 
 
-def slice_tables(ws, offsets=None):
+class SliceTables(tuple):
+    """What :func:`slice_tables` returns: the 4-tuple ``(pointers, row strides, widths, offsets)`` of device tables
+    (callers unpack it as such), plus facts the CUDA backend would otherwise recompute from the weights on every
+    call, worked out once when the entry is built. All of them follow from the cache key (the weights' pointers,
+    full strides and widths, and the offsets) or from the tables themselves, so a cache hit never brings a stale
+    one:
+
+    * ``data_ptrs``: the four tables' own addresses (the tables are the cache's, never written after the build);
+    * ``widths``: the weights' widths (``shape[1]``), as in the key;
+    * ``bases_aligned``: every weight's base is 16-byte aligned and its rows have unit inner stride;
+    * ``row_gcd``: the gcd of the weights' row strides, widths and the offsets (in elements; 0 when all are 0), or
+      None when a weight is not 2-D (then its last size is not in the key: the caller checks the tensors).
+
+    So rows of every weight, at every offset, allow ``vec``-element vector access exactly when ``bases_aligned``
+    and ``row_gcd % vec == 0`` (``vec`` divides each of them iff it divides their gcd)."""
+
+    data_ptrs: tuple
+    widths: tuple
+    bases_aligned: bool
+    row_gcd: Optional[int]
+
+
+_DATA_PTR, _STRIDE = torch.Tensor.data_ptr, torch.Tensor.stride
+
+
+def slice_tables(ws, offsets=None) -> SliceTables:
     """Device tables (data pointers, row strides[, widths, offsets]) for per-slice weights (see the module
-    docstring for the cache)."""
+    docstring for the cache). The key holds each weight's full strides (not only the row stride the table needs):
+    one call per weight that way is cheaper than ``stride(0)``'s argument parsing, and it lets the key determine
+    :class:`SliceTables`' alignment facts."""
     dev = ws[0].device
-    ptrs = [w.data_ptr() for w in ws]
-    strides = [w.stride(0) for w in ws]
-    widths = [w.shape[1] for w in ws]
-    key = (dev, tuple(ptrs), tuple(strides), tuple(widths), None if offsets is None else tuple(offsets))
+    ptrs = tuple(map(_DATA_PTR, ws))
+    strides = tuple(map(_STRIDE, ws))
+    widths = tuple([w.shape[1] for w in ws])
+    key = (dev, ptrs, strides, widths, None if offsets is None else tuple(offsets))
 
     def build():
         i64 = dict(dtype=torch.int64, device=dev)
-        return (torch.tensor(ptrs, **i64), torch.tensor(strides, **i64), torch.tensor(widths, **i64),
-                torch.tensor(offsets if offsets is not None else [0] * len(ws), **i64))
+        offs = list(offsets) if offsets is not None else [0] * len(ws)
+        tables = SliceTables((torch.tensor(ptrs, **i64), torch.tensor([s[0] for s in strides], **i64),
+                              torch.tensor(widths, **i64), torch.tensor(offs, **i64)))
+        tables.data_ptrs = tuple(t.data_ptr() for t in tables)
+        tables.widths = widths
+        tables.bases_aligned = all(p % 16 == 0 for p in ptrs) and all(s[-1] == 1 for s in strides)
+        tables.row_gcd = (math.gcd(*(s[0] for s in strides), *widths, *offs)
+                          if all(len(s) == 2 for s in strides) else None)
+        return tables
 
     return cached_table(key, dev, build)

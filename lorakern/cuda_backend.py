@@ -19,6 +19,7 @@ kernel sources on the CPU emulator, with host pointers, no stream, and :data:`EM
 
 from __future__ import annotations
 
+import operator
 import os
 
 import torch
@@ -88,6 +89,16 @@ def _vec_ok(elsize: int, tensors, offsets=()) -> bool:
     return True
 
 
+def _slices_vec_ok(elsize: int, tables, ws, offsets=()) -> bool:
+    """``_vec_ok(elsize, ws, offsets)`` for slice weights ``ws``, read from their cached ``tables``
+    (``slice_tables(ws, offsets)``, a :class:`lorakern._tables.SliceTables`) instead of from the tensors on every
+    call: the answer follows from the table's cache key (pointers, strides, widths, offsets), so a hit never
+    brings a stale one. The tensors themselves when a weight is not 2-D (its last size is not in the key)."""
+    if tables.row_gcd is None:
+        return _vec_ok(elsize, ws, offsets)
+    return tables.bases_aligned and tables.row_gcd % (16 // elsize) == 0
+
+
 _FIELD_INDEX = {name: i for i, name in enumerate(_DENSE_FIELDS)}
 _FIELD_BASE = [_FIELD_DEFAULTS.get(name, 0) for name in _DENSE_FIELDS]
 
@@ -98,6 +109,24 @@ def _fields(f):
     for k, v in f.items():
         vals[idx[k]] = int(v)
     return vals
+
+
+def _packer(names):
+    """``pack(values)``: the field list :func:`_fields` would make from ``dict(zip(names, values))`` (the other
+    fields at their defaults), for a launch made on every call (add_lora's gather launch). ``names`` are placed in
+    :data:`_DENSE_FIELDS` here, once, so the packing follows the binding's layout; per call it is one C-level pick
+    of the 41 fields, not a keyword dictionary and a Python loop (~2-3 us less host time). The values must be
+    Python ints already (``_fields`` applies ``int``)."""
+    if len(set(names)) != len(names) or not set(names) <= set(_DENSE_FIELDS):
+        raise ValueError(f"_packer: names must be distinct fields of _DENSE_FIELDS, got {names}")
+    pos = {name: i for i, name in enumerate(names)}
+    pick = operator.itemgetter(*[pos.get(name, len(names) + i) for i, name in enumerate(_DENSE_FIELDS)])
+    defaults = tuple(_FIELD_BASE)
+
+    def pack(values: tuple) -> list:
+        return list(pick(values + defaults))
+
+    return pack
 
 
 def _call(mode, dtype, mt, vec, device, **f):
@@ -250,11 +279,14 @@ _FUSED_MAX_COLS, _FUSED_MAX_SLICES = 256, 32
 
 
 def _fused_config(device, dtype, num_slices: int, max_rank: int):
-    """``(ring depth, rank columns per group)`` of the fused kernel on this device, or None when no layout fits.
+    """``(ring configuration, rank columns per group)`` of the fused kernel on this device, or None when no layout
+    fits.
 
-    Columns first (a group as wide as the slices at the pool's max_rank, up to 256: fewer groups re-read x),
-    then the deepest out-chunk ring the build has (LORAKERN_FUSED_OSTAGES, then 2) that fits the device's shared
-    memory per block."""
+    Columns first (a group as wide as the slices at the pool's max_rank, up to 256: fewer groups re-read x), then
+    the first of the build's ring configurations (``lorakern._C.segment_fused_configs()``: (K ring, out-chunk
+    ring) depths, deepest first: (6, 3), (4, 3), (4, 2) by default) whose layout fits the device's shared memory
+    per block. On an H100 (227 KB) one slice at rank 64 and qkv at rank 64 both get (6, 3); on an A100 (163 KB)
+    qkv at rank 64 gets (4, 2)."""
     key = (device, dtype, num_slices, max_rank)
     if key not in _FUSED_CONFIG:
         ext = _ext(device)
@@ -262,11 +294,12 @@ def _fused_config(device, dtype, num_slices: int, max_rank: int):
         r16 = -(-max_rank // 16) * 16
         best = None
         if 0 < r16 <= _FUSED_MAX_COLS and num_slices <= _FUSED_MAX_SLICES:
+            configs = len(ext.segment_fused_configs())
             for cols in range(min(num_slices * r16, _FUSED_MAX_COLS) // 16 * 16, r16 - 1, -16):
-                for depth in range(8, 1, -1):
-                    need = int(ext.segment_fused_smem(_DTYPES[dtype], max_rank, depth, cols))
+                for config in range(configs):
+                    need = int(ext.segment_fused_smem(_DTYPES[dtype], max_rank, config, cols))
                     if 0 < need and need + _FUSED_STATIC_SMEM <= have:
-                        best = (depth, cols)
+                        best = (config, cols)
                         break
                 if best:
                     break
@@ -280,8 +313,8 @@ _FUSED_STATIC_SMEM = 2048
 
 def _segment_fused(out, x, a_tab, sa_tab, b_tab, sb_tab, n_tab, off_tab, lora_b, page_table, ranks, scales,
                    token_ids, tiles, grid_n):
-    depth, cols = _fused_config(x.device, x.dtype, len(lora_b), page_table.shape[1])
-    _call_segment(_SEG_FUSED, x.dtype, depth, x.device, seg_cols=cols,  # (the depth in dense_segment's k_split)
+    config, cols = _fused_config(x.device, x.dtype, len(lora_b), page_table.shape[1])
+    _call_segment(_SEG_FUSED, x.dtype, config, x.device, seg_cols=cols,  # (the configuration in k_split)
                   x=x.data_ptr(), sx_t=x.stride(0), sx_k=x.stride(1), a_ptrs=a_tab.data_ptr(),
                   a_strides=sa_tab.data_ptr(), b_ptrs=b_tab.data_ptr(), b_strides=sb_tab.data_ptr(),
                   n_sizes=n_tab.data_ptr(), offsets=off_tab.data_ptr(), out=out.data_ptr(), so_t=out.stride(0),
@@ -314,14 +347,25 @@ def _segment_expand(out, y, b_tab, sb_tab, n_tab, off_tab, lora_b, page_table, r
                   **_common(page_table, ranks, scales, tiles, token_ids, grid_n, len(lora_b), lora_b[0].shape[0]))
 
 
-def _common(page_table, ranks, scales, tiles, token_ids, grid_n, num_slices, num_rows):
+#: the fields :func:`_common_values` gives, in its order
+_COMMON_FIELDS = ("page_table", "s_pt", "max_rank", "num_slots", "num_rows", "ranks", "scales", "tiles", "token_ids",
+                  "num_tiles", "num_slices")
+
+
+def _common_values(page_table, ranks, scales, tiles, token_ids, grid_n, num_slices, num_rows) -> tuple:
     # max_rank, num_slots, num_rows: the kernels cap ranks at max_rank, skip slots >= num_slots and read row 0 for
     # an out-of-range page-table entry, so that the values a CUDA-graph replay brings unchecked (the value checks
     # cannot run there) never make them hang or read out of bounds
-    return dict(page_table=page_table.data_ptr(), s_pt=page_table.stride(0), max_rank=page_table.shape[1],
-                num_slots=page_table.shape[0], num_rows=num_rows, ranks=ranks.data_ptr(),
-                scales=scales.data_ptr() if scales is not None else 0, tiles=tiles.data_ptr(),
-                token_ids=token_ids.data_ptr(), num_tiles=grid_n, num_slices=num_slices)
+    pt_shape = page_table.shape
+    return (page_table.data_ptr(), page_table.stride()[0], pt_shape[1], pt_shape[0], num_rows, ranks.data_ptr(),
+            scales.data_ptr() if scales is not None else 0, tiles.data_ptr(), token_ids.data_ptr(), grid_n,
+            num_slices)
+
+
+def _common(page_table, ranks, scales, tiles, token_ids, grid_n, num_slices, num_rows):
+    """The fields every launch sets (:func:`_common_values`), by name."""
+    return dict(zip(_COMMON_FIELDS, _common_values(page_table, ranks, scales, tiles, token_ids, grid_n, num_slices,
+                                                   num_rows)))
 
 
 def _tokens_per_pass(plan_info) -> int:
@@ -329,14 +373,24 @@ def _tokens_per_pass(plan_info) -> int:
     return 1 if len(plan_info) > 4 and plan_info[4] == 1 else 4
 
 
+#: add_lora's gather launch: the fields it sets (values in this order; _common_values' fields last)
+_pack_add_gather = _packer(("m_split", "n_split", "x", "sx_t", "sx_k", "a_ptrs", "a_strides", "b_ptrs", "b_strides",
+                            "n_sizes", "offsets", "out", "so_t", "so_n", "K") + _COMMON_FIELDS)
+
+
 def add_lora(out, x, lora_a, lora_b, page_table, ranks, scales, token_ids, tiles_gather, tiles_segment,
              slice_offsets, plan_info):
     setting = _segment_setting()  # (a wrong value is refused whichever path runs)
     if page_table.shape[1] == 0:  # a page table 0 wide: rank 0 everywhere, nothing to add
         return
-    a_tab, sa_tab, _, _ = _tables(lora_a)
-    b_tab, sb_tab, n_tab, off_tab = _tables(lora_b, slice_offsets)
-    vec = _vec_ok(x.element_size(), [x, out, *lora_a, *lora_b], slice_offsets)
+    a_tables = _tables(lora_a)
+    b_tables = _tables(lora_b, slice_offsets)
+    a_tab, sa_tab, _, _ = a_tables
+    b_tab, sb_tab, n_tab, off_tab = b_tables
+    elsize = x.element_size()
+    # = _vec_ok(elsize, [x, out, *lora_a, *lora_b], slice_offsets), the weights' part from their cached tables
+    vec = (_aligned(x, 16 // elsize) and _aligned(out, 16 // elsize) and _slices_vec_ok(elsize, a_tables, lora_a)
+           and _slices_vec_ok(elsize, b_tables, lora_b, slice_offsets))
     if _use_segment(plan_info, x.dtype, vec):
         grid_s = plan_info[1]
         if grid_s == 0:
@@ -365,13 +419,17 @@ def add_lora(out, x, lora_a, lora_b, page_table, ranks, scales, token_ids, tiles
     if grid_n == 0:
         return
     mt = _tokens_per_pass(plan_info)
-    ms, ns = _gather_splits(x.device, grid_n * len(lora_a), mt, plan_info, max(b.shape[1] for b in lora_b),
-                            16 // x.element_size() if vec else 1)
-    _call(_FUSED, x.dtype, mt, vec, x.device, m_split=ms, n_split=ns,
-          x=x.data_ptr(), sx_t=x.stride(0), sx_k=x.stride(1), a_ptrs=a_tab.data_ptr(), a_strides=sa_tab.data_ptr(),
-          b_ptrs=b_tab.data_ptr(), b_strides=sb_tab.data_ptr(), n_sizes=n_tab.data_ptr(),
-          offsets=off_tab.data_ptr(), out=out.data_ptr(), so_t=out.stride(0), so_n=out.stride(1), K=x.shape[1],
-          **_common(page_table, ranks, scales, tiles_gather, token_ids, grid_n, len(lora_a), lora_a[0].shape[0]))
+    device = x.device
+    ms, ns = _gather_splits(device, grid_n * len(lora_a), mt, plan_info, max(b_tables.widths),
+                            16 // elsize if vec else 1)
+    # the fields _call(_FUSED, ..., m_split=ms, n_split=ns, x=..., **_common(...)) would pack, without its dicts
+    sx, so = x.stride(), out.stride()
+    fields = _pack_add_gather(
+        (int(ms), int(ns), x.data_ptr(), sx[0], sx[1], *a_tables.data_ptrs[:2], *b_tables.data_ptrs, out.data_ptr(),
+         so[0], so[1], x.shape[1])
+        + _common_values(page_table, ranks, scales, tiles_gather, token_ids, int(grid_n), len(lora_a),
+                         lora_a[0].shape[0]))
+    _ext(device).dense_gather(fields, _DTYPES[x.dtype], _FUSED, mt, vec, _stream(device))
 
 
 def lora_shrink(y, x, lora_a, page_table, ranks, token_ids, tiles_gather, tiles_segment, plan_info):
@@ -379,8 +437,9 @@ def lora_shrink(y, x, lora_a, page_table, ranks, token_ids, tiles_gather, tiles_
     grid_n = plan_info[0]
     if x.shape[0] == 0 or grid_n == 0 or page_table.shape[1] == 0:
         return
-    a_tab, sa_tab, _, _ = _tables(lora_a)
-    vec = _vec_ok(x.element_size(), [x, *lora_a])
+    a_tables = _tables(lora_a)
+    a_tab, sa_tab, _, _ = a_tables
+    vec = _aligned(x, 16 // x.element_size()) and _slices_vec_ok(x.element_size(), a_tables, lora_a)
     if _use_segment(plan_info, x.dtype, vec) and plan_info[1] > 0:
         _segment_shrink(y, x, a_tab, sa_tab, len(lora_a), page_table, ranks, token_ids, tiles_segment, plan_info[1],
                         lora_a[0].shape[0])
@@ -397,8 +456,10 @@ def lora_expand(out, y, lora_b, page_table, ranks, scales, token_ids, tiles_gath
     grid_n = plan_info[0]
     if out.shape[0] == 0 or grid_n == 0 or page_table.shape[1] == 0:
         return
-    b_tab, sb_tab, n_tab, off_tab = _tables(lora_b, slice_offsets)
-    vec = _vec_ok(out.element_size(), [out, *lora_b], slice_offsets)
+    b_tables = _tables(lora_b, slice_offsets)
+    b_tab, sb_tab, n_tab, off_tab = b_tables
+    vec = (_aligned(out, 16 // out.element_size())
+           and _slices_vec_ok(out.element_size(), b_tables, lora_b, slice_offsets))
     if _use_segment(plan_info, out.dtype, vec) and plan_info[1] > 0:
         _segment_expand(out, y, b_tab, sb_tab, n_tab, off_tab, lora_b, page_table, ranks, scales, token_ids,
                         tiles_segment, plan_info[1])

@@ -344,7 +344,7 @@ print("memcheck runs:", n)
 
 MEMCHECK_CASES = ("ranks_1_to_128", "K100_N72", "slices_72_40_24", "slice_offsets_gaps", "mix_distinct",
                   "rank0_adapters", "T1", "K1024_split_k", "slots_static_plan_padded", "x_transposed",
-                  "slices_3_rank_128")
+                  "slices_3_rank_128", "slices_4_rank_64")
 
 
 @pytest.fixture(scope="module")

@@ -33,9 +33,13 @@ CASES = {
     "K100_N72": dict(T=33, K=100, n_sizes=[72], ranks="1-24", num_adapters=5),
     "slices_72_40_24": dict(T=40, K=64, n_sizes=[72, 40, 24], ranks="1-20", num_adapters=5, mix="zipf:1.5"),
     # three slices at max_rank 128 (the cuda fused segment kernel: slices in groups by the tile's rank, its
-    # shallower out-chunk ring)
-    "slices_3_rank_128": dict(T=70, K=64, n_sizes=[40, 24, 16], ranks=[1, 128, 77, 100], num_adapters=4,
+    # shallowest ring configuration, (4, 2) on a 227 KB device; K = 320: 5 K steps, past the 4-deep ring)
+    "slices_3_rank_128": dict(T=70, K=320, n_sizes=[40, 24, 16], ranks=[1, 128, 77, 100], num_adapters=4,
                               mix="zipf:1.5"),
+    # four slices at max_rank 64 (the fused kernel's (4, 3) ring configuration on a 227 KB device; 7 K steps, past
+    # the 6-deep ring of (6, 3))
+    "slices_4_rank_64": dict(T=70, K=448, n_sizes=[40, 24, 16, 8], ranks=[64, 3, 40, 17], num_adapters=4,
+                             mix="zipf:1.5", none_frac=0.1),
     # ranks beyond 128, up to the cuda backend's limit (512, vLLM's largest max_lora_rank)
     "ranks_to_512": dict(T=48, K=64, n_sizes=[40], ranks=[1, 512, 300, 129, 256, 7], num_adapters=6),
     # two slices at max_rank 192 (the cuda fused segment kernel in groups of 224 columns: one slice of a rank-192
@@ -349,20 +353,27 @@ def test_fused_segment_kernel_is_chosen_where_it_fits(generator, monkeypatch):
         return [args[1] if args[1] != 3 else (3, args[2]) for kind, _, args in log if kind == "segment"]
 
     # fused wherever a layout fits this device as built: groups of slices of up to 256 rank columns (as wide as
-    # the slices at the pool's max_rank), the deepest out-chunk ring that fits (the depths are tuning macros);
-    # the launch names the depth (dense_segment's k_split) and the columns (seg_cols)
+    # the slices at the pool's max_rank), then the first ring configuration (K ring, out-chunk ring; deepest first,
+    # tuning macros) that fits; the launch names the configuration (dense_segment's k_split) and the columns
     ext = real_ext(DEVICE)
     have = ext.max_smem_per_block() - cuda_backend._FUSED_STATIC_SMEM
+    configs = [tuple(c) for c in ext.segment_fused_configs()]
+    assert len(configs) == 3 and configs[2][1] == 2 and all(k >= 2 and o >= 2 for k, o in configs)
+    assert configs[0] >= configs[1] >= configs[2]  # deepest first
+    for cols in (64, 192, 256):  # and so the layouts shrink along the list
+        need = [ext.segment_fused_smem(1, 64, c, cols) for c in range(3)]
+        assert need == sorted(need, reverse=True) and need[2] > 0, (cols, need)
     assert ext.segment_fused_smem(1, 64, 2, 256) > 0 and ext.segment_fused_smem(1, 64, 2, 272) == 0  # <= 256
-    assert ext.segment_fused_smem(1, 128, 2, 112) == 0 and ext.segment_fused_smem(1, 64, 5, 64) == 0  # >= r16; depth
+    assert ext.segment_fused_smem(1, 128, 2, 112) == 0 and ext.segment_fused_smem(1, 64, 3, 64) == 0  # >= r16; config
+    assert ext.segment_fused_smem(1, 64, -1, 64) == 0
     assert have > 0
 
     def fused(S, max_rank):
         r16 = -(-max_rank // 16) * 16
         for cols in range(min(S * r16, 256), r16 - 1, -16):
-            for depth in range(8, 1, -1):
-                if 0 < ext.segment_fused_smem(1, max_rank, depth, cols) <= have:
-                    return [(3, depth, cols)]
+            for config in range(3):
+                if 0 < ext.segment_fused_smem(1, max_rank, config, cols) <= have:
+                    return [(3, config, cols)]
         return "split"
 
     cols_field = cuda_backend._DENSE_FIELDS.index("seg_cols")
@@ -389,6 +400,9 @@ def test_fused_segment_kernel_is_chosen_where_it_fits(generator, monkeypatch):
     assert kernels("fused", [40], [3, 300], max_rank=512) == "split"        # past the fused kernel's 256 columns
     if have >= 227 * 1024 - cuda_backend._FUSED_STATIC_SMEM:  # an H100's (and the emulator's) limit: all fused
         assert "split" not in (fused(2, 128), fused(3, 64), fused(3, 128), fused(8, 64))
+        if configs == [(6, 3), (4, 3), (4, 2)]:  # the default build: the deep K ring for one slice and for qkv at 64;
+            assert fused(1, 64) == [(3, 0, 64)] and fused(3, 64) == [(3, 0, 192)]  # the others run below, too
+            assert fused(4, 64) == [(3, 1, 256)] and fused(2, 128) == [(3, 2, 256)]
     sms = cuda_backend._sm_count(DEVICE)
     assert modes("auto", [40], [4, 9], T=40) == [1, 2]                       # 2 tiles: most SMs idle
     assert kernels("auto", [40], [4, 9] * sms, T=64 * sms) == fused(1, 16)

@@ -47,7 +47,7 @@ cudaError_t dense_gather_t(const DenseParams& p, int mode, int mt, bool vec, cud
     return launch_dense_segment<T>(p, mode, k_split, s);                                           \
   }                                                                                                \
   int CTAS(int mode) { return segment_ctas_per_sm_t<T>(mode); }                                    \
-  int SMEM(int max_rank, int ostages, int cols) {                                                  \
-    return segment_fused_smem_t<T>(max_rank, ostages, cols);                                       \
+  int SMEM(int max_rank, int config, int cols) {                                                   \
+    return segment_fused_smem_t<T>(max_rank, config, cols);                                        \
   }                                                                                                \
   }

@@ -65,12 +65,23 @@ def direct_ok(args) -> bool:
     """True when calling the implementation directly is indistinguishable from calling the operator."""
     if FORCE_OP or torch.compiler.is_compiling() or _in_dispatch_mode():
         return False
+    # Per argument, and per element of a list or tuple argument (one level): a tensor of another type than
+    # _PLAIN's, or one that requires grad while grad mode records, sends the call to the operator. The common case
+    # (a plain tensor) is told by its type first, before any isinstance.
     grad = torch.is_grad_enabled()
     for a in args:
-        for t in (a if isinstance(a, (list, tuple)) else (a,)):
-            if isinstance(t, torch.Tensor):
-                if type(t) not in _PLAIN or (grad and t.requires_grad):
+        if type(a) in _PLAIN:
+            if grad and a.requires_grad:
+                return False
+        elif isinstance(a, (list, tuple)):
+            for t in a:
+                if type(t) in _PLAIN:
+                    if grad and t.requires_grad:
+                        return False
+                elif isinstance(t, torch.Tensor):
                     return False
+        elif isinstance(a, torch.Tensor):
+            return False
     return True
 
 

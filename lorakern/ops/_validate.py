@@ -20,6 +20,8 @@ from typing import Optional, Sequence
 
 import torch
 
+from lorakern.plan import LoRAPlan
+
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _INT_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
 
@@ -32,8 +34,12 @@ def as_slices(name: str, value) -> list:
     """One tensor → one slice; a non-empty sequence of tensors → those slices."""
     if isinstance(value, torch.Tensor):
         return [value]
-    if isinstance(value, (list, tuple)) and value and all(isinstance(v, torch.Tensor) for v in value):
-        return list(value)
+    if isinstance(value, (list, tuple)) and value:
+        for v in value:  # (a loop, not all() over a generator: this runs on every call)
+            if not isinstance(v, torch.Tensor):
+                break
+        else:
+            return list(value)
     raise TypeError(f"{name}: expected a tensor or a non-empty sequence of tensors, got {type(value).__name__}")
 
 
@@ -55,6 +61,16 @@ def check_device(device: torch.device, **tensors) -> None:
     for name, t in tensors.items():
         if t is not None and t.device != device:
             raise ValueError(f"{name}: on {t.device}, but x is on {device}; all arguments must share one device")
+
+
+def on_device(device: torch.device, *tensors) -> bool:
+    """Every tensor (None skipped) is on ``device``: the test :func:`check_device` makes, without its names. The ops
+    call ``check_device`` with the names only when this is False (it then raises), so that a call whose arguments
+    are right does not build a keyword dictionary and an f-string name per slice."""
+    for t in tensors:
+        if t is not None and t.device != device:
+            return False
+    return True
 
 
 def check_pages(page_table: torch.Tensor, ranks: torch.Tensor, scales: Optional[torch.Tensor]) -> tuple:
@@ -79,8 +95,6 @@ def check_pages(page_table: torch.Tensor, ranks: torch.Tensor, scales: Optional[
 
 
 def check_slots_meta(slots, T: int) -> None:
-    from lorakern.plan import LoRAPlan
-
     if isinstance(slots, LoRAPlan):
         if slots.num_tokens != T:
             raise ValueError(f"slots: the LoRAPlan covers {slots.num_tokens} tokens, but x has {T}")
@@ -94,9 +108,20 @@ def check_slots_meta(slots, T: int) -> None:
 
 
 def check_rows(name: str, rows: Sequence[torch.Tensor], dtype: torch.dtype, width: Optional[int], wname: str) -> int:
-    """Per-slice rank-row tensors ``[num_rows, width_i]``; all share ``num_rows``. Returns ``num_rows``."""
+    """Per-slice rank-row tensors ``[num_rows, width_i]``; all share ``num_rows``. Returns ``num_rows``.
+
+    A slice that passes every check is told by one condition (no name built); the first one that does not goes
+    through the checks one by one, which raise the error they always have."""
     num_rows = None
+    fast = dtype is None or dtype in FLOAT_DTYPES  # (else check_float refuses every slice)
     for i, r in enumerate(rows):
+        if fast and isinstance(r, torch.Tensor):
+            shape = r.shape
+            if ((r.dtype == dtype if dtype is not None else r.dtype in FLOAT_DTYPES) and len(shape) == 2
+                    and (width is None or shape[1] == width) and (num_rows is None or shape[0] == num_rows)):
+                if num_rows is None:
+                    num_rows = shape[0]
+                continue
         n = f"{name}[{i}]" if len(rows) > 1 else name
         check_float(n, r, dtype)
         check_dim(n, r, 2, f"[num_rows, {wname}]")
@@ -116,6 +141,8 @@ def resolve_offsets(slice_offsets, widths: Sequence[int], out_cols: int) -> list
         for w in widths:
             offs.append(acc)
             acc += w
+        if acc <= out_cols and min(widths, default=0) >= 0:  # back to back from 0: in order, none overlapping,
+            return offs                                          # all within out when the last one ends in it
     else:
         if isinstance(slice_offsets, torch.Tensor):
             slice_offsets = slice_offsets.tolist()

@@ -90,23 +90,31 @@ def _check_common(x, page_table, ranks, scales, slots):
     num_slots, max_rank = V.check_pages(page_table, ranks, scales)
     V.check_slots_meta(slots, x.shape[0])
     s = slots.slots if isinstance(slots, LoRAPlan) else slots
-    V.check_device(x.device, page_table=page_table, ranks=ranks, scales=scales, slots=s)
+    if not V.on_device(x.device, page_table, ranks, scales, s):
+        V.check_device(x.device, page_table=page_table, ranks=ranks, scales=scales, slots=s)  # (raises)
     return num_slots, max_rank
 
 
 def _rows(ts):
     """Rank-row tensors with unit stride along their width (kernels index rows by a row stride)."""
-    return [t if t.stride(-1) == 1 else t.contiguous() for t in ts]
+    return [t if t.stride()[-1] == 1 else t.contiguous() for t in ts]  # (stride() is cheaper than stride(-1))
+
+
+_KERNEL_MODULES: dict = {}
 
 
 def _kernels(backend: str, op: str):
-    """The kernel module of a compiled backend: ``triton`` and ``cuda`` share one signature per op."""
-    if backend == "triton":
-        from lorakern.triton import lora as mod
-    elif backend == "cuda":
-        from lorakern import cuda_backend as mod
-    else:
-        raise RuntimeError(f"{op}: backend {backend!r} has no implementation of this op")
+    """The kernel module of a compiled backend: ``triton`` and ``cuda`` share one signature per op. The module is
+    imported on first use and kept (the function is still looked up on it per call)."""
+    mod = _KERNEL_MODULES.get(backend)
+    if mod is None:
+        if backend == "triton":
+            from lorakern.triton import lora as mod
+        elif backend == "cuda":
+            from lorakern import cuda_backend as mod
+        else:
+            raise RuntimeError(f"{op}: backend {backend!r} has no implementation of this op")
+        _KERNEL_MODULES[backend] = mod
     return getattr(mod, op)
 
 
@@ -239,11 +247,13 @@ def add_lora(
     V.check_dim("out", out, 2, "[T, N_total]")
     if out.shape[0] != x.shape[0]:
         raise ValueError(f"out: has {out.shape[0]} rows, but x has {x.shape[0]} tokens")
-    V.check_device(x.device, out=out, **{f"lora_a[{i}]": t for i, t in enumerate(a)},
-                   **{f"lora_b[{i}]": t for i, t in enumerate(b)})
+    device = x.device
+    if not V.on_device(device, out, *a, *b):  # (the names only for the error)
+        V.check_device(device, out=out, **{f"lora_a[{i}]": t for i, t in enumerate(a)},
+                       **{f"lora_b[{i}]": t for i, t in enumerate(b)})
     offs = V.resolve_offsets(slice_offsets, [t.shape[1] for t in b], out.shape[1])
-    be = select_backend(backend, x.device, x.dtype, max_rank, op="add_lora")
-    s, tok, tg, ts, info = _plan_args(slots, be, num_slots, x.device, ranks)
+    be = select_backend(backend, device, x.dtype, max_rank, op="add_lora")
+    s, tok, tg, ts, info = _plan_args(slots, be, num_slots, device, ranks)
     x = V.apart_from(out, x)
     _dispatch.call("lorakern::add_lora", out, x, _rows(a), _rows(b), page_table, ranks, scales, s, tok, tg, ts,
                    offs, info, be)
@@ -265,7 +275,8 @@ def lora_shrink(
     num_slots, max_rank = _check_common(x, page_table, ranks, None, slots)
     a = V.as_slices("lora_a", lora_a)
     V.check_rows("lora_a", a, x.dtype, x.shape[1], "K")
-    V.check_device(x.device, **{f"lora_a[{i}]": t for i, t in enumerate(a)})
+    if not V.on_device(x.device, *a):
+        V.check_device(x.device, **{f"lora_a[{i}]": t for i, t in enumerate(a)})  # (raises)
     shape = (len(a), x.shape[0], max_rank)
     if out is None:
         out = torch.empty(shape, dtype=torch.float32, device=x.device)
@@ -306,8 +317,9 @@ def lora_expand(
         raise ValueError(f"y: expected shape {(len(b), T, max_rank)} [S, T, max_rank], got {tuple(y.shape)}")
     V.check_slots_meta(slots, T)
     s0 = slots.slots if isinstance(slots, LoRAPlan) else slots
-    V.check_device(out.device, y=y, page_table=page_table, ranks=ranks, scales=scales, slots=s0,
-                   **{f"lora_b[{i}]": t for i, t in enumerate(b)})
+    if not V.on_device(out.device, y, page_table, ranks, scales, s0, *b):
+        V.check_device(out.device, y=y, page_table=page_table, ranks=ranks, scales=scales, slots=s0,
+                       **{f"lora_b[{i}]": t for i, t in enumerate(b)})  # (raises)
     offs = V.resolve_offsets(slice_offsets, [t.shape[1] for t in b], out.shape[1])
     be = select_backend(backend, out.device, out.dtype, max_rank, op="lora_expand")
     s, tok, tg, ts, info = _plan_args(slots, be, num_slots, out.device, ranks)

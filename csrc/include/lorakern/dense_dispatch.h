@@ -11,6 +11,34 @@ namespace lorakern {
 // split segment kernels take any rank (rank tiles of 64); the fused one takes up to 256 (the host checks).
 constexpr int kMaxRank = 512;
 
+// The fused segment kernel's rings (dense_segment.cuh), as (K ring depth, out-chunk ring depth) configurations, in
+// the host's order of preference: the first whose layout fits the device's shared memory at the widest group of
+// slices (lorakern._C.segment_fused_configs, segment_fused_smem). Tuning macros (LORAKERN_NVCC_DEFINES):
+//   LORAKERN_FUSED_DEEP_STAGES (6), LORAKERN_FUSED_STAGES (4), LORAKERN_FUSED_OSTAGES (3): the configurations are
+//   (DEEP_STAGES, OSTAGES), (STAGES, OSTAGES), (STAGES, 2); DEEP_STAGES 0 (or <= STAGES) = no deep ring.
+// One CTA per SM must keep enough x in flight by itself: a K ring d deep has d - 1 K steps (8 KB of x each) in
+// flight, 40 KB at 6 against 24 KB at 4 (an H100 SM's share of the copy bandwidth times ~1.5 us of loaded latency
+// is ~34 KB); the out ring has OSTAGES - 1 chunks (16 KB of out each) in flight. Not yet timed.
+#ifndef LORAKERN_FUSED_STAGES
+#define LORAKERN_FUSED_STAGES 4
+#endif
+#ifndef LORAKERN_FUSED_DEEP_STAGES
+#define LORAKERN_FUSED_DEEP_STAGES 6
+#endif
+#ifndef LORAKERN_FUSED_OSTAGES
+#define LORAKERN_FUSED_OSTAGES 3
+#endif
+struct FusedConfig {
+  int stages, ostages;
+};
+constexpr int kNumFusedConfigs = 3;
+constexpr FusedConfig kFusedConfigs[kNumFusedConfigs] = {
+    {LORAKERN_FUSED_DEEP_STAGES > LORAKERN_FUSED_STAGES ? LORAKERN_FUSED_DEEP_STAGES : LORAKERN_FUSED_STAGES,
+     LORAKERN_FUSED_OSTAGES},
+    {LORAKERN_FUSED_STAGES, LORAKERN_FUSED_OSTAGES},
+    {LORAKERN_FUSED_STAGES, 2}};
+static_assert(LORAKERN_FUSED_STAGES >= 2 && LORAKERN_FUSED_OSTAGES >= 2, "fused rings");
+
 struct DenseParams {
   const void* x;            // [T, K] (FUSED, SHRINK)
   int64_t sx_t, sx_k;
@@ -80,14 +108,15 @@ cudaError_t dense_segment_bf16(const DenseParams& p, int mode, int k_split, cuda
 // CTAs of the segment kernel of `mode` that fit on one SM of the current device (0: unknown).
 int dense_segment_ctas_f16(int mode);
 int dense_segment_ctas_bf16(int mode);
-// Dynamic shared memory of the fused segment kernel (mode 3) for a page table max_rank wide, an out-chunk ring
-// `ostages` deep and groups of `cols` rank columns; 0 when that layout is not supported (a depth not built, cols
+// Dynamic shared memory of the fused segment kernel (mode 3) for a page table max_rank wide, ring configuration
+// `config` (0, 1, 2: the (K ring, out-chunk ring) depths of dense_segment.cuh's segf::kConfigs, the host's order of
+// preference) and groups of `cols` rank columns; 0 when that layout is not supported (no such configuration, cols
 // outside [max_rank rounded up to 16, 256] or not a multiple of 16).
-int dense_segment_fused_smem_f16(int max_rank, int ostages, int cols);
-int dense_segment_fused_smem_bf16(int max_rank, int ostages, int cols);
-inline int dense_segment_fused_smem(DType dt, int max_rank, int ostages, int cols) {
-  return dt == DType::kF16    ? dense_segment_fused_smem_f16(max_rank, ostages, cols)
-         : dt == DType::kBF16 ? dense_segment_fused_smem_bf16(max_rank, ostages, cols)
+int dense_segment_fused_smem_f16(int max_rank, int config, int cols);
+int dense_segment_fused_smem_bf16(int max_rank, int config, int cols);
+inline int dense_segment_fused_smem(DType dt, int max_rank, int config, int cols) {
+  return dt == DType::kF16    ? dense_segment_fused_smem_f16(max_rank, config, cols)
+         : dt == DType::kBF16 ? dense_segment_fused_smem_bf16(max_rank, config, cols)
                               : 0;
 }
 inline int dense_segment_ctas_per_sm(DType dt, int mode) {

@@ -35,9 +35,8 @@ namespace lorakern {
 //   LORAKERN_SEG_SK, LORAKERN_SEG_STAGES   shrink K step and cp.async ring depth (64, 4: 72 KB of shared memory)
 //   LORAKERN_SEG_MMA                       expand on mma.sync + ldmatrix instead of WMMA (0; 1: the accumulators
 //                                          go from registers into the out tile, no fp32 staging; not yet timed)
-//   LORAKERN_FUSED_STAGES, _OSTAGES        the fused kernel's K ring depth (4: 3 K steps, 24 KB of x, in flight)
-//                                          and out-chunk ring depth (3: 2 chunks, 32 KB of out, in flight; a layout
-//                                          that does not fit runs at depth 2, else on the split kernels)
+//   LORAKERN_FUSED_DEEP_STAGES, _STAGES,   the fused kernel's (K ring, out-chunk ring) configurations, of which the
+//   LORAKERN_FUSED_OSTAGES                 host takes the first that fits: (6, 3), (4, 3), (4, 2) (dense_dispatch.h)
 //   LORAKERN_SEG_BF16_TERMS                bf16 terms of the fp32 intermediate in the expand (3: ~24 bits, the
 //                                          contract's fp32; 2: ~16 bits, 9 % faster expand on an H100, but outside
 //                                          the fp32 tolerance where the sum cancels: not a default)
@@ -54,12 +53,6 @@ namespace lorakern {
 #endif
 #ifndef LORAKERN_SEG_BF16_TERMS
 #define LORAKERN_SEG_BF16_TERMS 3
-#endif
-#ifndef LORAKERN_FUSED_STAGES
-#define LORAKERN_FUSED_STAGES 4
-#endif
-#ifndef LORAKERN_FUSED_OSTAGES
-#define LORAKERN_FUSED_OSTAGES 3
 #endif
 
 namespace seg {
@@ -432,7 +425,8 @@ __global__ void __launch_bounds__(seg::kSegThreads, seg::kExpandMinBlocks) segme
 // The slices go in groups: as many as fit `p.seg_cols` (<= 256) rank columns at the TILE's rank rounded up to 16
 // (rank16), so a tile of rank <= 16 does qkv in one group whatever the pool's max_rank; a group re-reads x.
 //   1. Shrink: Y[64 tokens, G x rank16] = X[tokens, K] @ A^T for the group's G slices at once (slice s0 + i owns
-//      columns i rank16 ..), K steps of 64 through a STAGES-deep cp.async ring; the whole K per CTA (no split, no
+//      columns i rank16 ..), K steps of 64 through a STAGES-deep cp.async ring (4 or 6: FusedConfig); the whole
+//      K per CTA (no split, no
 //      atomics: deterministic). mma.sync + ldmatrix; 8 warps as 2 row halves x 4 column groups (16-column blocks
 //      b = group + 4 i); the accumulators (<= 64 per lane) stay in registers. Rank rows past the rank are zeros.
 //   2. The fp32 Y goes to shared memory once, as terms of the weight dtype (as in the expand kernel), and never to
@@ -456,8 +450,7 @@ template <typename T> __device__ __forceinline__ void store_pair(T* p, const Pai
 }
 
 namespace segf {
-constexpr int BM = 64, SK = 64, STAGES = LORAKERN_FUSED_STAGES, BN = 128, OSTAGES = LORAKERN_FUSED_OSTAGES;
-static_assert(STAGES >= 2 && OSTAGES >= 2, "fused rings");
+constexpr int BM = 64, SK = 64, BN = 128;
 constexpr int kThreads = 256;
 constexpr int kMaxCols = 256;                  // rank columns of a group
 constexpr int kMaxSlices = 32;                 // slices of a call (more: the split kernels)
@@ -471,16 +464,16 @@ template <typename T> constexpr int terms() {
 }
 
 // Shared-memory layout (bytes) for `cols` rank columns per group, B chunks of up to r16 = max_rank rounded up to
-// 16 rows and an out-chunk ring `ostages` deep. The ring (from 0) is dead once a group's shrink ends; the Y terms
+// 16 rows, a K ring `stages` deep and an out-chunk ring `ostages` deep. The ring (from 0) is dead once a group's shrink ends; the Y terms
 // (from 0) and the expand stages (after them) reuse it.
 template <typename T> struct FusedLayout {
   int r16, cols, ldy, ring_stage, ring, y_bytes, stage_off, ot_off, stage, bytes;
-  __host__ __device__ FusedLayout(int max_rank, int ostages, int cols_) {
+  __host__ __device__ FusedLayout(int max_rank, int stages, int ostages, int cols_) {
     r16 = (max_rank + 15) / 16 * 16;
     cols = cols_;
     ldy = cols + 8;
     ring_stage = (BM + cols) * LDX * int(sizeof(T));  // xs [BM][LDX], then as [cols][LDX]
-    ring = STAGES * ring_stage;
+    ring = stages * ring_stage;
     y_bytes = terms<T>() * BM * ldy * int(sizeof(T));  // yt [terms][BM][ldy]
     stage_off = seg::round128(y_bytes);
     ot_off = r16 * LDB * int(sizeof(T));               // a stage: bs [r16][LDB], then ot [BM][LDB]
@@ -493,10 +486,11 @@ template <typename T> struct FusedLayout {
 };
 }  // namespace segf
 
-template <typename T, int OSTAGES>
+template <typename T, int STAGES, int OSTAGES>
 __global__ void __launch_bounds__(segf::kThreads, 1) segment_fused_kernel(const DenseParams p) {
   using segf::FusedLayout;
-  constexpr int BM = segf::BM, SK = segf::SK, STAGES = segf::STAGES, BN = segf::BN;
+  static_assert(STAGES >= 2 && OSTAGES >= 2, "fused rings");
+  constexpr int BM = segf::BM, SK = segf::SK, BN = segf::BN;
   constexpr int kThreads = segf::kThreads, kMaxCols = segf::kMaxCols, kMaxSlices = segf::kMaxSlices;
   constexpr int kBlocksPerWarp = segf::kBlocksPerWarp, LDX = segf::LDX, LDB = segf::LDB;
   LORAKERN_DYNAMIC_SMEM(smem);
@@ -514,7 +508,7 @@ __global__ void __launch_bounds__(segf::kThreads, 1) segment_fused_kernel(const 
   if (len <= 0 || slot < 0 || slot >= p.num_slots || p.num_rows <= 0) return;  // (see DenseParams)
   const int rank = min(p.ranks[slot], p.max_rank);  // (see dense_gather.cuh: unchecked in graph replays)
   if (rank <= 0) return;
-  const FusedLayout<T> L(p.max_rank, OSTAGES, p.seg_cols);
+  const FusedLayout<T> L(p.max_rank, STAGES, OSTAGES, p.seg_cols);
   const int rank16 = (rank + 15) / 16 * 16;
   const int S = p.num_slices, G = min(S, L.cols / rank16);  // slices per group
   constexpr int kTerms = segf::terms<T>();
@@ -768,23 +762,25 @@ __global__ void __launch_bounds__(segf::kThreads, 1) segment_fused_kernel(const 
   cp_async_wait<0>();  // only empty groups remain; nothing in flight when the CTA exits
 }
 
-// The fused kernel's out-chunk ring depths, deepest first: the host takes the first whose layout fits the device
-// (LORAKERN_FUSED_OSTAGES, then 2: e.g. qkv at max_rank 64 in bf16 needs 177 KB at depth 3, 144 KB at 2, which an
-// A100's 163 KB holds).
-constexpr int kFusedDepths[2] = {segf::OSTAGES, 2};
-
-// Dynamic shared memory of the fused kernel for a page table `max_rank` wide, an out-chunk ring `ostages` deep
-// (one of kFusedDepths) and groups of `cols` rank columns (a multiple of 16, from max_rank rounded up to 16 to 256);
-// 0: not supported.
+// Dynamic shared memory of the fused kernel for a page table `max_rank` wide, ring configuration `config` (an
+// index into kFusedConfigs) and groups of `cols` rank columns (a multiple of 16, from max_rank rounded up to 16 to
+// 256); 0: not supported.
 template <typename T>
-int segment_fused_smem_t(int max_rank, int ostages, int cols) {
-  if (ostages != kFusedDepths[0] && ostages != kFusedDepths[1]) return 0;
-  const segf::FusedLayout<T> L(max_rank, ostages, cols);
+int segment_fused_smem_t(int max_rank, int config, int cols) {
+  if (config < 0 || config >= kNumFusedConfigs) return 0;
+  const segf::FusedLayout<T> L(max_rank, kFusedConfigs[config].stages, kFusedConfigs[config].ostages, cols);
   return L.supported() ? L.bytes : 0;
 }
 
+template <typename T, int C>
+cudaError_t launch_segment_fused(const DenseParams& p, int bytes, cudaStream_t stream) {
+  constexpr FusedConfig kC = kFusedConfigs[C];
+  return launch_kernel_smem(segment_fused_kernel<T, kC.stages, kC.ostages>, dim3(p.num_tiles), dim3(segf::kThreads),
+                            bytes, stream, p);
+}
+
 // mode 1: shrink into a zeroed y (`k_split` >= 1 CTAs per tile's K); mode 2: expand from y; mode 3: fused
-// (shrink + expand, no y; `k_split` = the out-chunk ring depth, one of kFusedDepths).
+// (shrink + expand, no y; `k_split` = the ring configuration, an index into kFusedConfigs).
 template <typename T>
 cudaError_t launch_dense_segment(const DenseParams& p, int mode, int k_split, cudaStream_t stream) {
   if (p.num_tiles <= 0 || p.num_slices <= 0) return cudaSuccess;
@@ -801,11 +797,10 @@ cudaError_t launch_dense_segment(const DenseParams& p, int mode, int k_split, cu
   } else if (mode == 3) {
     const int bytes = segment_fused_smem_t<T>(p.max_rank, k_split, p.seg_cols);
     if (bytes <= 0 || p.num_slices > segf::kMaxSlices) return cudaErrorInvalidValue;
-    if (k_split == kFusedDepths[0])
-      return launch_kernel_smem(segment_fused_kernel<T, kFusedDepths[0]>, dim3(p.num_tiles), dim3(segf::kThreads),
-                                bytes, stream, p);
-    return launch_kernel_smem(segment_fused_kernel<T, kFusedDepths[1]>, dim3(p.num_tiles), dim3(segf::kThreads),
-                              bytes, stream, p);
+    static_assert(kNumFusedConfigs == 3, "one launch per configuration");
+    if (k_split == 0) return launch_segment_fused<T, 0>(p, bytes, stream);
+    if (k_split == 1) return launch_segment_fused<T, 1>(p, bytes, stream);
+    return launch_segment_fused<T, 2>(p, bytes, stream);
   }
   return cudaErrorInvalidValue;
 }
