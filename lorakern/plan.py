@@ -117,16 +117,14 @@ def _order_by_rank(tiles: torch.Tensor, ranks: torch.Tensor) -> None:
     """Reorder the rows of a work list ``[T, 3]`` in place: used tiles by descending rank of their slot (stable),
     then the unused rows (length 0), so that an exact grid still covers the used tiles."""
     n = ranks.shape[0]
+    if n == 0:
+        return
     slot = tiles[:, 2]
-    used = tiles[:, 1] > 0
-    if n:
-        r = ranks.to(torch.int32)[slot.clamp(0, n - 1).long()].clamp(min=0)
-        r = torch.where(slot < n, r, torch.zeros_like(r))
-    else:
-        r = torch.zeros_like(slot)
-    key = torch.where(used, r, torch.full_like(r, -1))
+    # (a slot past ranks, which the ops reject, takes the last slot's rank: any order of such tiles is right)
+    r = ranks.index_select(0, slot.clamp(0, n - 1)).to(torch.int32).clamp_(min=0)
+    key = torch.where(tiles[:, 1] > 0, r, -1)
     order = torch.sort(key, descending=True, stable=True)[1]
-    tiles.copy_(tiles[order])
+    tiles.copy_(tiles.index_select(0, order))
 
 
 class LoRAPlan:
@@ -157,7 +155,7 @@ class LoRAPlan:
     def from_slots(cls, slots: torch.Tensor, ranks: Optional[torch.Tensor] = None) -> "LoRAPlan":
         """Plan for one batch (contract). ``slots``: integer tensor ``[T]``, ``-1`` = no LoRA. ``ranks`` (optional,
         the ``ranks [num_slots]`` the ops will get, on the same device): order the work tiles by descending rank
-        (module docstring); a slot outside ``ranks`` is ordered as rank 0 (the ops reject it).
+        (module docstring); a slot past the end of ``ranks`` (which the ops reject) is ordered by the last slot's rank.
 
         Raises ``TypeError`` for a non-integer tensor, ``ValueError`` for a wrong shape or a slot below ``-1``.
         """

@@ -16,7 +16,7 @@ BLOCKS = (GATHER_BLOCK_M, SEGMENT_BLOCK_M)
 
 def expected(slots, ranks=None):
     """The plan's buffers computed the slow, obvious way from a list of slots (and, given, the slots' ranks: tiles
-    by descending rank, stable; a slot outside ``ranks`` counts as rank 0)."""
+    by descending rank, stable; a slot past the end of ``ranks`` counts as the last slot)."""
     s = [int(v) for v in slots]
     T = len(s)
     order = sorted(range(T), key=lambda t: (s[t] < 0, s[t], t))  # by slot, -1 last, stable
@@ -34,7 +34,7 @@ def expected(slots, ranks=None):
             for i in range(0, count, bm):
                 rows.append((start + i, min(bm, count - i), slot))
         if ranks is not None:
-            rank = lambda slot: max(ranks[slot], 0) if slot < len(ranks) else 0  # noqa: E731
+            rank = lambda slot: max(ranks[min(slot, len(ranks) - 1)], 0) if ranks else 0  # noqa: E731
             rows = sorted(rows, key=lambda r: -rank(r[2]))  # (sorted is stable)
         tiles[bm] = rows
     return order, segs, tiles
@@ -147,7 +147,7 @@ def test_all_tokens_without_lora():
 def test_from_slots_orders_tiles_by_descending_rank(mix, T, n, none_frac, generator):
     slots = make_slots(mix, T, n, none_frac=none_frac, generator=generator, device=DEVICE)
     # few distinct ranks (ties keep an adapter's tiles together, in token order), zeros and a short ranks tensor:
-    # a slot past its end is ordered as rank 0 (the ops reject it later)
+    # a slot past its end is ordered as the last slot (the ops reject it later)
     ranks = torch.tensor([8, 128, 16, 0, 64, 16, 128, 1], dtype=torch.int32)[torch.randint(0, 8, (max(n - 1, 0),),
                                                                                           generator=generator)]
     plan = LoRAPlan.from_slots(slots, ranks.to(DEVICE))
@@ -159,7 +159,8 @@ def test_from_slots_orders_tiles_by_descending_rank(mix, T, n, none_frac, genera
             assert torch.equal(b, _buffers(plan)[k]), k
     for bm in BLOCKS:
         used = plan.tiles(bm)[: len(tiles[bm])]
-        keys = [(-(ranks.tolist()[s] if s < len(ranks) else 0)) for s in used[:, 2].tolist()]
+        rl = ranks.tolist()
+        keys = [-max(rl[min(s, len(rl) - 1)], 0) if rl else 0 for s in used[:, 2].tolist()]
         assert keys == sorted(keys)
         if len({r for r in ranks.tolist()}) > 1 and len(tiles[bm]) > 1 and mix == "distinct":
             assert not torch.equal(plan.tiles(bm), plain.tiles(bm))  # (the case reorders something)
