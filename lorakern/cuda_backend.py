@@ -487,7 +487,7 @@ def add_lora_moe(out, x, topk_ids, lora_a, lora_b, page_table, ranks, scales, sl
     if T * topk == 0 or max_rank == 0:
         return
     E = lora_a[0].shape[1]
-    pair_ids, tiles, _, n_max = group_pairs(slots, topk_ids, E, num_slots, MOE_BLOCK_M)
+    pair_ids, tiles, _, n_max = group_pairs(slots, topk_ids, E, num_slots, MOE_BLOCK_M, ranks)
     if n_max == 0:
         return
     tab = moe_tables(lora_a, lora_b, slice_offsets)

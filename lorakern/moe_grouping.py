@@ -7,7 +7,9 @@ skipped, never read out of bounds). One stable ``torch.sort`` of the keys, then 
 list of tiles ``(start, length, key)`` — blocks of at most ``block_m`` sorted pairs of one group — are computed
 with torch ops into buffers whose sizes depend only on ``T``, ``topk``, ``E`` and the number of slots, never on the
 data, so a CUDA graph captured with one routing and adapter mix replays correctly with any other. Tiles past the
-device-side count have length 0 (kernels exit on them).
+device-side count have length 0 (kernels exit on them). Given the slots' ranks, the used tiles are ordered by
+descending work, rank × pairs (stable), so that a kernel's longest CTAs start first (as ``LoRAPlan`` does for the
+dense ops by rank).
 """
 
 from __future__ import annotations
@@ -33,22 +35,24 @@ def max_tiles(num_pairs: int, num_groups_bound: int, block_m: int) -> int:
 _GROUP_CACHE: "OrderedDict[tuple, tuple]" = OrderedDict()
 
 
-def group_pairs(slots: torch.Tensor, topk_ids: torch.Tensor, num_experts: int, num_slots: int, block_m: int):
+def group_pairs(slots: torch.Tensor, topk_ids: torch.Tensor, num_experts: int, num_slots: int, block_m: int,
+                ranks=None):
     """(pair ids sorted by (slot, expert) int32 [P], tiles int32 [max_tiles, 3] of (start, length, slot·E + e),
-    tile count int32 [1]) — torch ops on the device, sizes fixed by the shapes, no host synchronisation.
+    tile count int32 [1]) — torch ops on the device, sizes fixed by the shapes, no host synchronisation. With
+    ``ranks`` (int [num_slots], the op's), the used tiles come first in descending order of rank × length.
 
-    Outside CUDA-graph capture the result is cached per (``slots``, ``topk_ids``) object and version, so the down
-    projection of a layer reuses the grouping of its gate_up projection."""
+    Outside CUDA-graph capture the result is cached per (``slots``, ``topk_ids``, ``ranks``) object and version, so
+    the down projection of a layer reuses the grouping of its gate_up projection."""
     dev = topk_ids.device
     capturing = dev.type == "cuda" and torch.cuda.is_current_stream_capturing()
-    key = (id(slots), id(topk_ids), num_experts, num_slots, block_m)
-    vers = (version_of(slots), version_of(topk_ids))
+    key = (id(slots), id(topk_ids), id(ranks), num_experts, num_slots, block_m)
+    vers = (version_of(slots), version_of(topk_ids), version_of(ranks) if ranks is not None else 0)
     cacheable = not capturing and None not in vers  # inference tensors have no version counter
     if cacheable:
         hit = _GROUP_CACHE.get(key)
         if hit is not None:
-            sref, iref, hv, val = hit
-            if sref() is slots and iref() is topk_ids and hv == vers:
+            sref, iref, rref, hv, val = hit
+            if sref() is slots and iref() is topk_ids and (rref() if rref else None) is ranks and hv == vers:
                 _GROUP_CACHE.move_to_end(key)
                 return val
     T, topk = topk_ids.shape
@@ -86,9 +90,15 @@ def group_pairs(slots: torch.Tensor, topk_ids: torch.Tensor, num_experts: int, n
     tiles[:, 0] = torch.where(valid, seg_start[sg] + local * block_m, zero)
     tiles[:, 1] = torch.where(valid, torch.clamp(counts[sg] - local * block_m, min=0, max=block_m), zero)
     tiles[:, 2] = torch.where(valid, seg_key[sg], zero)
+    if ranks is not None and ranks.shape[0] > 0:
+        # work of a tile ~ rank x pairs; keys of used tiles are < num_slots * E (dead pairs are never in a tile)
+        r = ranks.index_select(0, (tiles[:, 2] // E).clamp_(0, ranks.shape[0] - 1)).to(torch.int32).clamp_(min=0)
+        work = torch.where(tiles[:, 1] > 0, r * tiles[:, 1], -1)
+        tiles.copy_(tiles.index_select(0, torch.sort(work, descending=True, stable=True)[1]))
     val = (pair_ids, tiles, incl[-1:].clone(), n_max)
     if cacheable:
-        _GROUP_CACHE[key] = (weakref.ref(slots), weakref.ref(topk_ids), vers, val)
+        _GROUP_CACHE[key] = (weakref.ref(slots), weakref.ref(topk_ids),
+                             weakref.ref(ranks) if ranks is not None else None, vers, val)
         if len(_GROUP_CACHE) > 8:
             _GROUP_CACHE.popitem(last=False)
     return val

@@ -616,6 +616,36 @@ def test_group_pairs_tiles_cover_every_lora_pair_once(generator):
     assert sorted(seen) == want
 
 
+def test_group_pairs_orders_tiles_by_work_given_ranks(generator):
+    """With the slots' ranks, the same tiles, used ones first in descending rank x pairs (stable); the cache tells
+    the ranks apart (another tensor, or the same one changed in place)."""
+    g = generator
+    T, topk, E, S = 60, 4, 8, 5
+    ids, _ = make_routing(g, T, topk, E, skew=True)
+    slots = torch.randint(-1, S, (T,), generator=g, dtype=torch.int32)
+    slots[:24] = 2  # a long group: full tiles and a partial one
+    ranks = torch.tensor([16, 1, 4, 64, 0], dtype=torch.int32)
+    plain = moe_triton.group_pairs(slots, ids, E, S, 16)
+    for r in (ranks, ranks.clone().fill_(8)):
+        pair_ids, tiles, num_tiles, n_max = moe_triton.group_pairs(slots, ids, E, S, 16, r)
+        n = int(num_tiles)
+        assert torch.equal(pair_ids, plain[0]) and n == int(plain[2]) and n_max == plain[3]
+        assert sorted(map(tuple, tiles[:n].tolist())) == sorted(map(tuple, plain[1][:n].tolist()))
+        assert (tiles[n:, 1] == 0).all()
+        work = [r[k // E].item() * ln for _, ln, k in tiles[:n].tolist()]
+        assert work == sorted(work, reverse=True)
+        # stable: tiles of equal work keep their order in the plain list
+        pos = {tuple(t): i for i, t in enumerate(plain[1][:n].tolist())}
+        for a, b in zip(tiles[:n].tolist(), tiles[1:n].tolist()):
+            if r[a[2] // E] * a[1] == r[b[2] // E] * b[1]:
+                assert pos[tuple(a)] < pos[tuple(b)]
+    assert not torch.equal(moe_triton.group_pairs(slots, ids, E, S, 16, ranks)[1], plain[1])
+    before = moe_triton.group_pairs(slots, ids, E, S, 16, ranks)[1].clone()
+    ranks[2] = 128  # in place: the long group's tiles now come first
+    after = moe_triton.group_pairs(slots, ids, E, S, 16, ranks)[1]
+    assert not torch.equal(after, before) and after[0, 2].item() // E == 2
+
+
 @pytest.mark.skipif(not CUDA_RUNS, reason="the cuda backend does not run here")
 def test_cuda_launches_do_not_depend_on_routing_or_mix(generator, monkeypatch):
     """What a CUDA graph needs from the cuda backend's MoE launch: with a static plan, grid, kernel variant

@@ -145,7 +145,7 @@ def add_lora_moe(out, x, topk_ids, lora_a, lora_b, page_table, ranks, scales, sl
     E = lora_a[0].shape[1]
     num_slots, max_rank = page_table.shape
     c = cfg()
-    pair_ids, tiles, num_tiles, n_max = group_pairs(slots, topk_ids, E, num_slots, c["BLOCK_M"])
+    pair_ids, tiles, num_tiles, n_max = group_pairs(slots, topk_ids, E, num_slots, c["BLOCK_M"], ranks)
     grid_n = _programs(n_max, x.device)
     if grid_n == 0 or max_rank == 0:
         return
