@@ -150,6 +150,7 @@ RESULTS="$(find "$OUT" -maxdepth 1 -name '*.json' -newer "$STAMP" 2>/dev/null | 
 rm -f "$STAMP"
 if [ -n "$RESULTS" ]; then
     log "results: $RESULTS"
+    "$PY" -m lorakern targets "$RESULTS" 2>&1 | tee -a "$LOG"  # issue #3's targets on this run
     if [ -n "$GPU_COUNTS" ]; then
         "$PY" -c "import sys; from lorakern.bench.harness import update_tests as u; u(sys.argv[1], *map(int, sys.argv[2:5]), scope='gpu')" \
             "$RESULTS" $GPU_COUNTS >>"$LOG" 2>&1
@@ -196,9 +197,14 @@ fi
 
 if run_tune; then
     # shellcheck disable=SC2086
+    TSTAMP="$OUT/.tune-bench-start"
+    : >"$TSTAMP"
     step bench "${BENCH_TIMEOUT:-140}" "$PY" -m lorakern bench --device cuda --out "$OUT" \
         --backends ${TUNE_BACKENDS:-cuda cuda-fused triton} --baselines ${TUNE_BASELINES:-none} \
         --filter "${TUNE_FILTER:-decode-qkv distinct|decode-qkv-qwen3moe|prefill|mixed-ranks|rank-}"
+    TRESULTS="$(find "$OUT" -maxdepth 1 -name '*.json' -newer "$TSTAMP" 2>/dev/null | head -n 1)"
+    rm -f "$TSTAMP"
+    [ -n "$TRESULTS" ] && "$PY" -m lorakern targets "$TRESULTS" 2>&1 | tee -a "$LOG"  # issue #3's targets
     if command -v ncu >/dev/null 2>&1; then
         step ncu "${NCU_TIMEOUT:-80}" bash -c "ncu --clock-control none --kernel-name regex:'segment|dense_gather' \
             --launch-count 3 --section SpeedOfLight --section MemoryWorkloadAnalysis --section Occupancy \

@@ -7,6 +7,7 @@ Commands:
 * ``demo`` — attach lorakern to a small Llama, load 64 PEFT adapters, serve mixed batches (prefill and decode),
   check every sequence against its adapter applied alone, print the table. See :mod:`lorakern.demo`.
 * ``plot`` — PNG plots of a recorded run (:mod:`lorakern.bench.plot`).
+* ``targets`` — issue #3's performance targets checked against a recorded run (:mod:`lorakern.bench.targets`).
 
 Each command lives in its own module and contributes its arguments and its ``main(args)`` here; a new command
 (e.g. ``demo``) is one more entry in :data:`_COMMANDS`.
@@ -32,6 +33,12 @@ def _plot_module():
     return plot
 
 
+def _targets_module():
+    from lorakern.bench import targets
+
+    return targets
+
+
 def _demo_module():
     from lorakern import demo
 
@@ -42,6 +49,8 @@ def _demo_module():
 _COMMANDS = {
     "bench": ("time add_lora against the baselines and record the run (--quick: small CPU shapes)", _bench_module),
     "plot": ("PNG plots (GB/s, %% of peak vs batch size) of a recorded run; needs matplotlib", _plot_module),
+    "targets": ("the performance targets of issue #3 (decode, prefill, mixed ranks, vs Triton) on a recorded run",
+                _targets_module),
     "demo": ("serve mixed batches of 64 PEFT adapters on a small Llama, check each against its adapter alone",
              _demo_module),
 }

@@ -388,3 +388,56 @@ def test_gpu_check_steps_stop_at_the_deadline(tmp_path):
     assert re.search(r"=== versions: rc=0", log), log
     assert re.search(r"=== pytest-cuda: skipped, -?\d+s left of DEADLINE_S=12", log), log
     assert "=== done" in log or "done: exit status" in log, log
+
+
+# ------------------------------------------------------------------------------------------------ targets
+def test_targets_on_the_recorded_h100_run():
+    """`python -m lorakern targets` on session 4's recorded run (3a57e06): the numbers the closing notes quoted."""
+    from lorakern.bench import targets as TG
+
+    doc = json.loads((REPO / "bench" / "results" / "nvidia-h100-80gb-hbm3-20261122-3a57e06.json").read_text())
+    res = {(r["target"].split(":")[0], r["time"]): r for r in TG.check(doc) if r["kind"] == "target"}
+    dec = res[("decode", "kernel")]
+    assert (dec["backend"], dec["value"], dec["passed"], dec["vs_triton"]) == ("cuda", 71.9, False, 1.65)
+    assert dec["vs_triton_passed"] is True
+    pre = res[("prefill", "graph")]
+    assert (pre["value"], pre["passed"], pre["vs_triton"], pre["vs_triton_passed"]) == (38.24, False, 1.34, False)
+    mix = res[("mixed ranks", "kernel")]
+    assert mix["value"] == round(68.4 / 85.7, 3) and mix["passed"] is False
+    text = TG.format_report(doc, TG.check(doc))
+    assert "| decode: >= 80 % of copy bandwidth | kernel | cuda | 71.90 | 80.00 | fail | 1.65 | PASS |" in text
+
+
+def _row(case, backend, workload="distinct", kernel=None, pct=None, graph=None):
+    return {"case": case, "backend": backend, "workload": workload, "median_us": 10.0, "skipped": None,
+            "kernel_us": kernel, "kernel_pct_peak": pct, "graph_us": graph, "graph_pct_peak": pct, "pct_peak": pct}
+
+
+def test_targets_pick_the_fastest_compiled_row_and_compare_tile_orders(tmp_path):
+    from lorakern.bench import targets as TG
+
+    doc = {"device": "dev", "commit": "abc", "peak_copy_gbps": 3000.0, "rows": [
+        _row("decode-qkv", "cuda", kernel=60.0, pct=81.0), _row("decode-qkv", "triton", kernel=100.0, pct=48.0),
+        _row("prefill", "cuda", "uniform", kernel=200.0, pct=35.0),
+        _row("prefill", "cuda-fused", "uniform", kernel=90.0, pct=75.0),
+        _row("prefill", "triton", "uniform", kernel=250.0, pct=28.0),
+        _row("mixed-ranks-qkv", "cuda", kernel=260.0, pct=80.0, graph=270.0),
+        _row("mixed-ranks-qkv-slot-order", "cuda", kernel=316.0, pct=66.0, graph=320.0),
+        _row("rank-64-qkv", "cuda", kernel=240.0, pct=85.0)]}
+    res = {(r["target"].split(":")[0], r["time"]): r for r in TG.check(doc) if r["kind"] == "target"}
+    assert res[("decode", "kernel")]["passed"] and res[("decode", "kernel")]["vs_triton"] == round(100 / 60, 2)
+    assert res[("prefill", "kernel")]["backend"] == "cuda-fused" and res[("prefill", "kernel")]["passed"]
+    assert res[("prefill", "kernel")]["vs_triton"] == round(250 / 90, 2)
+    assert res[("mixed ranks", "kernel")]["value"] == round(80 / 85, 3) and res[("mixed ranks", "kernel")]["passed"]
+    assert res[("mixed ranks", "graph")]["passed"] is None  # no graph time in the reference case: not judged
+    order = [r for r in TG.check(doc) if r["kind"] == "order"]
+    assert [(r["case"], r["time"], r["speedup"]) for r in order] == [
+        ("mixed-ranks-qkv", "kernel", round(316 / 260, 3)), ("mixed-ranks-qkv", "graph", round(320 / 270, 3))]
+    p = tmp_path / "run.json"
+    p.write_text(json.dumps(doc))
+    r = subprocess.run([sys.executable, "-m", "lorakern", "targets", str(p)], capture_output=True, text=True,
+                       cwd=REPO, timeout=120)
+    assert r.returncode == 0 and "| mixed-ranks-qkv | cuda | kernel | 316.0 | 260.0 | 1.215 |" in r.stdout
+    r = subprocess.run([sys.executable, "-m", "lorakern", "targets", str(tmp_path / "missing.json")],
+                       capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert r.returncode == 2 and "cannot read" in r.stdout
