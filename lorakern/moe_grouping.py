@@ -41,18 +41,20 @@ def group_pairs(slots: torch.Tensor, topk_ids: torch.Tensor, num_experts: int, n
     tile count int32 [1]) — torch ops on the device, sizes fixed by the shapes, no host synchronisation. With
     ``ranks`` (int [num_slots], the op's), the used tiles come first in descending order of rank × length.
 
-    Outside CUDA-graph capture the result is cached per (``slots``, ``topk_ids``, ``ranks``) object and version, so
-    the down projection of a layer reuses the grouping of its gate_up projection."""
+    Outside CUDA-graph capture the result is cached per (``slots``, ``topk_ids``) object and version, so the down
+    projection of a layer reuses the grouping of its gate_up projection. Not per ``ranks`` object: the ops pass a
+    fresh contiguous copy of a strided ``ranks`` on every call, and the tile order is only a schedule (any order
+    gives the same result), so a grouping made with the ranks of the batch's first call serves its other calls."""
     dev = topk_ids.device
     capturing = dev.type == "cuda" and torch.cuda.is_current_stream_capturing()
-    key = (id(slots), id(topk_ids), id(ranks), num_experts, num_slots, block_m)
-    vers = (version_of(slots), version_of(topk_ids), version_of(ranks) if ranks is not None else 0)
+    key = (id(slots), id(topk_ids), ranks is not None, num_experts, num_slots, block_m)
+    vers = (version_of(slots), version_of(topk_ids))
     cacheable = not capturing and None not in vers  # inference tensors have no version counter
     if cacheable:
         hit = _GROUP_CACHE.get(key)
         if hit is not None:
-            sref, iref, rref, hv, val = hit
-            if sref() is slots and iref() is topk_ids and (rref() if rref else None) is ranks and hv == vers:
+            sref, iref, hv, val = hit
+            if sref() is slots and iref() is topk_ids and hv == vers:
                 _GROUP_CACHE.move_to_end(key)
                 return val
     T, topk = topk_ids.shape
@@ -92,13 +94,13 @@ def group_pairs(slots: torch.Tensor, topk_ids: torch.Tensor, num_experts: int, n
     tiles[:, 2] = torch.where(valid, seg_key[sg], zero)
     if ranks is not None and ranks.shape[0] > 0:
         # work of a tile ~ rank x pairs; keys of used tiles are < num_slots * E (dead pairs are never in a tile)
-        r = ranks.index_select(0, (tiles[:, 2] // E).clamp_(0, ranks.shape[0] - 1)).to(torch.int32).clamp_(min=0)
+        # (ranks clamped: a replayed graph's unchecked ranks must not overflow rank x pairs into an unused tile's -1)
+        r = ranks.index_select(0, (tiles[:, 2] // E).clamp_(0, ranks.shape[0] - 1)).to(torch.int32).clamp_(0, 1 << 16)
         work = torch.where(tiles[:, 1] > 0, r * tiles[:, 1], -1)
         tiles.copy_(tiles.index_select(0, torch.sort(work, descending=True, stable=True)[1]))
     val = (pair_ids, tiles, incl[-1:].clone(), n_max)
     if cacheable:
-        _GROUP_CACHE[key] = (weakref.ref(slots), weakref.ref(topk_ids),
-                             weakref.ref(ranks) if ranks is not None else None, vers, val)
+        _GROUP_CACHE[key] = (weakref.ref(slots), weakref.ref(topk_ids), vers, val)
         if len(_GROUP_CACHE) > 8:
             _GROUP_CACHE.popitem(last=False)
     return val

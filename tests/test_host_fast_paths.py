@@ -188,8 +188,8 @@ def test_check_rows_is_the_plain_loop():
     bf, f32 = torch.bfloat16, torch.float32
     good = torch.empty(8, 16, dtype=bf)
     variants = [good, torch.empty(8, 16, dtype=f32), torch.empty(8, 16, dtype=torch.int32),
-                torch.empty(8, 12, dtype=bf), torch.empty(9, 16, dtype=bf), torch.empty(8, 16, 1, dtype=bf), torch.empty(8, dtype=bf), "a string",
-                torch.empty(0, 16, dtype=bf)]
+                torch.empty(8, 12, dtype=bf), torch.empty(9, 16, dtype=bf), torch.empty(8, 16, 1, dtype=bf),
+                torch.empty(8, dtype=bf), "a string", torch.empty(0, 16, dtype=bf)]
     seen = set()
     for first in variants:
         for second in variants:

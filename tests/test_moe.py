@@ -617,8 +617,9 @@ def test_group_pairs_tiles_cover_every_lora_pair_once(generator):
 
 
 def test_group_pairs_orders_tiles_by_work_given_ranks(generator):
-    """With the slots' ranks, the same tiles, used ones first in descending rank x pairs (stable); the cache tells
-    the ranks apart (another tensor, or the same one changed in place)."""
+    """With the slots' ranks, the same tiles, used ones first in descending rank x pairs (stable). The cache (per
+    slots and topk_ids) tells a grouping with ranks from one without, not one ranks tensor from another: the order
+    is a schedule, and the ops pass a fresh copy of strided ranks on every call."""
     g = generator
     T, topk, E, S = 60, 4, 8, 5
     ids, _ = make_routing(g, T, topk, E, skew=True)
@@ -627,6 +628,7 @@ def test_group_pairs_orders_tiles_by_work_given_ranks(generator):
     ranks = torch.tensor([16, 1, 4, 64, 0], dtype=torch.int32)
     plain = moe_triton.group_pairs(slots, ids, E, S, 16)
     for r in (ranks, ranks.clone().fill_(8)):
+        ids = ids.clone()  # (a new routing tensor: a new grouping)
         pair_ids, tiles, num_tiles, n_max = moe_triton.group_pairs(slots, ids, E, S, 16, r)
         n = int(num_tiles)
         assert torch.equal(pair_ids, plain[0]) and n == int(plain[2]) and n_max == plain[3]
@@ -639,11 +641,14 @@ def test_group_pairs_orders_tiles_by_work_given_ranks(generator):
         for a, b in zip(tiles[:n].tolist(), tiles[1:n].tolist()):
             if r[a[2] // E] * a[1] == r[b[2] // E] * b[1]:
                 assert pos[tuple(a)] < pos[tuple(b)]
-    assert not torch.equal(moe_triton.group_pairs(slots, ids, E, S, 16, ranks)[1], plain[1])
-    before = moe_triton.group_pairs(slots, ids, E, S, 16, ranks)[1].clone()
-    ranks[2] = 128  # in place: the long group's tiles now come first
-    after = moe_triton.group_pairs(slots, ids, E, S, 16, ranks)[1]
-    assert not torch.equal(after, before) and after[0, 2].item() // E == 2
+    ids = ids.clone()
+    ranked = moe_triton.group_pairs(slots, ids, E, S, 16, ranks)
+    assert not torch.equal(ranked[1], plain[1]) and moe_triton.group_pairs(slots, ids, E, S, 16)[1] is not ranked[1]
+    assert moe_triton.group_pairs(slots, ids, E, S, 16, ranks.clone())[1] is ranked[1]  # another ranks object: cached
+    slots2 = slots.clone()
+    ranks[2] = 128  # the long group's tiles come first in the next batch's grouping
+    after = moe_triton.group_pairs(slots2, ids, E, S, 16, ranks)[1]
+    assert after[0, 2].item() // E == 2
 
 
 @pytest.mark.skipif(not CUDA_RUNS, reason="the cuda backend does not run here")

@@ -28,7 +28,9 @@ namespace lorakern {
 // is set once per (kernel, device) and only ever raised, under a lock: a launch costs no driver call once its size
 // is allowed, and two host threads launching one kernel with different sizes never lower the limit under each
 // other's launch. A failure is returned and cleared (not left behind for the next launch's error check).
-inline cudaError_t allow_dynamic_smem(const void* kernel, int smem_bytes) {
+// `forget` drops what was recorded for (kernel, current device) first: for a launch that failed although its size
+// was recorded as allowed (a cudaDeviceReset resets the attribute behind the record), before one retry.
+inline cudaError_t allow_dynamic_smem(const void* kernel, int smem_bytes, bool forget = false) {
   struct Allowed {
     const void* kernel;
     int device, bytes;
@@ -45,6 +47,7 @@ inline cudaError_t allow_dynamic_smem(const void* kernel, int smem_bytes) {
   Allowed* hit = nullptr;
   for (Allowed& a : allowed)
     if (a.kernel == kernel && a.device == device) hit = &a;
+  if (hit && forget) hit->bytes = 0;
   if (hit && hit->bytes >= smem_bytes) return cudaSuccess;
   e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes);
   if (e != cudaSuccess) {
@@ -82,12 +85,19 @@ cudaError_t launch_kernel_smem(void (*kernel)(P...), dim3 grid, dim3 block, int 
   if (::lk_emu::launch(grid, block, [&] { kernel(args...); }, smem_bytes)) return cudaGetLastError();
   return cudaSuccess;
 #else
-  if (smem_bytes > 48 * 1024) {
+  const bool big = smem_bytes > 48 * 1024;
+  if (big) {
     const cudaError_t e = allow_dynamic_smem(reinterpret_cast<const void*>(kernel), smem_bytes);
     if (e != cudaSuccess) return e;
   }
   kernel<<<grid, block, smem_bytes, stream>>>(args...);
-  return cudaGetLastError();
+  cudaError_t e = cudaGetLastError();
+  if (e != cudaSuccess && big) {  // (a failed launch ran nothing: set the attribute again and retry once)
+    if (allow_dynamic_smem(reinterpret_cast<const void*>(kernel), smem_bytes, /*forget=*/true) != cudaSuccess) return e;
+    kernel<<<grid, block, smem_bytes, stream>>>(args...);
+    e = cudaGetLastError();
+  }
+  return e;
 #endif
 }
 

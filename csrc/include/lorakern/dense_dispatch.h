@@ -102,15 +102,14 @@ cudaError_t dense_gather_f32(const DenseParams& p, int mode, int mt, bool vec,
                              cudaStream_t stream);
 
 // Tensor-core segment path (dense_segment.cuh), fp16 / bf16 only: mode 1 shrink (k_split >= 1), 2 expand, 3 fused
-// (shrink + expand in one CTA per tile, no y; k_split = its out-chunk ring depth).
+// (shrink + expand in one CTA per tile, no y; k_split = its ring configuration, an index into kFusedConfigs).
 cudaError_t dense_segment_f16(const DenseParams& p, int mode, int k_split, cudaStream_t stream);
 cudaError_t dense_segment_bf16(const DenseParams& p, int mode, int k_split, cudaStream_t stream);
 // CTAs of the segment kernel of `mode` that fit on one SM of the current device (0: unknown).
 int dense_segment_ctas_f16(int mode);
 int dense_segment_ctas_bf16(int mode);
 // Dynamic shared memory of the fused segment kernel (mode 3) for a page table max_rank wide, ring configuration
-// `config` (0, 1, 2: the (K ring, out-chunk ring) depths of dense_segment.cuh's segf::kConfigs, the host's order of
-// preference) and groups of `cols` rank columns; 0 when that layout is not supported (no such configuration, cols
+// `config` (0, 1, 2: an index into kFusedConfigs above, the host's order of preference) and groups of `cols` rank columns; 0 when that layout is not supported (no such configuration, cols
 // outside [max_rank rounded up to 16, 256] or not a multiple of 16).
 int dense_segment_fused_smem_f16(int max_rank, int config, int cols);
 int dense_segment_fused_smem_bf16(int max_rank, int config, int cols);

@@ -118,18 +118,29 @@ __global__ void __launch_bounds__(kThreads, (gather_min_ctas<T, MT, VEC, MODE>(X
   __syncthreads();
 #if LORAKERN_GATHER_PREFETCH
   if constexpr (MODE != Mode::kShrink) {  // before the passes, where few registers are live
+    // A span of w elements from a 16-byte-aligned start touches at most ceil(w / kLine) + 1 lines of 128 bytes:
+    // prefetch c = 0 at the span's first element, c >= 1 at the c-th line boundary after it, clamped to the
+    // span's last element (a repeated prefetch of the last line where the span touches fewer). Every address is
+    // an element of the span.
     constexpr int kLine = 128 / int(sizeof(T));  // elements per 128-byte line
-    const int lines = (n_hi - n_lo + kLine - 1) / kLine;  // (every address below stays inside [n_lo, n_hi))
+    const int w = n_hi - n_lo, lines = (w + kLine - 1) / kLine + 1;
+    auto line_elem = [&](const T* first, int c) -> int {  // element offset of the c-th address in the span
+      if (c == 0) return 0;
+      const int lead = static_cast<int>((reinterpret_cast<uintptr_t>(first) & 127) / sizeof(T));
+      return min(c * kLine - lead, w - 1);
+    };
     for (int i = tid; i < rank * lines; i += kThreads) {
       const int j = i / lines, c = i - j * lines;
-      prefetch_l2(B + rows_s[j] * sb + n_lo + c * kLine);
+      const T* first = B + rows_s[j] * sb + n_lo;
+      prefetch_l2(first + line_elem(first, c));
     }
     for (int i = tid; i < len * lines; i += kThreads) {  // the out rows of this CTA's passes' tokens
       const int m = i / lines, c = i - m * lines;
       if ((m / MT) % p.m_split != zm) continue;
       const int64_t t = p.token_ids[start + m];
       const int64_t row = kMoe ? (t / p.topk) * p.so_t + (t % p.topk) * p.so_p : t * p.so_t;
-      prefetch_l2(O + row + (off + n_lo + c * kLine) * p.so_n);
+      const T* first = O + row + (off + n_lo) * p.so_n;
+      prefetch_l2(first + static_cast<int64_t>(p.so_n == 1 ? line_elem(first, c) : min(c * kLine, w - 1)) * p.so_n);
     }
   }
 #endif
