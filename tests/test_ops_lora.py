@@ -304,7 +304,7 @@ def test_static_plan_launches_are_replayable(impl, generator, monkeypatch):
             for dst, src in zip([*pool.lora_a, *pool.lora_b, pool.page_table, pool.ranks, pool.scales],
                                 [*pool2.lora_a, *pool2.lora_b, pool2.page_table, pool2.ranks, pool2.scales]):
                 dst.copy_(src)
-        plan.update(s)
+        plan.update(s, pool.ranks)  # (tiles in rank order: the launches stay the same)
         s_full = torch.cat([s, torch.full((T - s.numel(),), -1, dtype=torch.int32, device=DEVICE)])
         x.copy_(torch.randn(T, K, generator=generator).to(dtype))
         out0 = torch.randn(T, sum(ns), generator=generator).to(dtype)
@@ -556,6 +556,48 @@ def test_static_plan_cuda_graph_replays_another_mix_gpu(backend, generator, monk
         out0 = out.clone()
         graph.replay()
         torch.cuda.synchronize()
+        check_accumulated(case, out, out0, *oracle_add(case, out0))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", [b for b in BACKEND_LIST if b != "torch"])
+def test_rank_ordered_plan_updated_inside_the_graph_gpu(backend, generator, monkeypatch):
+    """The plan's refill with the ranks (tiles in descending rank order: two device sorts) captured in the graph
+    with add_lora: a replay after new slots and new ranks are written into the static buffers orders and computes
+    the new mix (no host synchronisation in the refill, nothing allocated that a replay would miss)."""
+    monkeypatch.delenv("LORAKERN_TRITON_PATH", raising=False)
+    T, K, ns, dtype = 64, 256, [128, 64], torch.float16
+    pool = make_lora(40, K, ns, [128, 1, 8, 64, 16, 3], dtype=dtype, device=DEVICE, generator=generator)
+    plan = lorakern.LoRAPlan.static(T, DEVICE)
+    slots_buf = make_slots("identical", T, 40, generator=generator, device=DEVICE)
+    x = torch.randn(T, K, generator=generator).to(dtype).to(DEVICE)
+    out = torch.zeros(T, sum(ns), dtype=dtype, device=DEVICE)
+
+    def step():
+        plan.update(slots_buf, pool.ranks)
+        lorakern.ops.add_lora(out, x, pool.lora_a, pool.lora_b, pool.page_table, pool.ranks, pool.scales, plan,
+                              backend=backend)
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up: builds and caches every host-side table before capture
+        step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    for mix, nf in (("distinct", 0.2), ("zipf:1.5", 0.0)):
+        slots_buf.copy_(make_slots(mix, T, 40, none_frac=nf, generator=generator, device=DEVICE))
+        # other ranks per slot, never above a slot's own (its page-table row holds that many valid row ids)
+        pool.ranks.copy_(torch.minimum(pool.ranks, pool.ranks.flip(0)))
+        case = make_case(generator, T=T, K=K, n_sizes=ns, ranks=None, num_adapters=40, dtype=dtype, lora=pool,
+                         slots=slots_buf.clone())
+        case.x = x
+        out.copy_(torch.randn(T, sum(ns), generator=generator).to(dtype))
+        out0 = out.clone()
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(plan.tiles(16), lorakern.LoRAPlan.from_slots(slots_buf, pool.ranks).tiles(16))
         check_accumulated(case, out, out0, *oracle_add(case, out0))
 
 
