@@ -163,18 +163,7 @@ def test_add_lora_gather_launch_is_the_keyword_launch(aligned, monkeypatch):
 # ------------------------------------------------------------------------------------------------ validation
 def _check_rows_reference(name, rows, dtype, width, wname):
     """check_rows as it was: every check, with its name, for every slice."""
-    num_rows = None
-    for i, r in enumerate(rows):
-        n = f"{name}[{i}]" if len(rows) > 1 else name
-        V.check_float(n, r, dtype)
-        V.check_dim(n, r, 2, f"[num_rows, {wname}]")
-        if width is not None and r.shape[1] != width:
-            raise ValueError(f"{n}: expected {wname}={width} columns, got shape {tuple(r.shape)}")
-        if num_rows is None:
-            num_rows = r.shape[0]
-        elif r.shape[0] != num_rows:
-            raise ValueError(f"{n}: has {r.shape[0]} rows, but slice 0 has {num_rows}; slices share one row space")
-    return num_rows
+    return V.check_rows(name, rows, dtype, width, wname, fast=False)
 
 
 def _outcome(fn, *args):

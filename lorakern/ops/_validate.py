@@ -107,13 +107,15 @@ def check_slots_meta(slots, T: int) -> None:
         raise ValueError(f"slots: expected shape ({T},) (one slot per token of x), got {tuple(slots.shape)}")
 
 
-def check_rows(name: str, rows: Sequence[torch.Tensor], dtype: torch.dtype, width: Optional[int], wname: str) -> int:
+def check_rows(name: str, rows: Sequence[torch.Tensor], dtype: torch.dtype, width: Optional[int], wname: str,
+               fast: bool = True) -> int:
     """Per-slice rank-row tensors ``[num_rows, width_i]``; all share ``num_rows``. Returns ``num_rows``.
 
     A slice that passes every check is told by one condition (no name built); the first one that does not goes
-    through the checks one by one, which raise the error they always have."""
+    through the checks one by one, which raise the error they always have (``fast=False``: every slice through
+    them, the plain loop the tests compare the fast one with)."""
     num_rows = None
-    fast = dtype is None or dtype in FLOAT_DTYPES  # (else check_float refuses every slice)
+    fast = fast and (dtype is None or dtype in FLOAT_DTYPES)  # (else check_float refuses every slice)
     for i, r in enumerate(rows):
         if fast and isinstance(r, torch.Tensor):
             shape = r.shape
