@@ -20,6 +20,7 @@ from collections import OrderedDict
 import torch
 
 from lorakern._tables import cached_table
+from lorakern.plan import order_tiles
 from lorakern.ops.moe import version_of
 
 __all__ = ["group_pairs", "max_tiles", "moe_tables", "pair_operands"]
@@ -92,12 +93,8 @@ def group_pairs(slots: torch.Tensor, topk_ids: torch.Tensor, num_experts: int, n
     tiles[:, 0] = torch.where(valid, seg_start[sg] + local * block_m, zero)
     tiles[:, 1] = torch.where(valid, torch.clamp(counts[sg] - local * block_m, min=0, max=block_m), zero)
     tiles[:, 2] = torch.where(valid, seg_key[sg], zero)
-    if ranks is not None and ranks.shape[0] > 0:
-        # work of a tile ~ rank x pairs; keys of used tiles are < num_slots * E (dead pairs are never in a tile)
-        # (ranks clamped: a replayed graph's unchecked ranks must not overflow rank x pairs into an unused tile's -1)
-        r = ranks.index_select(0, (tiles[:, 2] // E).clamp_(0, ranks.shape[0] - 1)).to(torch.int32).clamp_(0, 1 << 16)
-        work = torch.where(tiles[:, 1] > 0, r * tiles[:, 1], -1)
-        tiles.copy_(tiles.index_select(0, torch.sort(work, descending=True, stable=True)[1]))
+    if ranks is not None:  # work of a tile ~ rank x pairs (keys of used tiles are slot·E + e)
+        order_tiles(tiles, ranks, slot_div=E, times_length=True)
     val = (pair_ids, tiles, incl[-1:].clone(), n_max)
     if cacheable:
         _GROUP_CACHE[key] = (weakref.ref(slots), weakref.ref(topk_ids), vers, val)

@@ -105,26 +105,31 @@ def _as_ranks(ranks, device) -> Optional[torch.Tensor]:
 
 
 def ranks_on(ranks, slots: torch.Tensor) -> Optional[torch.Tensor]:
-    """``ranks`` when it can order a plan of ``slots`` (an integer tensor [num_slots] on the slots' device), else
-    None: for callers that hold a pool's ranks and want the order when it applies, never an error."""
-    if (isinstance(ranks, torch.Tensor) and ranks.dim() == 1 and not ranks.dtype.is_floating_point
-            and ranks.dtype != torch.bool and canonical_device(ranks.device) == canonical_device(slots.device)):
-        return ranks
-    return None
+    """``ranks`` when it can order a plan of ``slots`` (what :meth:`LoRAPlan.from_slots` accepts), else None: for
+    callers that hold a pool's ranks and want the order when it applies, never an error."""
+    try:
+        return _as_ranks(ranks, slots.device)
+    except (TypeError, ValueError):
+        return None
 
 
-def _order_by_rank(tiles: torch.Tensor, ranks: torch.Tensor) -> None:
-    """Reorder the rows of a work list ``[T, 3]`` in place: used tiles by descending rank of their slot (stable),
-    then the unused rows (length 0), so that an exact grid still covers the used tiles."""
+def order_tiles(tiles: torch.Tensor, ranks: torch.Tensor, *, slot_div: int = 1, times_length: bool = False) -> None:
+    """Reorder the rows of a work list ``[n, 3]`` of ``(start, length, key)`` in place (on the device, no host
+    synchronisation): the used tiles by descending work, stable, then the unused rows (length 0), so that an exact
+    grid still covers the used tiles. Work: the rank of the tile's slot ``key // slot_div``, times its length with
+    ``times_length`` (the MoE grouping's tiles of (token, expert) pairs, key = slot·E + e). A slot past ``ranks``
+    (which the ops reject) takes the last slot's rank, and ranks are clamped to [0, 2^16] (a replayed graph's
+    unchecked ones never overflow the work into an unused row's -1): any order of such tiles is right."""
     n = ranks.shape[0]
     if n == 0:
         return
-    slot = tiles[:, 2]
-    # (a slot past ranks, which the ops reject, takes the last slot's rank: any order of such tiles is right)
-    r = ranks.index_select(0, slot.clamp(0, n - 1)).to(torch.int32).clamp_(min=0)
-    key = torch.where(tiles[:, 1] > 0, r, -1)
-    order = torch.sort(key, descending=True, stable=True)[1]
-    tiles.copy_(tiles.index_select(0, order))
+    slot = tiles[:, 2] // slot_div if slot_div != 1 else tiles[:, 2]
+    length = tiles[:, 1]
+    work = ranks.index_select(0, slot.clamp(0, n - 1)).to(torch.int32).clamp_(0, 1 << 16)
+    if times_length:
+        work = work * length
+    key = torch.where(length > 0, work, -1)
+    tiles.copy_(tiles.index_select(0, torch.sort(key, descending=True, stable=True)[1]))
 
 
 class LoRAPlan:
@@ -227,7 +232,7 @@ class LoRAPlan:
         for bm, tiles in self._tiles.items():
             self._fill_tiles(bm, tiles, lora_counts)
             if ranks is not None:
-                _order_by_rank(tiles, ranks)
+                order_tiles(tiles, ranks)
 
     def _fill_tiles(self, bm: int, tiles: torch.Tensor, lora_counts: torch.Tensor) -> None:
         ntiles = (lora_counts + (bm - 1)) // bm  # per segment
