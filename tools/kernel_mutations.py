@@ -21,6 +21,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 G = "csrc/include/lorakern/dense_gather.cuh"
 S = "csrc/include/lorakern/dense_segment.cuh"
+D = "csrc/include/lorakern/dense_dispatch.h"
 
 #: (what, file, original text, planted defect)
 MUTATIONS = [
@@ -111,10 +112,10 @@ MUTATIONS = [
      "if (k_split == 1) return launch_segment_fused<T, 0>(p, bytes, stream);"),
     ("fused: the shallowest ring configuration never launched", S,
      "    return launch_segment_fused<T, 2>(p, bytes, stream);", "    return launch_segment_fused<T, 1>(p, bytes, stream);"),
-    ("gather: a slot past the page table runs", G, "if (slot >= p.num_slots || p.num_rows <= 0) return;",
-     "if (p.num_rows <= 0) return;"),
-    ("gather: rank not capped at max_rank", G, "const int rank = min(min(p.ranks[slot], p.max_rank), kMaxRank);",
-     "const int rank = min(p.ranks[slot], kMaxRank);"),
+    ("every kernel: a slot past the page table runs", D,
+     "if (slot < 0 || slot >= p.num_slots || p.num_rows <= 0) return 0;", "if (slot < 0 || p.num_rows <= 0) return 0;"),
+    ("gather: rank not capped at max_rank", G, "const int rank = min(slot_rank(p, slot), kMaxRank);",
+     "const int rank = slot_rank(p, slot) > 0 ? min(p.ranks[slot], kMaxRank) : 0;"),
 ]
 
 TESTS = ["tests/test_ops_lora.py", "tests/test_moe.py", "-k", "cuda and not 2048"]

@@ -88,6 +88,15 @@ struct DenseParams {
 // A page-table entry as a row id the kernels may read: an out-of-range one (a replayed graph's) becomes row 0.
 __host__ __device__ inline int64_t checked_row(int32_t r, int num_rows) { return r >= 0 && r < num_rows ? r : 0; }
 
+// A slot's rank as every kernel computes with it: 0 (skip the tile) for a slot outside the page table or an empty
+// row space, and never above the page table's width max_rank (a replayed graph's ranks are unchecked; above it the
+// fused segment kernel would loop over empty slice groups forever).
+__host__ __device__ inline int slot_rank(const DenseParams& p, int slot) {
+  if (slot < 0 || slot >= p.num_slots || p.num_rows <= 0) return 0;
+  const int r = p.ranks[slot];
+  return r < p.max_rank ? r : p.max_rank;
+}
+
 enum class DType : int { kF16 = 0, kBF16 = 1, kF32 = 2 };
 
 // mode: 0 fused (shrink + expand), 1 shrink, 2 expand, 3 fused MoE (add_lora_moe); mt: tokens per pass (1 or 4;
@@ -109,8 +118,9 @@ cudaError_t dense_segment_bf16(const DenseParams& p, int mode, int k_split, cuda
 int dense_segment_ctas_f16(int mode);
 int dense_segment_ctas_bf16(int mode);
 // Dynamic shared memory of the fused segment kernel (mode 3) for a page table max_rank wide, ring configuration
-// `config` (0, 1, 2: an index into kFusedConfigs above, the host's order of preference) and groups of `cols` rank columns; 0 when that layout is not supported (no such configuration, cols
-// outside [max_rank rounded up to 16, 256] or not a multiple of 16).
+// `config` (0, 1, 2: an index into kFusedConfigs above, the host's order of preference) and groups of `cols` rank
+// columns; 0 when that layout is not supported (no such configuration, cols outside [max_rank rounded up to 16,
+// 256] or not a multiple of 16).
 int dense_segment_fused_smem_f16(int max_rank, int config, int cols);
 int dense_segment_fused_smem_bf16(int max_rank, int config, int cols);
 inline int dense_segment_fused_smem(DType dt, int max_rank, int config, int cols) {

@@ -84,11 +84,10 @@ __global__ void __launch_bounds__(kThreads, (gather_min_ctas<T, MT, VEC, MODE>(X
   const int start = p.tiles[3 * tile], len = p.tiles[3 * tile + 1], key = p.tiles[3 * tile + 2];
   if (len <= 0 || key < 0) return;
   const int slot = kMoe ? key / p.E : key;
-  if (slot >= p.num_slots || p.num_rows <= 0) return;  // (a replayed graph's values: see DenseParams)
   const int64_t expert = kMoe ? key % p.E : 0;
-  // A rank above the page table's width can reach a kernel only in a CUDA-graph replay (the host's value checks
-  // cannot run there): it computes at max_rank, never reading past the slot's page-table row.
-  const int rank = min(min(p.ranks[slot], p.max_rank), kMaxRank);
+  // 0 for a slot outside the page table; a rank above its width (only in a CUDA-graph replay: the host's value
+  // checks cannot run there) computes at max_rank, never reading past the slot's page-table row
+  const int rank = min(slot_rank(p, slot), kMaxRank);
   if (rank <= 0) return;
 
   // few tiles: this CTA's share of the tile's token passes and of the columns (DenseParams::m_split, n_split)

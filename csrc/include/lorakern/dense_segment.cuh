@@ -120,8 +120,8 @@ __global__ void __launch_bounds__(seg::kSegThreads) segment_shrink_kernel(const 
   const int r_tiles = (p.max_rank + BR - 1) / BR;
   const int r_tile = blockIdx.z % r_tiles, ks = blockIdx.z / r_tiles;
   const int start = p.tiles[3 * tile], len = p.tiles[3 * tile + 1], slot = p.tiles[3 * tile + 2];
-  if (len <= 0 || slot < 0 || slot >= p.num_slots || p.num_rows <= 0) return;  // (see DenseParams)
-  const int rank = min(p.ranks[slot], p.max_rank);  // (see dense_gather.cuh: unchecked in graph replays)
+  if (len <= 0) return;
+  const int rank = slot_rank(p, slot);  // (0: skip; see DenseParams)
   const int r0 = r_tile * BR;
   if (r0 >= rank) return;
   const int nr = min(BR, rank - r0);
@@ -225,9 +225,9 @@ __global__ void __launch_bounds__(seg::kSegThreads, seg::kExpandMinBlocks) segme
   constexpr bool kScaled = std::is_same<T, __half>::value;
   const int tile = blockIdx.x, sl = blockIdx.y, n0 = blockIdx.z * BN;
   const int start = p.tiles[3 * tile], len = p.tiles[3 * tile + 1], slot = p.tiles[3 * tile + 2];
-  if (len <= 0 || slot < 0 || slot >= p.num_slots || p.num_rows <= 0) return;  // (see DenseParams)
+  if (len <= 0) return;
   const int n_i = static_cast<int>(p.n_sizes[sl]);
-  const int rank = min(p.ranks[slot], p.max_rank);  // (see dense_gather.cuh: unchecked in graph replays)
+  const int rank = slot_rank(p, slot);  // (0: skip; see DenseParams)
   if (n0 >= n_i || rank <= 0) return;
 
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
@@ -425,10 +425,10 @@ __global__ void __launch_bounds__(seg::kSegThreads, seg::kExpandMinBlocks) segme
 // The slices go in groups: as many as fit `p.seg_cols` (<= 256) rank columns at the TILE's rank rounded up to 16
 // (rank16), so a tile of rank <= 16 does qkv in one group whatever the pool's max_rank; a group re-reads x.
 //   1. Shrink: Y[64 tokens, G x rank16] = X[tokens, K] @ A^T for the group's G slices at once (slice s0 + i owns
-//      columns i rank16 ..), K steps of 64 through a STAGES-deep cp.async ring (4 or 6: FusedConfig); the whole
-//      K per CTA (no split, no
-//      atomics: deterministic). mma.sync + ldmatrix; 8 warps as 2 row halves x 4 column groups (16-column blocks
-//      b = group + 4 i); the accumulators (<= 64 per lane) stay in registers. Rank rows past the rank are zeros.
+//      columns i rank16 ..), K steps of 64 through a STAGES-deep cp.async ring (6 or 4: kFusedConfigs); the
+//      whole K per CTA (no split, no atomics: deterministic). mma.sync + ldmatrix; 8 warps as 2 row halves x 4
+//      column groups (16-column blocks b = group + 4 i); the accumulators (<= 64 per lane) stay in registers. Rank
+//      rows past the rank are zeros.
 //   2. The fp32 Y goes to shared memory once, as terms of the weight dtype (as in the expand kernel), and never to
 //      global memory.
 //   3. Expand: the group's out columns in chunks of BN = 128 (each slice's N_i in turn), OSTAGES-deep: the B rows
@@ -464,8 +464,8 @@ template <typename T> constexpr int terms() {
 }
 
 // Shared-memory layout (bytes) for `cols` rank columns per group, B chunks of up to r16 = max_rank rounded up to
-// 16 rows, a K ring `stages` deep and an out-chunk ring `ostages` deep. The ring (from 0) is dead once a group's shrink ends; the Y terms
-// (from 0) and the expand stages (after them) reuse it.
+// 16 rows, a K ring `stages` deep and an out-chunk ring `ostages` deep. The K ring (from 0) is dead once a group's
+// shrink ends; the Y terms (from 0) and the expand stages (after them) reuse it.
 template <typename T> struct FusedLayout {
   int r16, cols, ldy, ring_stage, ring, y_bytes, stage_off, ot_off, stage, bytes;
   __host__ __device__ FusedLayout(int max_rank, int stages, int ostages, int cols_) {
@@ -505,8 +505,8 @@ __global__ void __launch_bounds__(segf::kThreads, 1) segment_fused_kernel(const 
 
   const int tile = blockIdx.x;
   const int start = p.tiles[3 * tile], len = p.tiles[3 * tile + 1], slot = p.tiles[3 * tile + 2];
-  if (len <= 0 || slot < 0 || slot >= p.num_slots || p.num_rows <= 0) return;  // (see DenseParams)
-  const int rank = min(p.ranks[slot], p.max_rank);  // (see dense_gather.cuh: unchecked in graph replays)
+  if (len <= 0) return;
+  const int rank = slot_rank(p, slot);  // (0: skip; see DenseParams)
   if (rank <= 0) return;
   const FusedLayout<T> L(p.max_rank, STAGES, OSTAGES, p.seg_cols);
   const int rank16 = (rank + 15) / 16 * 16;
