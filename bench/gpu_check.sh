@@ -16,7 +16,7 @@
 #
 # Everything is logged to $OUT/gpu_check.log. `set -u`; a failing step does not stop the others; the exit
 # status is that of the first failing step (0 if all passed). Time limits per step, in seconds (env overrides):
-# INSTALL_TIMEOUT=120 GPU_TESTS_TIMEOUT=200 BENCH_TIMEOUT=220 (ALL_TESTS_TIMEOUT=500, its own call), which fit the lent
+# INSTALL_TIMEOUT=120 GPU_TESTS_TIMEOUT=200 BENCH_TIMEOUT=220 (ALL_TESTS_TIMEOUT=560, its own call), which fit the lent
 # machine's 10-minute limit per call. SKIP_INSTALL=1 skips step 1; BENCH_ARGS adds options to step 4
 # (e.g. BENCH_ARGS="--filter decode"); BENCH_DEVICE=cpu (with BENCH_ARGS=--quick) tries the script without a GPU;
 # PYTHON picks the interpreter; LORAKERN_COMMIT=<hash> names the commit in the results when the machine's copy
@@ -26,7 +26,10 @@
 #   STEPS=core (default)   steps 1-4: install, nvidia-smi, pytest -m gpu, the add_lora benchmark
 #   STEPS=tests            step 5: the full suite on the GPU (its counts go into the newest results JSON); with
 #                          pytest-xdist, TEST_WORKERS (default 14) workers (worksteal); TESTS_EXTRA: more pytest
-#                          arguments; failing test names in failures.txt, their tracebacks in failures-tb.txt
+#                          arguments; failing test names in failures.txt, their tracebacks in failures-tb.txt;
+#                          tests-log.tsv: a line per finished test (python -m lorakern testlog: counts, failures,
+#                          the slowest), kept even when the call is cut; TESTS_DONE=<such a log, copied back into
+#                          the checkout> runs only the tests it does not name (a cut run's second call)
 #   STEPS=extra            bench_mla.py, bench_moe.py, bench_pool.py (results as JSON under $OUT)
 #   STEPS=tune             the add_lora benchmark on the main cases (TUNE_FILTER) for TUNE_BACKENDS (default
 #                          "cuda cuda-fused triton": cuda-fused = the fused segment kernel; TUNE_BASELINES, default
@@ -131,7 +134,8 @@ for n, b in BACKENDS.items():
 if run_core; then
 GPU_XDIST=()  # the -m gpu tests took over 170 s in one process on an H100; spread over workers when possible
 if "$PY" -c "import xdist" >/dev/null 2>&1; then GPU_XDIST=(-n "${GPU_TEST_WORKERS:-8}"); fi
-step pytest-gpu "${GPU_TESTS_TIMEOUT:-200}" env LORAKERN_FAILURE_LOG="$OUT/failures-tb.txt" "$PY" -m pytest -m gpu -q -rfEs --tb=short -p no:cacheprovider \
+step pytest-gpu "${GPU_TESTS_TIMEOUT:-200}" env LORAKERN_FAILURE_LOG="$OUT/failures-tb.txt" \
+    LORAKERN_TEST_LOG="$OUT/tests-gpu-log.tsv" "$PY" -m pytest -m gpu -q -rfEs --tb=short -p no:cacheprovider \
     ${GPU_XDIST[@]+"${GPU_XDIST[@]}"} --junitxml="$OUT/pytest-gpu.xml"
 TESTS_ARGS=()
 GPU_COUNTS="$(junit_counts "$OUT/pytest-gpu.xml")"
@@ -171,11 +175,31 @@ if "$PY" -c "import xdist" >/dev/null 2>&1; then XDIST=(-n "${TEST_WORKERS:-14}"
 # worksteal: the slow tests (model sizes, sanitizer, HF compile) no longer wait at the end of a worker's queue;
 # failure tracebacks go to $OUT/failures-tb.txt as they happen (tests/conftest.py, LORAKERN_FAILURE_LOG)
 if [ ${#XDIST[@]} -gt 0 ]; then XDIST+=(--dist worksteal); fi
-step pytest-all "${ALL_TESTS_TIMEOUT:-500}" env LORAKERN_FAILURE_LOG="$OUT/failures-tb.txt" "$PY" -m pytest -v -rfE \
+# $OUT/tests-log.tsv: a line per test as it finishes (outcome, seconds, node id; tests/conftest.py,
+# LORAKERN_TEST_LOG), so a cut run still has its counts and its slowest tests. TESTS_DONE=<an earlier call's
+# tests-log.tsv> resumes: the tests it names are deselected, and the log this call returns is both calls' (the
+# earlier one's lines first), so when pytest finishes, its counts are the whole suite's.
+TLOG="$OUT/tests-log.tsv"
+DONE_ENV=()
+if [ -n "${TESTS_DONE:-}" ]; then
+    if [ -f "$TESTS_DONE" ]; then
+        cp "$TESTS_DONE" "$TLOG"
+        DONE_ENV=(LORAKERN_TESTS_DONE="$TESTS_DONE")
+        log "resuming: $(wc -l < "$TESTS_DONE") tests already run in $TESTS_DONE are deselected"
+    else
+        log "TESTS_DONE=$TESTS_DONE: no such file; running the whole suite"
+    fi
+fi
+step pytest-all "${ALL_TESTS_TIMEOUT:-560}" env LORAKERN_FAILURE_LOG="$OUT/failures-tb.txt" LORAKERN_TEST_LOG="$TLOG" \
+    ${DONE_ENV[@]+"${DONE_ENV[@]}"} "$PY" -m pytest -v -rfE \
     --durations=60 -p no:cacheprovider ${XDIST[@]+"${XDIST[@]}"} --junitxml="$OUT/pytest-all.xml" ${TESTS_EXTRA:-}
 grep -E "(FAILED|ERROR) tests/" "$LOG" | sed -E 's/^\[gw[0-9]+\] *(\[ *[0-9]+%\] *)?//' | sort -u > "$OUT/failures.txt" || true
 log "failures so far: $(wc -l < "$OUT/failures.txt") (names in $OUT/failures.txt)"
+[ -f "$TLOG" ] && "$PY" -m lorakern testlog "$TLOG" --slowest 40 2>&1 | tee -a "$LOG"
 ALL_COUNTS="$(junit_counts "$OUT/pytest-all.xml")"
+if [ -n "$ALL_COUNTS" ] && [ ${#DONE_ENV[@]} -gt 0 ]; then
+    ALL_COUNTS="$("$PY" -m lorakern testlog "$TLOG" --counts 2>>"$LOG")"  # both calls together
+fi
 if [ -n "$ALL_COUNTS" ]; then
     log "tests (full suite): passed failed skipped = $ALL_COUNTS"
     if [ -n "$RESULTS" ]; then
@@ -184,7 +208,8 @@ if [ -n "$ALL_COUNTS" ]; then
             "$RESULTS" $ALL_COUNTS >>"$LOG" 2>&1 && log "recorded the full suite's counts in $RESULTS"
     fi
 else
-    log "tests (full suite): no counts (pytest did not finish writing $OUT/pytest-all.xml)"
+    log "tests (full suite): not finished (no $OUT/pytest-all.xml); resume with TESTS_DONE=<this call's" \
+        "tests-log.tsv, copied into the checkout> STEPS=tests"
 fi
 fi  # tests
 
@@ -220,12 +245,15 @@ if run_tune; then
     [ -f "$OUT/sweep/sweep-summary.txt" ] && cat "$OUT/sweep/sweep-summary.txt" | tee -a "$LOG"
     XDIST=()
     if "$PY" -c "import xdist" >/dev/null 2>&1; then XDIST=(-n "${TEST_WORKERS:-14}" --dist worksteal); fi
-    step pytest-cuda "${TUNE_TESTS_TIMEOUT:-130}" env LORAKERN_FAILURE_LOG="$OUT/failures-tb.txt" "$PY" -m pytest -q \
+    step pytest-cuda "${TUNE_TESTS_TIMEOUT:-130}" env LORAKERN_FAILURE_LOG="$OUT/failures-tb.txt" \
+        LORAKERN_TEST_LOG="$OUT/tests-cuda-log.tsv" "$PY" -m pytest -q \
         -rfE -p no:cacheprovider ${XDIST[@]+"${XDIST[@]}"} --junitxml="$OUT/pytest-cuda.xml" tests/test_ops_lora.py \
         tests/test_moe.py tests/test_mla.py tests/test_cuda_graphs.py tests/test_registration.py \
         -k "cuda or opcheck or moe_large"
     CUDA_COUNTS="$(junit_counts "$OUT/pytest-cuda.xml")"
     log "tests (cuda-backend op suites on the GPU): passed failed skipped = ${CUDA_COUNTS:-none (did not finish)}"
+    [ -f "$OUT/tests-cuda-log.tsv" ] && "$PY" -m lorakern testlog "$OUT/tests-cuda-log.tsv" --slowest 15 2>&1 \
+        | tee -a "$LOG"
 fi
 
 log "done: exit status $STATUS; results in $OUT"

@@ -8,6 +8,8 @@ Commands:
   check every sequence against its adapter applied alone, print the table. See :mod:`lorakern.demo`.
 * ``plot`` — PNG plots of a recorded run (:mod:`lorakern.bench.plot`).
 * ``targets`` — issue #3's performance targets checked against a recorded run (:mod:`lorakern.bench.targets`).
+* ``testlog`` — counts, failures and the slowest tests of a test run's log, even of a run cut short
+  (:mod:`lorakern.bench.testlog`).
 
 Each command lives in its own module and contributes its arguments and its ``main(args)`` here; a new command
 (e.g. ``demo``) is one more entry in :data:`_COMMANDS`.
@@ -39,6 +41,12 @@ def _targets_module():
     return targets
 
 
+def _testlog_module():
+    from lorakern.bench import testlog
+
+    return testlog
+
+
 def _demo_module():
     from lorakern import demo
 
@@ -51,6 +59,8 @@ _COMMANDS = {
     "plot": ("PNG plots (GB/s, %% of peak vs batch size) of a recorded run; needs matplotlib", _plot_module),
     "targets": ("the performance targets of issue #3 (decode, prefill, mixed ranks, vs Triton) on a recorded run",
                 _targets_module),
+    "testlog": ("counts, failures and slowest tests of a test log (LORAKERN_TEST_LOG), even of a cut run",
+                _testlog_module),
     "demo": ("serve mixed batches of 64 PEFT adapters on a small Llama, check each against its adapter alone",
              _demo_module),
 }

@@ -89,6 +89,17 @@ def pytest_configure(config):
 
 
 def pytest_collection_modifyitems(config, items):
+    done_log = os.environ.get("LORAKERN_TESTS_DONE")
+    if done_log:
+        # the tests an earlier (cut) run already finished, by its LORAKERN_TEST_LOG: run only the rest
+        from lorakern.bench import testlog
+
+        done = testlog.read(done_log)
+        keep = [it for it in items if it.nodeid not in done]
+        dropped = [it for it in items if it.nodeid in done]
+        if dropped:
+            config.hook.pytest_deselected(items=dropped)
+            items[:] = keep
     if HAS_CUDA:
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU (torch.cuda.is_available() is False)")
@@ -97,10 +108,34 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+def pytest_report_collectionfinish(config, items):
+    done_log = os.environ.get("LORAKERN_TESTS_DONE")
+    if done_log:
+        return f"LORAKERN_TESTS_DONE={done_log}: the tests it names were deselected; {len(items)} left to run"
+
+
+_TEST_LOGS = {}  # LORAKERN_TEST_LOG -> its Recorder (which holds the tests between their setup and teardown)
+
+
 def pytest_runtest_logreport(report):
     """LORAKERN_FAILURE_LOG=<file>: append each failure's traceback to the file as it happens (pytest prints them
     only at the end of the session, which a run stopped by a time limit never reaches: the lent GPU machine's
-    10-minute calls). Under pytest-xdist the controller receives every worker's reports here."""
+    10-minute calls). Under pytest-xdist the controller receives every worker's reports here (the workers' own
+    calls are ignored, else each would be written twice).
+
+    LORAKERN_TEST_LOG=<file>: append one line per finished test (outcome, seconds, node id) as it finishes, so a
+    cut run still has its counts and its slowest tests (:mod:`lorakern.bench.testlog`; ``python -m lorakern
+    testlog <file>``). LORAKERN_TESTS_DONE=<file> (such a log) deselects the tests it names: the next call runs
+    the rest (``pytest_collection_modifyitems``)."""
+    from lorakern.bench.testlog import Recorder
+
+    if not Recorder.is_controller():  # an xdist worker: its reports reach the controller's hook as well
+        return
+    log_path = os.environ.get("LORAKERN_TEST_LOG")
+    if log_path:
+        if log_path not in _TEST_LOGS:
+            _TEST_LOGS[log_path] = Recorder(log_path)
+        _TEST_LOGS[log_path].report(report)
     path = os.environ.get("LORAKERN_FAILURE_LOG")
     if not path or not report.failed:
         return

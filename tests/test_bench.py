@@ -390,6 +390,42 @@ def test_gpu_check_steps_stop_at_the_deadline(tmp_path):
     assert "=== done" in log or "done: exit status" in log, log
 
 
+@pytest.mark.skipif(sys.platform == "win32", reason="bash script")
+def test_gpu_check_tests_step_logs_and_resumes(tmp_path):
+    """STEPS=tests with TESTS_DONE (a cut call's tests-log.tsv): pytest gets LORAKERN_TESTS_DONE, the returned log is
+    both calls' lines, and the counts recorded are the whole suite's. A fake pytest stands in for the suite (it
+    writes two log lines and a junit file); everything else runs on the real python."""
+    fake = tmp_path / "py"
+    fake.write_text(f"""#!/usr/bin/env bash
+if [ "$1 $2" = "-m pytest" ]; then
+    echo "done=${{LORAKERN_TESTS_DONE:-}} log=$LORAKERN_TEST_LOG" >> "{tmp_path}/pytest-calls"
+    printf 'passed\\t1.5\\ttests/x.py::b\\nfailed\\t2.0\\ttests/x.py::c\\n' >> "$LORAKERN_TEST_LOG"
+    for a in "$@"; do case "$a" in --junitxml=*) echo '<testsuite tests="2" failures="1" errors="0" skipped="0"/>' \\
+        > "${{a#--junitxml=}}";; esac; done
+    exit 1
+fi
+exec {sys.executable} "$@"
+""")
+    fake.chmod(0o755)
+    prev = tmp_path / "prev-log.tsv"
+    prev.write_text("passed\t3.0\ttests/x.py::a\n")
+    out = tmp_path / "out"
+    env = {**os.environ, "OUT": str(out), "PYTHON": str(fake), "SKIP_INSTALL": "1", "STEPS": "tests",
+           "TESTS_DONE": str(prev), "PATH": os.environ.get("PATH", "")}
+    r = subprocess.run(["bash", str(REPO / "bench" / "gpu_check.sh")], env=env, capture_output=True, text=True,
+                       timeout=120)
+    log = (out / "gpu_check.log").read_text()
+    assert r.returncode != 0, log  # the fake suite failed one test
+    calls = (tmp_path / "pytest-calls").read_text()
+    assert f"done={prev} log={out / 'tests-log.tsv'}" in calls, calls
+    assert (out / "tests-log.tsv").read_text().splitlines() == [
+        "passed\t3.0\ttests/x.py::a", "passed\t1.5\ttests/x.py::b", "failed\t2.0\ttests/x.py::c"]
+    assert "resuming: 1 tests already run" in log, log
+    assert "tests (full suite): passed failed skipped = 2 1 0" in log, log
+    assert "3 tests logged: 2 passed, 1 failed, 0 skipped" in log, log
+    assert "failed  tests/x.py::c" in log, log
+
+
 # ------------------------------------------------------------------------------------------------ targets
 def test_targets_on_the_recorded_h100_run():
     """`python -m lorakern targets` on session 4's recorded run (3a57e06): the numbers the closing notes quoted."""
