@@ -518,7 +518,7 @@ _HEAD_BASE: dict = {}
 
 def _head_ids(T: int, H: int, device) -> torch.Tensor:
     """int32 [T, H] with row t = 0..H-1 (a stride-0 view), one object per shape so that a layer's q and o calls
-    share one grouping (group_pairs caches per object)."""
+    share one grouping (group_pairs keeps one for the next call with the same objects)."""
     key = (T, H, str(device))
     ids = _HEAD_IDS.get(key)
     if ids is None:

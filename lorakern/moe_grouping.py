@@ -42,21 +42,25 @@ def group_pairs(slots: torch.Tensor, topk_ids: torch.Tensor, num_experts: int, n
     tile count int32 [1]) — torch ops on the device, sizes fixed by the shapes, no host synchronisation. With
     ``ranks`` (int [num_slots], the op's), the used tiles come first in descending order of rank × length.
 
-    Outside CUDA-graph capture the result is cached per (``slots``, ``topk_ids``) object and version, so the down
-    projection of a layer reuses the grouping of its gate_up projection. Not per ``ranks`` object: the ops pass a
-    fresh contiguous copy of a strided ``ranks`` on every call, and the tile order is only a schedule (any order
-    gives the same result), so a grouping made with the ranks of the batch's first call serves its other calls."""
+    Outside CUDA-graph capture the result is kept for ONE more call with the same (``slots``, ``topk_ids``) objects
+    at the same versions, so the down projection of a layer reuses the grouping of its gate_up projection; that
+    call consumes it. Not longer: a CUDA-graph replay rewrites tensors in place without bumping their version
+    counters, so a routing buffer that a captured router refills on every replay (a piecewise graph whose pieces
+    end before this op) would otherwise hit the previous batch's grouping and apply the wrong experts' adapters.
+    Only a replay between a layer's two calls could still do that, and no graph ends there. Not per ``ranks``
+    object: the ops pass a fresh contiguous copy of a strided ``ranks`` on every call, and the tile order is only
+    a schedule (any order gives the same result), so the grouping made with the first call's ranks serves the
+    second."""
     dev = topk_ids.device
     capturing = dev.type == "cuda" and torch.cuda.is_current_stream_capturing()
     key = (id(slots), id(topk_ids), ranks is not None, num_experts, num_slots, block_m)
     vers = (version_of(slots), version_of(topk_ids))
     cacheable = not capturing and None not in vers  # inference tensors have no version counter
     if cacheable:
-        hit = _GROUP_CACHE.get(key)
+        hit = _GROUP_CACHE.pop(key, None)  # one reuse at most (docstring)
         if hit is not None:
             sref, iref, hv, val = hit
             if sref() is slots and iref() is topk_ids and hv == vers:
-                _GROUP_CACHE.move_to_end(key)
                 return val
     T, topk = topk_ids.shape
     P = T * topk

@@ -651,6 +651,33 @@ def test_group_pairs_orders_tiles_by_work_given_ranks(generator):
     assert after[0, 2].item() // E == 2
 
 
+def test_group_pairs_reuses_a_grouping_once_and_never_across_an_unversioned_rewrite(generator):
+    """The grouping is kept for one more call with the same tensors (a layer's gate_up then down), then dropped: a
+    CUDA-graph replay rewrites a routing buffer in place without bumping its version counter, and the next batch
+    must not get the previous batch's grouping (the wrong experts' adapters). The rewrite is emulated on the CPU
+    through a numpy alias of the buffer, which writes it without touching the version counter."""
+    g = generator
+    T, topk, E, S = 40, 2, 8, 4
+    ids, _ = make_routing(g, T, topk, E, skew=False)
+    ids = ids.to(torch.int64).contiguous()
+    slots = torch.randint(-1, S, (T,), generator=g, dtype=torch.int32)
+    first = moe_triton.group_pairs(slots, ids, E, S, 16)
+    assert moe_triton.group_pairs(slots, ids, E, S, 16)[1] is first[1]  # the second call: reused
+    third = moe_triton.group_pairs(slots, ids, E, S, 16)  # (the next layer's gate_up, say)
+    assert third[1] is not first[1] and torch.equal(third[1], first[1])  # consumed: recomputed, same grouping
+    assert moe_triton.group_pairs(slots, ids, E, S, 16)[1] is third[1]  # its down: reused, consumed
+    # a replay-like rewrite between batches: same object, same version, other routing
+    ver, old = ids._version, ids.clone()
+    new_ids, _ = make_routing(g, T, topk, E, skew=True)
+    ids.numpy()[:] = new_ids.numpy()
+    assert ids._version == ver and not torch.equal(ids, old)
+    got = moe_triton.group_pairs(slots, ids, E, S, 16)
+    want = moe_triton.group_pairs(slots, ids.clone(), E, S, 16)
+    for a, b in zip(got[:3], want[:3]):
+        assert torch.equal(a, b)
+    assert not torch.equal(got[1], third[1])  # (the routing really changed the grouping)
+
+
 @pytest.mark.skipif(not CUDA_RUNS, reason="the cuda backend does not run here")
 def test_cuda_launches_do_not_depend_on_routing_or_mix(generator, monkeypatch):
     """What a CUDA graph needs from the cuda backend's MoE launch: with a static plan, grid, kernel variant
