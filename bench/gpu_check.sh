@@ -54,6 +54,9 @@ if [ -z "$PY" ]; then
     if command -v python >/dev/null 2>&1; then PY=python; else PY=python3; fi
 fi
 unset TRITON_INTERPRET   # the interpreter runs kernels on the CPU; here they must run on the GPU
+# torch.compile tests under pytest-xdist: without this every worker that compiles starts its own pool of inductor
+# compile processes (one per CPU), 14 workers x 16 processes on the lent machine
+export TORCHINDUCTOR_COMPILE_THREADS="${TORCHINDUCTOR_COMPILE_THREADS:-1}"
 
 STATUS=0
 # The lent machine stops a call at 600 s, and whatever is under $OUT then comes back only if it is at most 8 files

@@ -43,7 +43,7 @@ import triton.language as tl
 
 from lorakern.backends import triton_interpret
 from lorakern.plan import GATHER_BLOCK_M
-from lorakern.triton.lora import BLOCK_R, _flags, _mma, _mma_f32_lhs, _rank_of, _rank_rows, _slot_scale
+from lorakern.triton.lora import BLOCK_R, BOUNDS_ONLY, _flags, _mma, _mma_f32_lhs, _rank_of, _rank_rows, _slot_scale
 
 __all__ = ["mla_absorbed_q", "mla_absorbed_o", "cfg"]
 
@@ -70,7 +70,7 @@ def _pair_tile(tiles_ptr, token_ids_ptr, pid, h0, H, BLOCK_M: tl.constexpr, BLOC
 
 
 # ----------------------------------------------------------------------------------------------- kernels
-@triton.jit
+@triton.jit(do_not_specialize=BOUNDS_ONLY)
 def _mla_q_kernel(qn_ptr, sqn_t, sqn_h, sqn_d, ql_ptr, sql_t, sql_h, sql_c, a_ptr, sa_r, b_ptr, sb_r,
                   pt_ptr, s_pt, ranks_ptr, max_rank, num_slots, num_rows, scales_ptr, tiles_ptr, token_ids_ptr,
                   y_ptr, sy_t, sy_h, sy_r,
@@ -124,7 +124,7 @@ def _mla_q_kernel(qn_ptr, sqn_t, sqn_h, sqn_d, ql_ptr, sql_t, sql_h, sql_c, a_pt
         tl.store(ptrs, (cur.to(tl.float32) + acc * scale).to(ql_ptr.dtype.element_ty), mask=m)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=BOUNDS_ONLY)
 def _mla_o_kernel(ol_ptr, sol_t, sol_h, sol_c, out_ptr, so_t, so_h, so_d, a_ptr, sa_r, b_ptr, sb_r,
                   pt_ptr, s_pt, ranks_ptr, max_rank, num_slots, num_rows, scales_ptr, tiles_ptr, token_ids_ptr,
                   y_ptr, sy_t, sy_h, sy_r,

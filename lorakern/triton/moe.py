@@ -37,12 +37,12 @@ import triton.language as tl
 
 from lorakern.backends import triton_interpret
 from lorakern.moe_grouping import group_pairs, max_tiles, moe_tables, pair_operands
-from lorakern.triton.lora import BLOCK_R, _flags, _mma, _mma_f32_lhs, _rank_of, _rank_rows, _slot_scale
+from lorakern.triton.lora import BLOCK_R, BOUNDS_ONLY, _flags, _mma, _mma_f32_lhs, _rank_of, _rank_rows, _slot_scale
 
 __all__ = ["add_lora_moe", "group_pairs", "cfg", "max_tiles"]
 
 # ----------------------------------------------------------------------------------------------- kernel
-@triton.jit
+@triton.jit(do_not_specialize=BOUNDS_ONLY)
 def _moe_kernel(x_ptr, sx_t, sx_p, sx_k, a_table, sa_table, sae_table, b_table, sb_table, sbe_table, n_table,
                 off_table, pt_ptr, s_pt, ranks_ptr, max_rank, num_slots, num_rows, scales_ptr, topk_w_ptr, sw_t, sw_k,
                 tiles_ptr, pair_ids_ptr, num_tiles_ptr, y_ptr, sy_s, sy_p, sy_r, out_ptr, so_t, so_p, so_n,
