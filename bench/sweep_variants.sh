@@ -42,6 +42,8 @@ add seg-fused-o4 "LORAKERN_FUSED_OSTAGES=4" seg "LORAKERN_CUDA_SEGMENT=fused"
 add gather-xsmem "LORAKERN_GATHER_X_SMEM=1" dec
 add gather-prefetch "LORAKERN_GATHER_PREFETCH=1" dec
 add gather-xsmem-prefetch "LORAKERN_GATHER_X_SMEM=1 LORAKERN_GATHER_PREFETCH=1" dec
+add gather-guarded "LORAKERN_GATHER_GUARDED_SHRINK=1" dec
+add gather-2cta "LORAKERN_GATHER_DECODE_CTAS=2" dec
 
 WANT=()
 for v in "${@:-${ORDER[@]}}"; do

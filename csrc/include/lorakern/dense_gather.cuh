@@ -23,8 +23,8 @@
 #include "lorakern/common.cuh"
 #include "lorakern/dense_dispatch.h"
 
-// Tuning macros (compile time; the defaults are the measured configuration, bench/sweep_variants.sh times the others
-// on a GPU by rebuilding with LORAKERN_NVCC_DEFINES):
+// Tuning macros (compile time; the defaults are the measured configuration except GUARDED_SHRINK and DECODE_CTAS,
+// session 8, untimed; bench/sweep_variants.sh times the others on a GPU by rebuilding with LORAKERN_NVCC_DEFINES):
 //   LORAKERN_GATHER_X_SMEM        1: in the decode instantiation (fused, MT = 1) each pass's x row is staged in
 //                                 shared memory (dynamic, K x 2 bytes up to 32 KB; registers capped for 3 CTAs per
 //                                 SM) and the shrink reads x from there instead of L1/L2 (on the H100 the decode
@@ -35,6 +35,12 @@
 //                                 while the shrink streams A (Nsight Compute, decode: 77 %
 //                                 of warp time waits on global loads; this adds bytes in flight at no register
 //                                 cost); 0 = off
+//   LORAKERN_GATHER_GUARDED_SHRINK 1: the shrink's inner loop skips a pass's missing tokens with a branch, as up
+//                                 to session 7 (which kept ptxas from issuing the unrolled steps' loads
+//                                 together); 0 = no branch (their sums are computed from token 0's x row and
+//                                 never stored)
+//   LORAKERN_GATHER_DECODE_CTAS   CTAs per SM the decode instantiation's registers are capped for: 3 (<= 80
+//                                 registers, 4 A loads in flight per lane) or 2 (110, 8 loads)
 // Timed on the H100 and removed: two column chunks per thread in the expand (10-15 % slower), two rank rows per
 // warp sharing each x load in the shrink (decode 3 % slower, rank 128 2 % faster).
 #ifndef LORAKERN_GATHER_X_SMEM
@@ -42,6 +48,12 @@
 #endif
 #ifndef LORAKERN_GATHER_PREFETCH
 #define LORAKERN_GATHER_PREFETCH 0
+#endif
+#ifndef LORAKERN_GATHER_GUARDED_SHRINK
+#define LORAKERN_GATHER_GUARDED_SHRINK 0
+#endif
+#ifndef LORAKERN_GATHER_DECODE_CTAS
+#define LORAKERN_GATHER_DECODE_CTAS 3
 #endif
 
 namespace lorakern {
@@ -53,13 +65,16 @@ enum class Mode : int { kFused = 0, kShrink = 1, kExpand = 2, kMoe = 3 };
 
 // DenseParams: see dense_dispatch.h
 
-// Registers sized for 2 CTAs per SM (<= 128). The decode instantiation sized for 4 (<= 64 registers) was timed on
-// an H100 (256 x 256 distinct, r = 16, qkv): 68.9 us against 68.3 us for this one, so it was dropped.
-// The decode instantiation (MT = 1, vectors, fused) with x staging or L2 prefetches: capped for 3 CTAs per SM (<= 80
-// registers), which the default one reaches by itself (80).
+// Registers sized for 2 CTAs per SM (<= 128), except the decode instantiation (MT = 1, vectors, fused): capped for
+// LORAKERN_GATHER_DECODE_CTAS = 3 CTAs per SM (<= 80 registers; always 3 with x staging), the occupancy it had when
+// it was measured. Until session 8 it reached 80 registers by itself, because a branch in the shrink's inner loop
+// kept ptxas from issuing more than one A load per warp at a time; without the branch it would take 110 registers
+// (2 CTAs per SM) for 8 loads in flight per lane, and at the cap of 80 it keeps 4 (sm_90a SASS). The sweep times
+// both (gather-2cta: 2 CTAs per SM). Sized for 4 CTAs (<= 64 registers), the old decode kernel was timed on an
+// H100 (256 x 256 distinct, r = 16, qkv): 68.9 us against 68.3 us at 3, so that was dropped.
 template <typename T, int MT, bool VEC, Mode MODE>
 constexpr int gather_min_ctas(bool xs) {
-  return (xs || (LORAKERN_GATHER_PREFETCH && MT == 1 && VEC && MODE == Mode::kFused)) ? 3 : 2;
+  return xs ? 3 : (MT == 1 && VEC && MODE == Mode::kFused) ? LORAKERN_GATHER_DECODE_CTAS : 2;
 }
 
 template <typename T, int MT, bool VEC, Mode MODE, bool XS = false>
@@ -179,22 +194,26 @@ __global__ void __launch_bounds__(kThreads, (gather_min_ctas<T, MT, VEC, MODE>(X
         float acc[MT];
 #pragma unroll
         for (int m = 0; m < MT; ++m) acc[m] = 0.f;
+        // No branch on m < mt in here: a pass's missing tokens (m >= mt, only in a tile's last pass) read token
+        // 0's x row (tok[m] = 0 above; a valid row) and their sums are never stored. A branch per unrolled step
+        // made each step its own basic block, so ptxas issued one A load per warp at a time (sm_90a SASS of the
+        // decode kernel: load, convert, FMA, next load) instead of the unrolled steps' loads together.
+        // LORAKERN_GATHER_GUARDED_SHRINK=1 restores the branch (for timing the two side by side).
 #pragma unroll (MT == 1 ? 8 : 2)
         for (int k = lane * W; k < p.K; k += 32 * W) {
           V av;
           load_vec(av, a + k);
 #pragma unroll
           for (int m = 0; m < MT; ++m) {
-            if (m < mt) {
-              V xv;
-              if constexpr (XS) {
-                xv = *reinterpret_cast<const V*>(xs + k);
-              } else {
-                load_vec(xv, X + xrow[m] + k * p.sx_k);
-              }
-#pragma unroll
-              for (int e = 0; e < W; ++e) acc[m] += Num<T>::to_f(xv.v[e]) * Num<T>::to_f(av.v[e]);
+            if (LORAKERN_GATHER_GUARDED_SHRINK && m >= mt) continue;
+            V xv;
+            if constexpr (XS) {
+              xv = *reinterpret_cast<const V*>(xs + k);
+            } else {
+              load_vec(xv, X + xrow[m] + k * p.sx_k);
             }
+#pragma unroll
+            for (int e = 0; e < W; ++e) acc[m] += Num<T>::to_f(xv.v[e]) * Num<T>::to_f(av.v[e]);
           }
         }
 #pragma unroll
