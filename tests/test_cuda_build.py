@@ -36,6 +36,21 @@ def test_every_cu_compiles_without_spills(built):
 
 
 @needs_nvcc
+def test_decode_shrink_issues_its_loads_together(built):
+    """The decode kernel's shrink issues several 16-byte loads before using them, on every arch (tools/sass_check.py:
+    a branch per unrolled step once made it one A load per warp at a time, the likely cause of its latency-bound
+    ~72 % of the copy bandwidth); read from the machine code, no GPU needed."""
+    import sass_check
+
+    if sass_check.find_cuobjdump() is None:
+        pytest.skip("cuobjdump not found (CUDA toolkit or the triton wheel)")
+    out, _ = built
+    lines, ok = sass_check.report(out)
+    assert ok, "\n".join(lines)
+    assert len(lines) == 2 * len(cuda_build.archs())  # bf16 and fp16 on every arch were read
+
+
+@needs_nvcc
 def test_extension_imports_without_gpu_and_matches_packing(built):
     out, _ = built
     spec = importlib.util.spec_from_file_location("_C", out)

@@ -1,0 +1,117 @@
+"""Checks on the machine code (SASS) of the built CUDA extension that need no GPU.
+
+The decode kernel is bound by how many bytes each warp keeps in flight. Until session 8 a branch in its shrink's
+unrolled K loop kept ptxas from issuing more than one A load (and one x load) per warp before using them (sm_90a
+SASS: load, load, convert, FMA, next load): ~12 KB in flight per SM, latency-bound at ~72 % of the copy bandwidth.
+This reads the SASS of the decode instantiations in a built ``_C.so`` (``cuobjdump``: the CUDA toolkit's, or the one
+the triton wheel ships) and reports, per arch, the longest run of 16-byte global loads issued with no FMA between
+them before the warp's first reduction (the shrink): 2 for the old loop, 8 now (4 steps of A and x).
+
+    python tools/sass_check.py build/_C.so        # the report; exit status 1 if a run is below MIN_RUN
+
+Used by tests/test_cuda_build.py on the extension CI builds.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+#: the decode instantiations: dense_gather_kernel<T, MT = 1, VEC = true, Mode::kFused, XS = false>
+DECODE_KERNELS = {
+    "bf16": "_ZN8lorakern19dense_gather_kernelI13__nv_bfloat16Li1ELb1ELNS_4ModeE0ELb0EEEvNS_11DenseParamsE",
+    "fp16": "_ZN8lorakern19dense_gather_kernelI6__halfLi1ELb1ELNS_4ModeE0ELb0EEEvNS_11DenseParamsE",
+}
+#: fewest 16-byte loads the shrink must issue back to back (before using them) on every arch
+MIN_RUN = 4
+
+
+def find_cuobjdump():
+    """The toolkit's cuobjdump, else the copy in the triton wheel (``triton/backends/nvidia/bin``), else None."""
+    for var in ("CUDA_HOME", "CUDA_PATH"):
+        home = os.environ.get(var)
+        if home and (Path(home) / "bin" / "cuobjdump").exists():
+            return str(Path(home) / "bin" / "cuobjdump")
+    found = shutil.which("cuobjdump")
+    if found:
+        return found
+    if Path("/usr/local/cuda/bin/cuobjdump").exists():
+        return "/usr/local/cuda/bin/cuobjdump"
+    try:
+        import importlib.util
+
+        spec = importlib.util.find_spec("triton")
+    except (ImportError, ValueError):
+        spec = None
+    if spec and spec.origin:
+        p = Path(spec.origin).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+        if p.exists():
+            return str(p)
+    return None
+
+
+def sass(binary, function: str, cuobjdump=None) -> dict:
+    """{arch: [instruction text]} of ``function`` in ``binary`` (an ELF with embedded cubins), one entry per
+    arch that has it."""
+    tool = cuobjdump or find_cuobjdump()
+    if tool is None:
+        raise FileNotFoundError("cuobjdump not found (CUDA toolkit or the triton wheel)")
+    r = subprocess.run([tool, "-sass", "-fun", function, str(binary)], capture_output=True, text=True, timeout=120)
+    if r.returncode != 0:
+        raise RuntimeError(f"cuobjdump failed: {r.stderr.strip()[-500:]}")
+    out: dict = {}
+    for part in re.split(r"(?=^\s*arch = sm_)", r.stdout, flags=re.M):
+        m = re.search(r"arch = (sm_\w+)", part)
+        ops = re.findall(r"/\*[0-9a-f]{4,6}\*/\s+([^;]*);", part)
+        if m and ops and function in part:
+            out[m.group(1)] = [o.strip() for o in ops]
+    return out
+
+
+def shrink_load_run(ops) -> int:
+    """The longest run of 16-byte global loads with no FMA between them, before the first warp shuffle (in the
+    decode kernel: the shrink's K loop, ahead of its warp reduction)."""
+    best = run = 0
+    for o in ops:
+        if o.startswith("SHFL"):
+            break
+        if o.startswith("LDG") and ".128" in o:
+            run += 1
+            best = max(best, run)
+        elif o.startswith(("FFMA", "FMUL", "FADD", "HFMA2")):
+            run = 0
+    return best
+
+
+def report(binary) -> tuple:
+    """(lines, ok): the shrink's load run per decode kernel and arch."""
+    lines, ok = [], True
+    for dt, fn in DECODE_KERNELS.items():
+        per_arch = sass(binary, fn)
+        if not per_arch:
+            lines.append(f"{dt}: decode kernel not found in {binary}")
+            ok = False
+        for arch, ops in sorted(per_arch.items()):
+            n = shrink_load_run(ops)
+            good = n >= MIN_RUN
+            ok &= good
+            lines.append(f"{dt} {arch}: {n} 16-byte loads issued back to back in the shrink "
+                         f"({'ok' if good else f'below {MIN_RUN}'})")
+    return lines, ok
+
+
+def main(argv) -> int:
+    if len(argv) != 1:
+        print(__doc__)
+        return 2
+    lines, ok = report(argv[0])
+    print("\n".join(lines))
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
