@@ -21,10 +21,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-#: the decode instantiations: dense_gather_kernel<T, MT = 1, VEC = true, Mode::kFused, XS = false>
+#: the decode instantiations: dense_gather_kernel<T, MT = 1, VEC = true, Mode::kFused, XS = false>, and the MoE
+#: (and MLA) one, Mode::kMoe (2 loads with the branch, 16 without)
 DECODE_KERNELS = {
     "bf16": "_ZN8lorakern19dense_gather_kernelI13__nv_bfloat16Li1ELb1ELNS_4ModeE0ELb0EEEvNS_11DenseParamsE",
     "fp16": "_ZN8lorakern19dense_gather_kernelI6__halfLi1ELb1ELNS_4ModeE0ELb0EEEvNS_11DenseParamsE",
+    "moe bf16": "_ZN8lorakern19dense_gather_kernelI13__nv_bfloat16Li1ELb1ELNS_4ModeE3ELb0EEEvNS_11DenseParamsE",
 }
 #: fewest 16-byte loads the shrink must issue back to back (before using them) on every arch
 MIN_RUN = 4
