@@ -29,17 +29,23 @@ DEFAULT_ARCHS = "80;89;90a"
 PTXAS_FLAGS = "-v,--warn-on-spills,--warn-on-local-memory-usage"
 
 
-def find_nvcc():
+def find_cuda_tool(name: str):
+    """A CUDA toolkit program (``nvcc``, ``cuobjdump``): under $CUDA_HOME or $CUDA_PATH, on the PATH, or in
+    /usr/local/cuda; None if none."""
     for var in ("CUDA_HOME", "CUDA_PATH"):
         home = os.environ.get(var)
-        if home and (Path(home) / "bin" / "nvcc").exists():
-            return str(Path(home) / "bin" / "nvcc")
-    nvcc = shutil.which("nvcc")
-    if nvcc:
-        return nvcc
-    if Path("/usr/local/cuda/bin/nvcc").exists():
-        return "/usr/local/cuda/bin/nvcc"
+        if home and (Path(home) / "bin" / name).exists():
+            return str(Path(home) / "bin" / name)
+    found = shutil.which(name)
+    if found:
+        return found
+    if (Path("/usr/local/cuda/bin") / name).exists():
+        return str(Path("/usr/local/cuda/bin") / name)
     return None
+
+
+def find_nvcc():
+    return find_cuda_tool("nvcc")
 
 
 def cuda_include():

@@ -14,12 +14,13 @@ Used by tests/test_cuda_build.py on the extension CI builds.
 
 from __future__ import annotations
 
-import os
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import cuda_build  # noqa: E402
 
 #: the decode instantiations: dense_gather_kernel<T, MT = 1, VEC = true, Mode::kFused, XS = false>, and the MoE
 #: (and MLA) one, Mode::kMoe (2 loads with the branch, 16 without)
@@ -34,15 +35,9 @@ MIN_RUN = 4
 
 def find_cuobjdump():
     """The toolkit's cuobjdump, else the copy in the triton wheel (``triton/backends/nvidia/bin``), else None."""
-    for var in ("CUDA_HOME", "CUDA_PATH"):
-        home = os.environ.get(var)
-        if home and (Path(home) / "bin" / "cuobjdump").exists():
-            return str(Path(home) / "bin" / "cuobjdump")
-    found = shutil.which("cuobjdump")
+    found = cuda_build.find_cuda_tool("cuobjdump")
     if found:
         return found
-    if Path("/usr/local/cuda/bin/cuobjdump").exists():
-        return "/usr/local/cuda/bin/cuobjdump"
     try:
         import importlib.util
 
