@@ -53,8 +53,9 @@ EXPECTED = {
 }
 
 
-def _run_planted(tmp_path: Path, *args: str, **env) -> subprocess.CompletedProcess:
-    """pytest on the planted suite, in a directory whose conftest loads the hooks of tests/conftest.py."""
+def _run_planted(tmp_path: Path, *args: str, suite: str = PLANTED, **env) -> subprocess.CompletedProcess:
+    """pytest on a planted suite (``suite``: the test file's text, written at the first call in ``tmp_path``), in a
+    directory whose conftest loads the hooks of tests/conftest.py."""
     d = tmp_path / "suite"
     if not d.exists():
         d.mkdir()
@@ -67,7 +68,7 @@ def _run_planted(tmp_path: Path, *args: str, **env) -> subprocess.CompletedProce
             pytest_collection_modifyitems = m.pytest_collection_modifyitems
             pytest_report_collectionfinish = m.pytest_report_collectionfinish
         '''))
-        (d / "test_planted.py").write_text(PLANTED)
+        (d / "test_planted.py").write_text(suite)
     e = {k: v for k, v in os.environ.items() if not k.startswith(("LORAKERN_TEST", "PYTEST_"))}
     e.update(env)
     # (the outer run's PYTEST_XDIST_WORKER must not make the inner one a worker)
@@ -140,6 +141,26 @@ def test_recorder_sums_phases_and_writes_at_teardown(tmp_path):
     rec.report(_rep("t.py::b", "teardown", "failed"))  # a failed call stays "failed", not "error"
     assert testlog.read(rec.path) == {"t.py::a": ("passed", 2.0), "t.py::c": ("error", 1.0),
                                       "t.py::b": ("failed", 1.5)}
+
+
+def test_log_of_a_crashed_xdist_worker(tmp_path):
+    """End to end with pytest-xdist: a test that takes its worker down is logged as failed, the others as run."""
+    pytest.importorskip("xdist")
+    log = tmp_path / "log.tsv"
+    r = _run_planted(tmp_path, "-n", "2", LORAKERN_TEST_LOG=str(log),
+                     suite="import os\ndef test_ok(): pass\ndef test_crash(): os._exit(3)\ndef test_after(): pass\n")
+    assert "crashed" in r.stdout, r.stdout + r.stderr
+    assert {k.split("::", 1)[1]: o for k, (o, _) in testlog.read(log).items()} == {
+        "test_ok": "passed", "test_crash": "failed", "test_after": "passed"}
+
+
+def test_recorder_logs_a_test_whose_worker_crashed(tmp_path):
+    """pytest-xdist reports a test whose worker died (a GPU fault takes the process down) once, with when "???"
+    and no teardown: it is logged as failed, so a resumed run does not count it as never run."""
+    rec = testlog.Recorder(tmp_path / "log.tsv")
+    rec.report(_rep("t.py::a", "setup", "passed", 0.5))
+    assert rec.report(_rep("t.py::a", "???", "failed", 0.0)) == "failed\t0.500\tt.py::a\n"
+    assert not rec._open
 
 
 def test_recorder_is_silent_in_xdist_workers(monkeypatch):

@@ -64,13 +64,16 @@ class Recorder:
         elif rep.when == "teardown":
             if rep.failed and st[0] in (None, "passed", "skipped", "xfailed", "xpassed"):
                 st[0] = "error"
-            outcome, seconds = self._open.pop(rep.nodeid)
-            line = f"{outcome or 'error'}\t{seconds:.3f}\t{rep.nodeid}\n"
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            with open(self.path, "a") as f:
-                f.write(line)
-            return line
-        return None
+        else:  # pytest-xdist's report of a test whose worker died under it (when "???"): no teardown follows
+            st[0] = "failed"
+        if rep.when in ("setup", "call"):
+            return None
+        outcome, seconds = self._open.pop(rep.nodeid)
+        line = f"{outcome or 'error'}\t{seconds:.3f}\t{rep.nodeid}\n"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "a") as f:
+            f.write(line)
+        return line
 
 
 def read(*paths) -> Dict[str, Tuple[str, float]]:
