@@ -477,17 +477,20 @@ def lora_expand(out, y, lora_b, page_table, ranks, scales, token_ids, tiles_gath
 MOE_BLOCK_M = 16
 
 
-def add_lora_moe(out, x, topk_ids, lora_a, lora_b, page_table, ranks, scales, slots, topk_weights, slice_offsets):
+def add_lora_moe(out, x, topk_ids, lora_a, lora_b, page_table, ranks, scales, slots, topk_weights, slice_offsets,
+                 *, constant_ids: bool = False):
     """out [T, topk, N_total] += scale · w · (x @ A_e.T) @ B_e.T on the gather kernel in its MoE mode: one launch,
     one CTA per (tile of pairs of one (adapter, expert) group, slice), the rank-r intermediate in shared memory.
     Arguments validated by :func:`lorakern.ops.add_lora_moe`; the grouping is the Triton backend's
-    (:func:`lorakern.moe_grouping.group_pairs`: fixed sizes, no host synchronisation)."""
+    (:func:`lorakern.moe_grouping.group_pairs`: fixed sizes, no host synchronisation; ``constant_ids``: ``topk_ids``
+    is never rewritten, the MLA ops' head ids, so every layer of a batch reuses one grouping)."""
     T, topk = topk_ids.shape
     num_slots, max_rank = page_table.shape
     if T * topk == 0 or max_rank == 0:
         return
     E = lora_a[0].shape[1]
-    pair_ids, tiles, _, n_max = group_pairs(slots, topk_ids, E, num_slots, MOE_BLOCK_M, ranks)
+    pair_ids, tiles, _, n_max = group_pairs(slots, topk_ids, E, num_slots, MOE_BLOCK_M, ranks,
+                                            constant_ids=constant_ids)
     if n_max == 0:
         return
     tab = moe_tables(lora_a, lora_b, slice_offsets)
@@ -518,7 +521,8 @@ _HEAD_BASE: dict = {}
 
 def _head_ids(T: int, H: int, device) -> torch.Tensor:
     """int32 [T, H] with row t = 0..H-1 (a stride-0 view), one object per shape so that a layer's q and o calls
-    share one grouping (group_pairs keeps one for the next call with the same objects)."""
+    share one grouping, and so do the layers of a batch (group_pairs(constant_ids=True): these ids are never
+    rewritten)."""
     key = (T, H, str(device))
     ids = _HEAD_IDS.get(key)
     if ids is None:
@@ -539,7 +543,7 @@ def mla_absorbed_q(q_latent, q_nope, lora_a, lora_b, page_table, ranks, scales, 
     b_k = lora_b.unflatten(1, (H, lora_b.shape[1] // H))[:, :, :Dn]  # [rows, H, Dn], head stride Dn + Dv
     a_h = lora_a.unsqueeze(1).expand(rows, H, lora_a.shape[1])      # [rows, H, C], head stride 0
     add_lora_moe(q_latent, q_nope, _head_ids(T, H, q_nope.device), [b_k], [a_h], page_table, ranks, scales, slots,
-                 None, [0])
+                 None, [0], constant_ids=True)
 
 
 def mla_absorbed_o(out, o_latent, lora_a, lora_b, page_table, ranks, scales, slots):
@@ -551,4 +555,4 @@ def mla_absorbed_o(out, o_latent, lora_a, lora_b, page_table, ranks, scales, slo
     b_v = lora_b.unflatten(1, (H, lora_b.shape[1] // H))[:, :, -Dv:]  # [rows, H, Dv]
     a_h = lora_a.unsqueeze(1).expand(rows, H, C)
     add_lora_moe(out, o_latent, _head_ids(T, H, o_latent.device), [a_h], [b_v], page_table, ranks, scales, slots,
-                 None, [0])
+                 None, [0], constant_ids=True)

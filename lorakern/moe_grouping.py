@@ -37,7 +37,7 @@ _GROUP_CACHE: "OrderedDict[tuple, tuple]" = OrderedDict()
 
 
 def group_pairs(slots: torch.Tensor, topk_ids: torch.Tensor, num_experts: int, num_slots: int, block_m: int,
-                ranks=None):
+                ranks=None, *, constant_ids: bool = False):
     """(pair ids sorted by (slot, expert) int32 [P], tiles int32 [max_tiles, 3] of (start, length, slot·E + e),
     tile count int32 [1]) — torch ops on the device, sizes fixed by the shapes, no host synchronisation. With
     ``ranks`` (int [num_slots], the op's), the used tiles come first in descending order of rank × length.
@@ -47,7 +47,9 @@ def group_pairs(slots: torch.Tensor, topk_ids: torch.Tensor, num_experts: int, n
     call consumes it. Not longer: a CUDA-graph replay rewrites tensors in place without bumping their version
     counters, so a routing buffer that a captured router refills on every replay (a piecewise graph whose pieces
     end before this op) would otherwise hit the previous batch's grouping and apply the wrong experts' adapters.
-    Only a replay between a layer's two calls could still do that, and no graph ends there. Not per ``ranks``
+    Only a replay between a layer's two calls could still do that, and no graph ends there. ``constant_ids``: the
+    caller's ``topk_ids`` is a tensor nothing ever rewrites (the MLA ops' head ids), so the grouping is kept for
+    every later call with the same objects and versions (every layer of a batch), as a plan is. Not per ``ranks``
     object: the ops pass a fresh contiguous copy of a strided ``ranks`` on every call, and the tile order is only
     a schedule (any order gives the same result), so the grouping made with the first call's ranks serves the
     second."""
@@ -57,10 +59,12 @@ def group_pairs(slots: torch.Tensor, topk_ids: torch.Tensor, num_experts: int, n
     vers = (version_of(slots), version_of(topk_ids))
     cacheable = not capturing and None not in vers  # inference tensors have no version counter
     if cacheable:
-        hit = _GROUP_CACHE.pop(key, None)  # one reuse at most (docstring)
+        hit = _GROUP_CACHE.get(key) if constant_ids else _GROUP_CACHE.pop(key, None)  # (docstring)
         if hit is not None:
             sref, iref, hv, val = hit
             if sref() is slots and iref() is topk_ids and hv == vers:
+                if constant_ids:
+                    _GROUP_CACHE.move_to_end(key)
                 return val
     T, topk = topk_ids.shape
     P = T * topk

@@ -676,6 +676,13 @@ def test_group_pairs_reuses_a_grouping_once_and_never_across_an_unversioned_rewr
     for a, b in zip(got[:3], want[:3]):
         assert torch.equal(a, b)
     assert not torch.equal(got[1], third[1])  # (the routing really changed the grouping)
+    # ids nothing rewrites (the MLA ops' head ids): kept for every call with the same objects, as a plan is
+    heads = torch.arange(topk, dtype=torch.int32).expand(T, topk)
+    kept = moe_triton.group_pairs(slots, heads, E, S, 16, constant_ids=True)
+    for _ in range(3):
+        assert moe_triton.group_pairs(slots, heads, E, S, 16, constant_ids=True)[1] is kept[1]
+    slots.add_(0)  # a new version of the slots: a new grouping
+    assert moe_triton.group_pairs(slots, heads, E, S, 16, constant_ids=True)[1] is not kept[1]
 
 
 @pytest.mark.skipif(not CUDA_RUNS, reason="the cuda backend does not run here")
