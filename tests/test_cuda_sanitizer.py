@@ -1,5 +1,6 @@
-"""compute-sanitizer memcheck on a small case of every CUDA-backend op (GPU only): no out-of-bounds access, in
-particular none through page-table entries beyond a slot's rank (poisoned by make_lora)."""
+"""compute-sanitizer memcheck on a small case of every CUDA-backend op (GPU only): add_lora (gather, split and fused
+segment kernels), lora_shrink, lora_expand, add_lora_moe and the two absorbed MLA ops. No out-of-bounds access, in
+particular none through page-table entries beyond a slot's rank (poisoned: they point past the rows)."""
 
 import os
 import shutil
@@ -10,29 +11,62 @@ import textwrap
 import pytest
 import torch
 
-pytestmark = pytest.mark.gpu
-
 SCRIPT = textwrap.dedent(
     """
+    import os
     import torch, lorakern
     from lorakern.workloads import make_lora, make_slots
     g = torch.Generator().manual_seed(0)
-    dev = torch.device("cuda")
-    for dt in (torch.bfloat16, torch.float32):
-        L = make_lora(9, 100, (72, 40), "1-40", max_rank=48, dtype=dt, device=dev, generator=g)
-        for mix, T in (("distinct", 9), ("uniform", 70)):
-            s = make_slots(mix, T, 9, none_frac=0.2, generator=g).to(dev)
-            x = torch.randn(T, 100, generator=g).to(dt).to(dev)
-            out = torch.randn(T, 112, generator=g).to(dt).to(dev)
-            lorakern.ops.add_lora(out, x, *L.args(), s, backend="cuda")
-            y = lorakern.ops.lora_shrink(x, L.lora_a, L.page_table, L.ranks, s, backend="cuda")
-            lorakern.ops.lora_expand(out, y, L.lora_b, L.page_table, L.ranks, L.scales, s, backend="cuda")
-    torch.cuda.synchronize()
+    dev = torch.device(os.environ.get("LK_SANITIZER_DEVICE", "cuda"))  # (cpu: the emulator, for tests/ on a CPU)
+    # the dense ops: the decode (gather) path and the prefill (segment) path, split and fused kernels (the paths
+    # forced: at these sizes the plan would take the gather path)
+    for path, mode in (("gather", "split"), ("segment", "split"), ("segment", "fused")):
+        os.environ["LORAKERN_TRITON_PATH"], os.environ["LORAKERN_CUDA_SEGMENT"] = path, mode
+        K = 96 if path == "segment" else 100  # (the segment kernels take rows of 16-byte multiples, else gather)
+        for dt in (torch.bfloat16, torch.float32):
+            L = make_lora(9, K, (72, 40), "1-40", max_rank=48, dtype=dt, device=dev, generator=g)
+            for mix, T in (("distinct", 9), ("uniform", 70)):
+                s = make_slots(mix, T, 9, none_frac=0.2, generator=g).to(dev)
+                x = torch.randn(T, K, generator=g).to(dt).to(dev)
+                out = torch.randn(T, 112, generator=g).to(dt).to(dev)
+                lorakern.ops.add_lora(out, x, *L.args(), s, backend="cuda")
+                y = lorakern.ops.lora_shrink(x, L.lora_a, L.page_table, L.ranks, s, backend="cuda")
+                lorakern.ops.lora_expand(out, y, L.lora_b, L.page_table, L.ranks, L.scales, s, backend="cuda")
+    os.environ.pop("LORAKERN_CUDA_SEGMENT"), os.environ.pop("LORAKERN_TRITON_PATH")
+    # add_lora_moe: 2 slices (gate, up) over E experts, top-2 routing; rank rows past each rank point out of range
+    T, E, K, topk, S, R, rows = 12, 6, 40, 2, 4, 8, 40
+    dt = torch.bfloat16
+    la = [torch.randn(rows, E, K, generator=g).to(dt).to(dev) for _ in range(2)]
+    lb = [torch.randn(rows, E, n, generator=g).to(dt).to(dev) for n in (24, 24)]
+    pt = torch.randint(0, rows, (S, R), generator=g, dtype=torch.int32)
+    ranks = torch.tensor([8, 3, 0, 5], dtype=torch.int32)
+    for si in range(S):
+        pt[si, ranks[si]:] = rows + 1000  # never read
+    pt, ranks = pt.to(dev), ranks.to(dev)
+    scales = torch.rand(S, generator=g).to(dev)
+    ids = torch.stack([torch.randperm(E, generator=g)[:topk] for _ in range(T)]).to(dev)
+    slots = torch.randint(-1, S, (T,), generator=g, dtype=torch.int32).to(dev)
+    x = torch.randn(T, K, generator=g).to(dt).to(dev)
+    out = torch.randn(T, topk, 48, generator=g).to(dt).to(dev)
+    lorakern.ops.add_lora_moe(out, x, ids, la, lb, pt, ranks, scales, slots, backend="cuda")
+    # the absorbed MLA ops (heads as experts), the same page table
+    H, C, Dn, Dv = 4, 32, 16, 8
+    a = torch.randn(rows, C, generator=g).to(dt).to(dev)
+    b = torch.randn(rows, H * (Dn + Dv), generator=g).to(dt).to(dev)
+    q_latent = torch.randn(T, H, C, generator=g).to(dt).to(dev)
+    q_nope = torch.randn(T, H, Dn, generator=g).to(dt).to(dev)
+    lorakern.ops.mla_absorbed_q(q_latent, q_nope, a, b, pt, ranks, scales, slots, backend="cuda")
+    o_out = torch.randn(T, H, Dv, generator=g).to(dt).to(dev)
+    o_latent = torch.randn(T, H, C, generator=g).to(dt).to(dev)
+    lorakern.ops.mla_absorbed_o(o_out, o_latent, a, b, pt, ranks, scales, slots, backend="cuda")
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
     print("sanitizer-case-done")
     """
 )
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_memcheck_cuda_backend(tmp_path):
     from lorakern.backends import BACKENDS
@@ -49,3 +83,19 @@ def test_memcheck_cuda_backend(tmp_path):
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0 and "sanitizer-case-done" in r.stdout, r.stdout[-3000:] + r.stderr[-3000:]
     assert "ERROR SUMMARY: 0 errors" in r.stdout + r.stderr
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the memcheck test runs the script itself")
+def test_the_memcheck_script_runs_on_the_emulator(tmp_path):
+    """The GPU test's script, run here with the cuda backend on the CPU emulator: it calls every op as the current
+    API wants (a script that broke would only show on a lent GPU, as a failure of the memcheck test)."""
+    from lorakern.backends import cuda_emulator
+
+    emu = cuda_emulator()
+    if isinstance(emu, str):
+        pytest.skip(emu)
+    script = tmp_path / "case.py"
+    script.write_text(SCRIPT)
+    env = dict(os.environ, LK_SANITIZER_DEVICE="cpu", LORAKERN_CUDA_EMULATE="1", TRITON_INTERPRET="1")
+    r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=600, env=env)
+    assert r.returncode == 0 and "sanitizer-case-done" in r.stdout, r.stdout[-3000:] + r.stderr[-3000:]
