@@ -86,16 +86,37 @@ def test_memcheck_cuda_backend(tmp_path):
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the memcheck test runs the script itself")
-def test_the_memcheck_script_runs_on_the_emulator(tmp_path):
+def test_the_memcheck_script_runs_every_kernel_on_the_emulator(monkeypatch):
     """The GPU test's script, run here with the cuda backend on the CPU emulator: it calls every op as the current
-    API wants (a script that broke would only show on a lent GPU, as a failure of the memcheck test)."""
+    API wants (a broken script would only show on a lent GPU, as a failure of the memcheck test), and it reaches
+    every kernel: the gather kernel in its four modes and the three segment kernels."""
+    from lorakern import cuda_backend
     from lorakern.backends import cuda_emulator
 
     emu = cuda_emulator()
     if isinstance(emu, str):
         pytest.skip(emu)
-    script = tmp_path / "case.py"
-    script.write_text(SCRIPT)
-    env = dict(os.environ, LK_SANITIZER_DEVICE="cpu", LORAKERN_CUDA_EMULATE="1", TRITON_INTERPRET="1")
-    r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=600, env=env)
-    assert r.returncode == 0 and "sanitizer-case-done" in r.stdout, r.stdout[-3000:] + r.stderr[-3000:]
+    for k, v in (("LK_SANITIZER_DEVICE", "cpu"), ("LORAKERN_CUDA_EMULATE", "1"), ("LORAKERN_TRITON_PATH", ""),
+                 ("LORAKERN_CUDA_SEGMENT", "")):
+        monkeypatch.setenv(k, v)  # (restored afterwards, whatever the script leaves)
+    launched = set()
+    real_ext = cuda_backend._ext
+
+    class Spy:
+        def __init__(self, ext):
+            self.ext = ext
+
+        def dense_gather(self, fields, dtype, mode, *a):
+            launched.add(("gather", mode))
+            return self.ext.dense_gather(fields, dtype, mode, *a)
+
+        def dense_segment(self, fields, dtype, mode, *a):
+            launched.add(("segment", mode))
+            return self.ext.dense_segment(fields, dtype, mode, *a)
+
+        def __getattr__(self, name):
+            return getattr(self.ext, name)
+
+    monkeypatch.setattr(cuda_backend, "_ext", lambda device: Spy(real_ext(device)))
+    exec(compile(SCRIPT, "memcheck-script", "exec"), {})
+    assert launched == {("gather", m) for m in range(4)} | {("segment", m) for m in (1, 2, 3)}, launched
