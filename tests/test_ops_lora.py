@@ -679,6 +679,31 @@ def test_checker_rejects_nonzero_y_beyond_rank(generator):
 # ------------------------------------------------------------------------------------------------ gather splits
 @pytest.mark.cuda_emulate
 @pytest.mark.skipif(not CUDA_RUNS, reason="no CUDA extension and no CPU emulator of it")
+@pytest.mark.parametrize("dtype", DTYPES, ids=_dname)
+@pytest.mark.parametrize("op", ["add_lora", "lora_shrink"])
+def test_cuda_gather_missing_tokens_of_a_pass_leave_no_trace(op, dtype, generator, monkeypatch):
+    """The gather kernel's shrink computes a pass's missing tokens (a tile's last pass, 4 tokens per pass) from
+    token 0's x row, with no branch (the branch kept ptxas from batching the loads), and must never store them.
+    Token 0 here has no LoRA and an infinite x row, and every tile's length leaves its last pass short: one stored
+    or added sum of a missing token would put inf or NaN into another token's result."""
+    from lorakern import cuda_backend
+
+    monkeypatch.setenv("LORAKERN_TRITON_PATH", "gather")
+    T = 40
+    slots = torch.tensor([-1] + [s for s in (0, 1, 2) for _ in range(13)], dtype=torch.int32)  # 13 = 3 * 4 + 1
+    case = make_case(generator, T=T, K=72, n_sizes=[40, 24], ranks=[5, 16, 9], num_adapters=3, dtype=dtype,
+                     slots=slots.to(DEVICE))
+    case.x[0] = float("inf")
+    passes = []
+    real = cuda_backend._tokens_per_pass
+    monkeypatch.setattr(cuda_backend, "_tokens_per_pass", lambda info: passes.append(real(info)) or passes[-1])
+    got = run_case(op, "cuda", case, generator)
+    assert torch.isfinite(got.detach().cpu()[..., 1:, :] if op == "lora_shrink" else got.detach().cpu()[1:]).all()
+    assert op == "lora_shrink" or passes == [4]  # (add_lora: the 4-token passes really ran)
+
+
+@pytest.mark.cuda_emulate
+@pytest.mark.skipif(not CUDA_RUNS, reason="no CUDA extension and no CPU emulator of it")
 @pytest.mark.parametrize("splits", [(2, 1), (1, 3), (4, 5), (3, 16)], ids=str)
 @pytest.mark.parametrize("dtype", DTYPES, ids=_dname)
 @pytest.mark.parametrize("op", ["add_lora", "lora_shrink", "lora_expand"])
