@@ -37,7 +37,8 @@
 #                          prefill segment kernels and the decode gather kernel (ncu.txt) and on the fused kernel
 #                          (ncu-fused.txt), bench/sweep_variants.sh on SWEEP_VARIANTS (default "default
 #                          gather-guarded seg-fused seg-fused-s4 gather-prefetch gather-2cta seg-mma gather-xsmem
-#                          seg-fused-s8 seg-fused-o4 gather-xsmem-prefetch": the variants not yet timed, the most
+#                          seg-fused-s8 seg-fused-o4 gather-xsmem-prefetch gather-early-out": the variants not
+#                          yet timed, the most
 #                          telling first, since the sweep stops at its time budget; the others were timed,
 #                          docs/cuda.md),
 #                          then the cuda-backend op suites on the GPU
@@ -245,7 +246,7 @@ if run_tune; then
             --filter 'prefill uniform' 'prefill-qkv' > '$OUT/ncu-fused.txt' 2>&1"
     fi
     step sweep "${SWEEP_TIMEOUT:-340}" env OUT="$OUT/sweep" VARIANT_TIMEOUT="${VARIANT_TIMEOUT:-40}" \
-        bash bench/sweep_variants.sh ${SWEEP_VARIANTS:-default gather-guarded seg-fused seg-fused-s4 gather-prefetch gather-2cta seg-mma gather-xsmem seg-fused-s8 seg-fused-o4 gather-xsmem-prefetch}
+        bash bench/sweep_variants.sh ${SWEEP_VARIANTS:-default gather-guarded seg-fused seg-fused-s4 gather-prefetch gather-2cta seg-mma gather-xsmem seg-fused-s8 seg-fused-o4 gather-xsmem-prefetch gather-early-out}
     [ -f "$OUT/sweep/sweep-summary.txt" ] && cat "$OUT/sweep/sweep-summary.txt" | tee -a "$LOG"
     XDIST=()
     if "$PY" -c "import xdist" >/dev/null 2>&1; then XDIST=(-n "${TEST_WORKERS:-14}" --dist worksteal); fi

@@ -44,6 +44,7 @@ add gather-prefetch "LORAKERN_GATHER_PREFETCH=1" dec
 add gather-xsmem-prefetch "LORAKERN_GATHER_X_SMEM=1 LORAKERN_GATHER_PREFETCH=1" dec
 add gather-guarded "LORAKERN_GATHER_GUARDED_SHRINK=1" dec
 add gather-2cta "LORAKERN_GATHER_DECODE_CTAS=2" dec
+add gather-early-out "LORAKERN_GATHER_EARLY_OUT=1" dec
 
 WANT=()
 for v in "${@:-${ORDER[@]}}"; do

@@ -102,7 +102,7 @@ def test_sweep_variants_are_well_formed_macro_sets(monkeypatch):
 
     variants = variant_check.sweep_variants()
     assert {"seg-mma", "gather-xsmem", "gather-prefetch", "seg-bf16-2terms", "seg-fused-s4",
-            "seg-fused-s8", "seg-fused-o4", "gather-guarded", "gather-2cta"} <= set(variants)
+            "seg-fused-s8", "seg-fused-o4", "gather-guarded", "gather-2cta", "gather-early-out"} <= set(variants)
     assert "seg-fused" not in variants  # run-time settings only: the default build
     headers = "".join((cuda_build.CSRC / "include" / "lorakern" / h).read_text()
                       for h in ("dense_segment.cuh", "dense_gather.cuh", "dense_dispatch.h"))

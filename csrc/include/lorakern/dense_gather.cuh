@@ -41,6 +41,10 @@
 //                                 never stored)
 //   LORAKERN_GATHER_DECODE_CTAS   CTAs per SM the decode instantiation's registers are capped for: 3 (<= 80
 //                                 registers, 4 A loads in flight per lane) or 2 (110, 8 loads)
+//   LORAKERN_GATHER_EARLY_OUT     1: at one token per pass (decode, MoE decode), the expand reads each column
+//                                 chunk's out vector before its rank loop, so that the read's latency hides behind
+//                                 the B loads instead of following them (one exposed DRAM round trip per chunk);
+//                                 0 = off
 // Timed on the H100 and removed: two column chunks per thread in the expand (10-15 % slower), two rank rows per
 // warp sharing each x load in the shrink (decode 3 % slower, rank 128 2 % faster).
 #ifndef LORAKERN_GATHER_X_SMEM
@@ -54,6 +58,9 @@
 #endif
 #ifndef LORAKERN_GATHER_DECODE_CTAS
 #define LORAKERN_GATHER_DECODE_CTAS 3
+#endif
+#ifndef LORAKERN_GATHER_EARLY_OUT
+#define LORAKERN_GATHER_EARLY_OUT 0
 #endif
 
 namespace lorakern {
@@ -95,6 +102,7 @@ __global__ void __launch_bounds__(kThreads, (gather_min_ctas<T, MT, VEC, MODE>(X
 
   constexpr bool kMoe = MODE == Mode::kMoe;
   constexpr bool kFusedLike = MODE == Mode::kFused || kMoe;
+  constexpr bool kEarlyOut = LORAKERN_GATHER_EARLY_OUT && MT == 1;
   const int tile = blockIdx.x, sl = blockIdx.y;
   const int start = p.tiles[3 * tile], len = p.tiles[3 * tile + 1], key = p.tiles[3 * tile + 2];
   if (len <= 0 || key < 0) return;
@@ -244,6 +252,8 @@ __global__ void __launch_bounds__(kThreads, (gather_min_ctas<T, MT, VEC, MODE>(X
         for (int m = 0; m < MT; ++m)
 #pragma unroll
           for (int e = 0; e < W; ++e) acc[m][e] = 0.f;
+        V ov_early;  // LORAKERN_GATHER_EARLY_OUT, MT = 1 (whose pass always has its token): out read up front
+        if constexpr (kEarlyOut) load_vec_rw(ov_early, O + orow[0] + (off + n) * p.so_n);
 #pragma unroll (MT == 1 ? 8 : 2)
         for (int j = 0; j < rank; ++j) {
           V bv;
@@ -260,7 +270,11 @@ __global__ void __launch_bounds__(kThreads, (gather_min_ctas<T, MT, VEC, MODE>(X
           if (m < mt) {
             T* o = O + orow[m] + (off + n) * p.so_n;
             V ov;
-            load_vec_rw(ov, o);
+            if constexpr (kEarlyOut) {
+              ov = ov_early;
+            } else {
+              load_vec_rw(ov, o);
+            }
 #pragma unroll
             for (int e = 0; e < W; ++e) ov.v[e] = Num<T>::from_f(Num<T>::to_f(ov.v[e]) + wt[m] * acc[m][e]);
             store_vec(o, ov);
