@@ -20,6 +20,7 @@ import pytest  # noqa: E402
 import lorakern  # noqa: E402
 from lorakern import reference  # noqa: E402
 from lorakern.backends import BACKENDS  # noqa: E402
+from lorakern.bench.testlog import Recorder, read as read_test_log  # noqa: E402
 from lorakern.ops import _validate as V  # noqa: E402
 from lorakern.workloads import RandomLoRA, make_lora, make_slots  # noqa: E402
 
@@ -92,11 +93,10 @@ def pytest_collection_modifyitems(config, items):
     done_log = os.environ.get("LORAKERN_TESTS_DONE")
     if done_log:
         # the tests an earlier (cut) run already finished, by its LORAKERN_TEST_LOG: run only the rest
-        from lorakern.bench import testlog
-
-        done = testlog.read(done_log)
-        keep = [it for it in items if it.nodeid not in done]
-        dropped = [it for it in items if it.nodeid in done]
+        done = read_test_log(done_log)
+        keep, dropped = [], []
+        for it in items:
+            (dropped if it.nodeid in done else keep).append(it)
         if dropped:
             config.hook.pytest_deselected(items=dropped)
             items[:] = keep
@@ -127,8 +127,6 @@ def pytest_runtest_logreport(report):
     cut run still has its counts and its slowest tests (:mod:`lorakern.bench.testlog`; ``python -m lorakern
     testlog <file>``). LORAKERN_TESTS_DONE=<file> (such a log) deselects the tests it names: the next call runs
     the rest (``pytest_collection_modifyitems``)."""
-    from lorakern.bench.testlog import Recorder
-
     if not Recorder.is_controller():  # an xdist worker: its reports reach the controller's hook as well
         return
     log_path = os.environ.get("LORAKERN_TEST_LOG")
