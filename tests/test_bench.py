@@ -426,6 +426,56 @@ exec {sys.executable} "$@"
     assert "failed  tests/x.py::c" in log, log
 
 
+@pytest.mark.skipif(sys.platform == "win32", reason="bash script")
+def test_sweep_variants_builds_first_once_per_macro_set(tmp_path):
+    """bench/sweep_variants.sh makes every build before the first profile, BUILD_JOBS at a time and once per
+    distinct set of macros, profiles each variant on its own build (with its run-time settings), skips a variant
+    whose build failed, and puts the default build back at the end. A fake python stands in for the build (it
+    writes the macros into the .so, and fails on one of them) and for the profile (it records which .so is
+    installed)."""
+    so = tmp_path / "site" / "_C.so"
+    so.parent.mkdir()
+    so.write_text("installed\n")
+    calls = tmp_path / "calls"
+    fake = tmp_path / "py"
+    fake.write_text(f"""#!/usr/bin/env bash
+case "$1" in
+  -c) echo "{so}" ;;
+  tools/cuda_build.py)
+    echo "build-start $LORAKERN_NVCC_DEFINES" >> "{calls}"; sleep 1
+    case "$LORAKERN_NVCC_DEFINES" in *EARLY_OUT*) echo "ptxas warning : spill"; exit 1;; esac
+    mkdir -p "$(dirname "$2")"; echo "defs=$LORAKERN_NVCC_DEFINES" > "$2"
+    echo "build-end $LORAKERN_NVCC_DEFINES" >> "{calls}" ;;
+  bench/profile_add_lora.py)
+    echo "profile $(cat "{so}") env=${{LORAKERN_CUDA_SEGMENT:-}}" >> "{calls}"
+    for a in "$@"; do case "$prev" in --json) echo "[]" > "$a";; esac; prev="$a"; done ;;
+  -) cat > /dev/null ;;
+esac
+""")
+    fake.chmod(0o755)
+    out = tmp_path / "out"
+    env = {**os.environ, "OUT": str(out), "PYTHON": str(fake), "BUILD_JOBS": "3", "PATH": os.environ.get("PATH", "")}
+    r = subprocess.run(["bash", str(REPO / "bench" / "sweep_variants.sh"), "gather-guarded", "seg-fused",
+                        "gather-early-out", "gather-2cta", "default"],
+                       env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    lines = calls.read_text().splitlines()
+    builds = [ln for ln in lines if ln.startswith("build-start")]
+    # default, guarded, early-out, 2cta: seg-fused (no macros) and the second default reuse the default build
+    assert sorted(builds) == sorted(["build-start ", "build-start LORAKERN_GATHER_GUARDED_SHRINK=1",
+                                     "build-start LORAKERN_GATHER_EARLY_OUT=1",
+                                     "build-start LORAKERN_GATHER_DECODE_CTAS=2"]), lines
+    first_profile = next(i for i, ln in enumerate(lines) if ln.startswith("profile"))
+    assert all(not ln.startswith("build") for ln in lines[first_profile:]), lines  # builds all came first
+    assert [ln.split()[0] for ln in lines[:4]] == ["build-start"] * 3 + ["build-end"], lines  # 3 at a time
+    assert [ln for ln in lines if ln.startswith("profile")] == [
+        "profile defs=LORAKERN_GATHER_GUARDED_SHRINK=1 env=", "profile defs= env=fused",
+        "profile defs=LORAKERN_GATHER_DECODE_CTAS=2 env=", "profile defs= env="], lines
+    assert "build failed (or a ptxas warning)" in r.stdout, r.stdout
+    assert "=== builds: 4 in" in r.stdout, r.stdout
+    assert so.read_text() == "defs=\n"  # the default build put back
+
+
 # ------------------------------------------------------------------------------------------------ targets
 def test_targets_on_the_recorded_h100_run():
     """`python -m lorakern targets` on session 4's recorded run (3a57e06): the numbers the closing notes quoted."""
