@@ -42,7 +42,7 @@
 #                          telling first, since the sweep stops at its time budget; the others were timed,
 #                          docs/cuda.md),
 #                          then the cuda-backend op suites on the GPU
-#                          (TUNE_TESTS_TIMEOUT): one call of a session that changes kernels
+#                          (TUNE_TESTS_TIMEOUT, default 240 s, cut to what DEADLINE_S leaves): one call of a session that changes kernels
 #   STEPS=all              everything (more than one call's worth)
 # e.g.  bash bench/gpu_check.sh;  SKIP_INSTALL=1 STEPS=tests bash bench/gpu_check.sh;  SKIP_INSTALL=1 STEPS=extra ...
 set -u
@@ -250,7 +250,7 @@ if run_tune; then
     [ -f "$OUT/sweep/sweep-summary.txt" ] && cat "$OUT/sweep/sweep-summary.txt" | tee -a "$LOG"
     XDIST=()
     if "$PY" -c "import xdist" >/dev/null 2>&1; then XDIST=(-n "${TEST_WORKERS:-14}" --dist worksteal); fi
-    step pytest-cuda "${TUNE_TESTS_TIMEOUT:-130}" env LORAKERN_FAILURE_LOG="$OUT/failures-tb.txt" \
+    step pytest-cuda "${TUNE_TESTS_TIMEOUT:-240}" env LORAKERN_FAILURE_LOG="$OUT/failures-tb.txt" \
         LORAKERN_TEST_LOG="$OUT/tests-cuda-log.tsv" "$PY" -m pytest -q \
         -rfE -p no:cacheprovider ${XDIST[@]+"${XDIST[@]}"} --junitxml="$OUT/pytest-cuda.xml" tests/test_ops_lora.py \
         tests/test_moe.py tests/test_mla.py tests/test_cuda_graphs.py tests/test_registration.py \
