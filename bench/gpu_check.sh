@@ -35,7 +35,8 @@
 #                          "cuda cuda-fused triton": cuda-fused = the fused segment kernel; TUNE_BASELINES, default
 #                          none: the recorded run of STEPS=core has them), Nsight Compute on the
 #                          prefill segment kernels and the decode gather kernel (ncu.txt) and on the fused kernel
-#                          (ncu-fused.txt), bench/sweep_variants.sh on SWEEP_VARIANTS (default "default
+#                          (ncu-fused.txt), the decode family again with LORAKERN_BENCH_FLUSH=read
+#                          (read-flush/, READ_FLUSH_FILTER), bench/sweep_variants.sh on SWEEP_VARIANTS (default "default
 #                          gather-guarded seg-fused seg-fused-s4 gather-prefetch gather-2cta seg-mma gather-xsmem
 #                          seg-fused-s8 seg-fused-o4 gather-xsmem-prefetch gather-early-out": the variants not
 #                          yet timed, the most
@@ -235,6 +236,13 @@ if run_tune; then
     TRESULTS="$(find "$OUT" -maxdepth 1 -name '*.json' -newer "$TSTAMP" 2>/dev/null | head -n 1)"
     rm -f "$TSTAMP"
     [ -n "$TRESULTS" ] && "$PY" -m lorakern targets "$TRESULTS" 2>&1 | tee -a "$LOG"  # issue #3's targets
+    # the decode family again with the L2 flushed by reading (clean lines): how much of the fit's fixed part is the
+    # default write flush's dirty lines written back during the timed call (docs/cuda.md, session 9)
+    step bench-read-flush "${READ_FLUSH_TIMEOUT:-70}" env LORAKERN_BENCH_FLUSH=read "$PY" -m lorakern bench \
+        --device cuda --out "$OUT/read-flush" --backends cuda --baselines none \
+        --filter "${READ_FLUSH_FILTER:-decode-qkv distinct|rank-8-qkv|rank-64-qkv|rank-128-qkv}"
+    RRESULTS="$(find "$OUT/read-flush" -maxdepth 1 -name '*.json' 2>/dev/null | head -n 1)"
+    [ -n "$RRESULTS" ] && "$PY" -m lorakern targets "$RRESULTS" 2>&1 | tee -a "$LOG"
     if command -v ncu >/dev/null 2>&1; then
         step ncu "${NCU_TIMEOUT:-80}" bash -c "ncu --clock-control none --kernel-name regex:'segment|dense_gather' \
             --launch-count 3 --section SpeedOfLight --section MemoryWorkloadAnalysis --section Occupancy \

@@ -27,7 +27,7 @@ fi
 WORK="$(mktemp -d)"
 
 SEG_CASES=("prefill uniform" "prefill-qkv")
-DEC_CASES=("decode-qkv distinct" "rank-128-qkv")
+DEC_CASES=("rank-8-qkv" "decode-qkv distinct" "rank-128-qkv")  # three ranks: sweep_summary.py fits fixed + rate
 declare -A DEFS KIND ENVS
 # add NAME "MACROS" KIND ["ENV=VALUE ..."]: a build (MACROS for LORAKERN_NVCC_DEFINES) and, optionally, run-time
 # settings of the profile (a variant with no macros reuses the default build)
@@ -109,16 +109,4 @@ else
 fi
 rm -rf "$WORK"
 
-"$PY" - "$OUT" "${WANT[@]}" <<'PYEOF' | tee "$OUT/sweep-summary.txt"
-import json, os, sys
-out, names = sys.argv[1], sys.argv[2:]
-print(f"{'variant':<20} {'case':<58} {'graph us':>9} {'kernels us':>11}  check")
-for n in names:
-    p = os.path.join(out, f"sweep-{n}.json")
-    if not os.path.exists(p):
-        print(f"{n:<20} (no result)")
-        continue
-    for r in json.load(open(p)):
-        ks = sum(t for _, t in r["kernels"])
-        print(f"{n:<20} {r['case'][:58]:<58} {r['graph_us']:9.1f} {ks:11.1f}  {'WRONG ' + r['wrong'] if r['wrong'] else 'ok'}")
-PYEOF
+"$PY" bench/sweep_summary.py "$OUT" "${WANT[@]}" | tee "$OUT/sweep-summary.txt"

@@ -476,6 +476,65 @@ esac
     assert so.read_text() == "defs=\n"  # the default build put back
 
 
+def test_sweep_summary_fits_the_decode_family(tmp_path):
+    """bench/sweep_summary.py: the table, and per variant the line time = fixed + bytes / rate through its
+    decode-family rows (here session 4's kernel times at ranks 8, 16, 128: 15.x us + 2.7 TB/s), none for a
+    variant with a wrong decode row or with one rank only."""
+    sys.path.insert(0, str(REPO / "bench"))
+    try:
+        import sweep_summary as SS
+    finally:
+        sys.path.remove(str(REPO / "bench"))
+    tail = " distinct T=256 K=4096 N=4096/1024/1024 r="
+
+    def row(case, r, mb, us, wrong=""):
+        return {"case": f"{case}{tail}{r}", "graph_us": us + 5.0, "bytes": int(mb * 1e6), "kernels": [["k", us]],
+                "wrong": wrong}
+
+    fam = [row("rank-8-qkv", 8, 83.894, 45.489), row("decode-qkv", 16, 159.4, 74.609),
+           row("rank-128-qkv", 128, 1216.479, 461.944)]
+    (tmp_path / "sweep-default.json").write_text(json.dumps(fam + [
+        {"case": "prefill uniform T=8192 K=4096 N=4096 r=64", "graph_us": 192.5, "bytes": 218_107_904,
+         "kernels": [["a", 55.8], ["b", 131.5]], "wrong": ""}]))
+    (tmp_path / "sweep-bad.json").write_text(json.dumps([fam[0], row("decode-qkv", 16, 159.4, 60.0, "max err 3"),
+                                                        ]))
+    (tmp_path / "sweep-one.json").write_text(json.dumps([fam[1]]))
+    fixed, rate, n = SS.fit(fam, "kernels")
+    assert n == 3 and 14.0 < fixed < 17.0 and 2650 < rate < 2800, (fixed, rate)
+    g_fixed, g_rate, _ = SS.fit(fam, "graph")
+    assert abs(g_fixed - fixed - 5.0) < 1e-6 and abs(g_rate - rate) < 1e-6
+    assert SS.fit([fam[0], row("decode-qkv", 16, 159.4, 60.0, "max err 3")], "kernels") is None
+    assert SS.fit([fam[1]], "kernels") is None
+    text = SS.summary(str(tmp_path), ["default", "bad", "one", "missing"])
+    assert "prefill uniform" in text and "187.3" in text and "WRONG max err 3" in text
+    assert "missing              (no result)" in text
+    fit_lines = [ln for ln in text.splitlines() if ln.split()[:1] in (["default"], ["bad"], ["one"])
+                 and ln.split()[1] in ("kernels", "graph")]
+    assert [ln.split()[:2] for ln in fit_lines] == [["default", "kernels"], ["default", "graph"]], text
+
+
+def test_targets_fit_the_decode_family_of_the_recorded_h100_run():
+    """`targets`' fit on session 4's recorded run (3a57e06): the cuda kernel time is 15.4 us + bytes at 2.72 TB/s
+    (92 % of copy), so decode-qkv's 80 % needs the fixed part down to 8.5 us; the mixed-ranks batch runs 26 % over
+    what its bytes predict."""
+    from lorakern.bench import targets as TG
+
+    doc = json.loads((REPO / "bench" / "results" / "nvidia-h100-80gb-hbm3-20261122-3a57e06.json").read_text())
+    fits = TG.rank_fit(doc)
+    k = next(f for f in fits if f["kind"] == "fit" and f["backend"] == "cuda" and f["time"] == "kernel")
+    assert (k["fixed_us"], k["rate_pct"], k["fixed_for_80_us"], k["decode_us"]) == (15.4, 91.6, 8.5, 74.609), k
+    assert k["ranks"] == ["8", "16", "64", "128"] and k["max_resid_pct"] < 2.0
+    m = next(f for f in fits if f["kind"] == "predicted" and f["backend"] == "cuda" and f["time"] == "kernel")
+    assert m["case"] == "mixed-ranks-qkv" and m["excess_pct"] == 25.8, m
+    tri = next(f for f in fits if f["kind"] == "fit" and f["backend"] == "triton" and f["time"] == "kernel")
+    assert tri["fixed_for_80_us"] < 0  # Triton's rate alone is below 80 %
+    report = TG.format_report(doc, TG.check(doc))
+    assert "| cuda | kernel | 8,16,64,128 | 15.4 | 2723.3 | 91.6 |" in report, report
+    # a run without the family (or with two ranks only) prints no fit
+    few = {**doc, "rows": [r for r in doc["rows"] if r["case"] in ("decode-qkv", "rank-8-qkv")]}
+    assert TG.rank_fit(few) == [] and "decode family" not in TG.format_report(few, TG.check(few))
+
+
 # ------------------------------------------------------------------------------------------------ targets
 def test_targets_on_the_recorded_h100_run():
     """`python -m lorakern targets` on session 4's recorded run (3a57e06): the numbers the closing notes quoted."""

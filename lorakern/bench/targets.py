@@ -17,6 +17,15 @@ flushed), the CUDA-graph replay time and the eager median. The table says which 
 the issue should quote the kernel and the graph numbers. Rows of the slot-order twins (``*-slot-order``) are
 compared with the default rank order when both are present. Nothing here measures: it reads a results JSON
 (DESIGN.md §6 format) written by ``python -m lorakern bench``.
+
+Then a fit (:func:`rank_fit`) that says *why* the decode target passes or not: over the decode family (the same
+batch, 256 tokens × 256 distinct adapters, K = 4096, qkv, at ranks 8, 16, 64, 128, 256: only the bytes change),
+least squares of ``time = fixed + bytes / rate``, per backend and time. ``rate`` is the kernel's streaming rate (a
+share of the copy bandwidth); ``fixed`` is what every call pays whatever the rank (launch, the first and last
+waves' latency, the L2 flush's dirty lines written back during the call). On the H100 at 3a57e06 the cuda kernel
+time fits 15.4 µs + bytes at 2.72 TB/s (92 % of copy): r = 16 loses its 80 % to the fixed part, not to the rate.
+The fit also predicts the mixed-ranks batch from its bytes; its excess over the prediction is what the ranks' mix
+costs (a tail of long CTAs, the tile order).
 """
 
 from __future__ import annotations
@@ -26,7 +35,7 @@ import json
 from pathlib import Path
 from typing import Optional
 
-__all__ = ["Target", "TARGETS", "check", "format_report", "add_arguments", "main"]
+__all__ = ["Target", "TARGETS", "check", "rank_fit", "format_report", "add_arguments", "main"]
 
 #: the three times a row may carry: (row key prefix, label)
 _TIMES = (("kernel", "kernel"), ("graph", "graph"), ("", "eager"))
@@ -118,6 +127,69 @@ def check(doc: dict) -> list:
     return results
 
 
+#: the decode family: one batch (256 tokens, 256 distinct adapters, K = 4096, qkv) at one rank per case
+DECODE_FAMILY = ("rank-8-qkv", "decode-qkv", "rank-64-qkv", "rank-128-qkv", "rank-256-qkv")
+#: cases predicted from the family's fit (same batch, mixed ranks)
+_PREDICTED = ("mixed-ranks-qkv", "mixed-ranks-qkv-slot-order")
+
+
+def _lsq(points):
+    """(fixed, slope) of the least-squares line through ``(x, y)`` points (at least two distinct x)."""
+    n = len(points)
+    mx = sum(x for x, _ in points) / n
+    my = sum(y for _, y in points) / n
+    sxx = sum((x - mx) ** 2 for x, _ in points)
+    slope = sum((x - mx) * (y - my) for x, y in points) / sxx
+    return my - slope * mx, slope
+
+
+def rank_fit(doc: dict) -> list:
+    """Per backend and time (kernel, graph), over the decode family's rows (:data:`DECODE_FAMILY`, at least three
+    ranks): ``time = fixed_us + bytes / rate``. One dict each (kind ``fit``): backend, time, ranks, fixed_us,
+    rate_gbps, rate_pct (of the copy bandwidth), max_resid_pct (the worst row's distance from the line, % of its
+    time); for ``decode-qkv`` (the target's case): its time, the fixed part's share of it, and the fixed part that
+    would leave 80 % of the copy bandwidth at the fitted rate (``fixed_for_80_us``, negative: the rate alone is
+    too low); for each mixed-ranks case (kind ``predicted``): its time against the fit's prediction from its
+    bytes."""
+    peak = doc.get("peak_copy_gbps")
+    rows = {}
+    for r in doc.get("rows", []):
+        if r.get("workload") == "distinct" and not r.get("skipped") and r.get("bytes"):
+            rows.setdefault(r.get("backend"), {})[r.get("case")] = r
+    out = []
+    for b in sorted(rows):
+        if b not in _COMPILED and b != "triton":
+            continue
+        for key, label in _TIMES[:2]:
+            pts = [(rows[b][c]["bytes"] / 1e3, _time(rows[b][c], key), c) for c in DECODE_FAMILY
+                   if c in rows[b] and _time(rows[b][c], key)]  # (kB, us): kB / us = GB/s
+            if len({x for x, _, _ in pts}) < 3:
+                continue
+            fixed, slope = _lsq([(x, y) for x, y, _ in pts])
+            if slope <= 0:
+                continue
+            rate = 1.0 / slope
+            res = {"kind": "fit", "backend": b, "time": label, "ranks": [rows[b][c].get("ranks") for _, _, c in pts],
+                   "fixed_us": round(fixed, 1), "rate_gbps": round(rate, 1),
+                   "rate_pct": round(100 * rate / peak, 1) if peak else None,
+                   "max_resid_pct": round(max(abs(y - fixed - x * slope) / y * 100 for x, y, _ in pts), 1)}
+            dec = next(((x, y) for x, y, c in pts if c == "decode-qkv"), None)
+            if dec is not None:
+                res["decode_us"] = dec[1]
+                res["fixed_share_pct"] = round(100 * fixed / dec[1], 1)
+                if peak:
+                    res["fixed_for_80_us"] = round(dec[0] / (0.8 * peak) - dec[0] * slope, 1)
+            out.append(res)
+            for c in _PREDICTED:
+                r = rows[b].get(c)
+                t = _time(r, key) if r else None
+                if t:
+                    pred = fixed + r["bytes"] / 1e3 * slope
+                    out.append({"kind": "predicted", "case": c, "backend": b, "time": label, "us": t,
+                                "predicted_us": round(pred, 1), "excess_pct": round(100 * (t / pred - 1), 1)})
+    return out
+
+
 def _fmt(v, digits=1):
     return "-" if v is None else (f"{v:.{digits}f}" if isinstance(v, float) else str(v))
 
@@ -144,6 +216,27 @@ def format_report(doc: dict, results: list) -> str:
                          f"{_fmt(r['rank_us'])} | {_fmt(r['speedup'], 3)} |")
     lines += ["", "value: % of the copy bandwidth (mixed ranks: the ratio of the two cases' shares); backend: the "
               "fastest lorakern compiled row of the case for that time"]
+    fits = rank_fit(doc)
+    if any(f["kind"] == "fit" for f in fits):
+        lines += ["", "decode family (256 x 256 distinct, K = 4096, qkv; ranks 8-256): time = fixed + bytes / rate",
+                  "", "| backend | time | ranks | fixed us | rate GB/s | rate % of copy | worst row off the line % | "
+                  "decode-qkv us | fixed share % | fixed allowed for 80 % |", "|---|---|---|---|---|---|---|---|---|---|"]
+        for f in fits:
+            if f["kind"] == "fit":
+                lines.append(f"| {f['backend']} | {f['time']} | {','.join(str(r) for r in f['ranks'])} | "
+                             f"{_fmt(f['fixed_us'])} | {_fmt(f['rate_gbps'])} | {_fmt(f['rate_pct'])} | "
+                             f"{_fmt(f['max_resid_pct'])} | {_fmt(f.get('decode_us'))} | "
+                             f"{_fmt(f.get('fixed_share_pct'))} | {_fmt(f.get('fixed_for_80_us'))} |")
+        pred = [f for f in fits if f["kind"] == "predicted"]
+        if pred:
+            lines += ["", "| mixed ranks: case | backend | time | us | predicted from its bytes | excess % |",
+                      "|---|---|---|---|---|---|"]
+            for f in pred:
+                lines.append(f"| {f['case']} | {f['backend']} | {f['time']} | {_fmt(f['us'])} | "
+                             f"{_fmt(f['predicted_us'])} | {_fmt(f['excess_pct'])} |")
+        lines += ["", "fixed: paid by every call whatever the rank (launch, first and last waves, the L2 flush's "
+                  "write-back); rate: the streaming rate; fixed allowed for 80 %: at this rate, the most fixed time "
+                  "that leaves decode-qkv at 80 % of the copy bandwidth"]
     return "\n".join(lines)
 
 
