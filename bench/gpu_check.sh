@@ -23,7 +23,8 @@
 # of .git is stale (the lent machine's was: pass LORAKERN_COMMIT=$(git rev-parse --short HEAD) from here).
 #
 # STEPS picks what runs (each set fits one 10-minute call of the lent machine):
-#   STEPS=core (default)   steps 1-4: install, nvidia-smi, pytest -m gpu, the add_lora benchmark
+#   STEPS=core (default)   steps 1-4: install, nvidia-smi, pytest -m gpu, the add_lora benchmark, then each path
+#                          forced on the crossover-<m> cases (paths/: the gather/segment threshold)
 #   STEPS=tests            step 5: the full suite on the GPU (its counts go into the newest results JSON); with
 #                          pytest-xdist, TEST_WORKERS (default 14) workers (worksteal); TESTS_EXTRA: more pytest
 #                          arguments; failing test names in failures.txt, their tracebacks in failures-tb.txt;
@@ -167,6 +168,15 @@ if [ -n "$RESULTS" ]; then
     fi
 else
     log "results: none written by the bench step"
+fi
+# the gather/segment crossover (GATHER_MAX_MEAN_TOKENS): each path forced on the crossover-<m> cases, side by side
+# (paths/; `targets` prints the path table; docs/cuda.md "Choices not yet measured")
+if [ "${BENCH_DEVICE:-cuda}" = cuda ]; then
+    step bench-paths "${PATHS_TIMEOUT:-90}" "$PY" -m lorakern bench --device cuda --out "$OUT/paths" \
+        --backends cuda-gather cuda-segment cuda-fused triton-gather triton-segment --baselines none \
+        --filter "crossover-"
+    PRESULTS="$(find "$OUT/paths" -maxdepth 1 -name '*.json' 2>/dev/null | head -n 1)"
+    [ -n "$PRESULTS" ] && "$PY" -m lorakern targets "$PRESULTS" 2>&1 | tee -a "$LOG"
 fi
 
 fi  # core

@@ -535,6 +535,42 @@ def test_targets_fit_the_decode_family_of_the_recorded_h100_run():
     assert TG.rank_fit(few) == [] and "decode family" not in TG.format_report(few, TG.check(few))
 
 
+def test_targets_path_crossover_table():
+    """`targets`' path table over the crossover-<m> cases: per family the fastest forced path at each mean tokens
+    per adapter, the path today's rule (GATHER_MAX_MEAN_TOKENS = 16) takes, and a call to retune when they
+    disagree; a family with one path row per case, or no crossover case, gives nothing."""
+    from lorakern.bench import cases as C
+    from lorakern.bench import targets as TG
+
+    assert [c.name for c in C.full_cases() if c.name.startswith("crossover")] == [
+        f"crossover-{m}" for m in C.CROSSOVER_MEANS]
+
+    def row(case, backend, adapters, kernel_us):
+        return {"case": case, "workload": "uniform", "backend": backend, "T": 1024, "adapters": adapters,
+                "median_us": kernel_us + 10, "kernel_us": kernel_us, "bytes": 1}
+
+    rows = []
+    # cuda: gather wins up to 32 tokens per adapter (the rule switches at 16: disagrees at 32)
+    for m, g, sg, fu in ((8, 20.0, 40.0, 45.0), (16, 30.0, 35.0, 33.0), (32, 38.0, 40.0, 39.0), (64, 60.0, 45.0, 41.0)):
+        rows += [row(f"crossover-{m}", "cuda-gather", 1024 // m, g), row(f"crossover-{m}", "cuda-segment", 1024 // m, sg),
+                 row(f"crossover-{m}", "cuda-fused", 1024 // m, fu), row(f"crossover-{m}", "cuda", 1024 // m, g)]
+    # triton: one path only -> no comparison
+    rows.append(row("crossover-8", "triton-gather", 128, 50.0))
+    doc = {"device": "x", "commit": "c", "peak_copy_gbps": 3000.0, "rows": rows}
+    res = TG.path_crossover(doc)
+    paths = [d for d in res if d["kind"] == "path"]
+    assert [(d["mean_tokens"], d["fastest"], d["rule"], d["agrees"]) for d in paths] == [
+        (8.0, "gather", "gather", True), (16.0, "gather", "gather", True), (32.0, "gather", "segment", False),
+        (64.0, "fused", "segment", True)]
+    assert all(d["family"] == "cuda" for d in paths)
+    (th,) = [d for d in res if d["kind"] == "threshold"]
+    assert (th["family"], th["current"], th["largest_gather_win"], th["agrees"]) == ("cuda", 16, 32.0, False)
+    report = TG.format_report(doc, TG.check(doc))
+    assert "| cuda | crossover-32 | 32.0 | 38.0 | 40.0 | 39.0 | gather | segment | DISAGREES |" in report, report
+    assert "retune GATHER_MAX_MEAN_TOKENS" in report
+    assert TG.path_crossover({"rows": [r for r in rows if r["backend"] in ("cuda", "triton-gather")]}) == []
+
+
 # ------------------------------------------------------------------------------------------------ targets
 def test_targets_on_the_recorded_h100_run():
     """`python -m lorakern targets` on session 4's recorded run (3a57e06): the numbers the closing notes quoted."""

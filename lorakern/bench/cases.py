@@ -16,7 +16,11 @@ GPU shapes (``full_cases``), bf16, ``K = 4096`` unless said otherwise:
   fixed ranks, to check that time follows the real ranks (mixed 8..128 averages ~68), not the maximum;
 * ``decode-qkv-qwen3moe`` — Qwen3-30B-A3B's attention qkv (K = 2048, slices 4096/512/512), 256 distinct;
 * ``sweep`` — T ∈ {1, 16, 64, 256, 1024} × {distinct, uniform, zipf:1.5, identical}, r = 16, N = 4096; the pool
-  has T adapters (so ``distinct`` is one token per adapter).
+  has T adapters (so ``distinct`` is one token per adapter);
+* ``crossover-<m>`` — 1024 tokens spread uniformly over 1024 / m adapters (about m tokens each; m = 4 .. 64),
+  r = 16, N = 4096: where the gather path stops paying and the segment path starts (``GATHER_MAX_MEAN_TOKENS``,
+  16 today); run with ``--backends cuda cuda-gather cuda-segment cuda-fused triton-gather triton-segment`` and
+  read ``python -m lorakern targets``' path table.
 
 CPU quick shapes (``quick_cases``), float32, ``K = N = 256``, r = 16: T ∈ {16, 64} × the four mixes × one slice
 (N = 256) and three slices (256/64/64). Triton runs on the CPU only in its interpreter (``TRITON_INTERPRET=1``),
@@ -133,7 +137,13 @@ def full_cases() -> list:
     for T in (1, 16, 64, 256, 1024):
         for mix in _MIXES:
             cases.append(Case("sweep", mix, T, 4096, (4096,), "16", T, bf16))
+    for m in CROSSOVER_MEANS:
+        cases.append(Case(f"crossover-{m}", "uniform", 1024, 4096, (4096,), "16", 1024 // m, bf16))
     return cases
+
+
+#: the crossover cases' tokens per adapter (1024 tokens over 1024 / m adapters)
+CROSSOVER_MEANS = (4, 8, 16, 32, 64)
 
 
 # ------------------------------------------------------------------------------------------------- inputs

@@ -35,7 +35,8 @@ import json
 from pathlib import Path
 from typing import Optional
 
-__all__ = ["Target", "TARGETS", "check", "rank_fit", "format_report", "add_arguments", "main"]
+__all__ = ["Target", "TARGETS", "check", "rank_fit", "path_crossover", "format_report", "add_arguments",
+           "main"]
 
 #: the three times a row may carry: (row key prefix, label)
 _TIMES = (("kernel", "kernel"), ("graph", "graph"), ("", "eager"))
@@ -190,6 +191,54 @@ def rank_fit(doc: dict) -> list:
     return out
 
 
+#: the path variants compared by :func:`path_crossover`, per family: (backend as the ops run it, its paths)
+_PATHS = (("cuda", ("cuda-gather", "cuda-segment", "cuda-fused")), ("triton", ("triton-gather", "triton-segment")))
+
+
+def path_crossover(doc: dict) -> list:
+    """The ``crossover-<m>`` cases (1024 tokens, ~m per adapter): per family (cuda, triton) and case, the time of
+    each forced path (kernel time where the row has it, else the graph time, else the eager median), the fastest,
+    and the path the plain backend takes there today (``GATHER_MAX_MEAN_TOKENS``: gather while the batch's mean
+    tokens per adapter are at most 16; the mean is the row's T over its adapters used). One dict per (family,
+    case) with at least two path rows, ordered by mean; then per family (kind ``threshold``) the largest mean at
+    which gather was still the fastest, and whether the current rule agrees with every case."""
+    from lorakern.ops.lora import GATHER_MAX_MEAN_TOKENS
+
+    by_case = {}
+    for r in doc.get("rows", []):
+        c = r.get("case") or ""
+        if c.startswith("crossover-") and not r.get("skipped") and r.get("median_us") and r.get("adapters"):
+            by_case.setdefault(c, {})[r["backend"]] = r
+    out = []
+    for fam, paths in _PATHS:
+        rows = []
+        for c, rs in by_case.items():
+            times = {}
+            for b in paths:
+                if b in rs:
+                    t = _time(rs[b], "kernel") or _time(rs[b], "graph") or _time(rs[b], "")
+                    if t:
+                        times[b.split("-", 1)[1]] = t
+            if len(times) < 2:
+                continue
+            any_row = next(rs[b] for b in paths if b in rs)
+            mean = round(any_row["T"] / any_row["adapters"], 1)
+            best = min(times, key=times.get)
+            rule = "gather" if mean <= GATHER_MAX_MEAN_TOKENS else "segment"
+            # the rule picks a path, not a segment kernel: segment is right when the best is segment or fused
+            agrees = best == rule or (rule == "segment" and best in ("segment", "fused"))
+            rows.append({"kind": "path", "family": fam, "case": c, "mean_tokens": mean, "times_us": times,
+                         "fastest": best, "rule": rule, "agrees": agrees})
+        rows.sort(key=lambda d: d["mean_tokens"])
+        if rows:
+            gather_best = [d["mean_tokens"] for d in rows if d["fastest"] == "gather"]
+            out += rows
+            out.append({"kind": "threshold", "family": fam, "current": GATHER_MAX_MEAN_TOKENS,
+                        "largest_gather_win": max(gather_best) if gather_best else None,
+                        "agrees": all(d["agrees"] for d in rows)})
+    return out
+
+
 def _fmt(v, digits=1):
     return "-" if v is None else (f"{v:.{digits}f}" if isinstance(v, float) else str(v))
 
@@ -237,6 +286,21 @@ def format_report(doc: dict, results: list) -> str:
         lines += ["", "fixed: paid by every call whatever the rank (launch, first and last waves, the L2 flush's "
                   "write-back); rate: the streaming rate; fixed allowed for 80 %: at this rate, the most fixed time "
                   "that leaves decode-qkv at 80 % of the copy bandwidth"]
+    paths = path_crossover(doc)
+    if paths:
+        lines += ["", "gather or segment (crossover-<m>: 1024 tokens, ~m per adapter; kernel time, us)", "",
+                  "| family | case | tokens per adapter | gather | segment | fused | fastest | rule today | |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for d in paths:
+            if d["kind"] == "path":
+                t = d["times_us"]
+                lines.append(f"| {d['family']} | {d['case']} | {_fmt(d['mean_tokens'])} | {_fmt(t.get('gather'))} | "
+                             f"{_fmt(t.get('segment'))} | {_fmt(t.get('fused'))} | {d['fastest']} | {d['rule']} | "
+                             f"{'ok' if d['agrees'] else 'DISAGREES'} |")
+            else:
+                lines.append(f"| {d['family']} | threshold | gather while <= {d['current']} | largest mean where "
+                             f"gather won: {_fmt(d['largest_gather_win'])} | | | | | "
+                             f"{'ok' if d['agrees'] else 'retune GATHER_MAX_MEAN_TOKENS'} |")
     return "\n".join(lines)
 
 
