@@ -6,7 +6,8 @@ One line per (variant, case): graph time, summed kernel time, and whether the re
 variant with at least two rows of the decode family (the same 256 x 256 distinct qkv batch at ranks 8, 16, 64,
 128, ...: ``lorakern.bench.targets.DECODE_FAMILY``), the line ``time = fixed + bytes / rate`` through them, on
 the kernel and on the graph times: a variant that shortens the rank-independent part (per-CTA latency chains,
-the first and last waves) moves ``fixed``; one that streams the rank rows faster moves ``rate``. On the H100 at
+the first and last waves) moves ``fixed``; one that streams the rank rows faster moves ``rate``; and the
+mixed-ranks batch's excess over that line (one CTA's critical path: its own streaming rate). On the H100 at
 3a57e06 the default decode kernel fitted 15.4 us + bytes at 2.72 TB/s (92 % of copy), so decode's 80 % target
 at r = 16 hinges on ``fixed`` (docs/cuda.md).
 """
@@ -46,6 +47,17 @@ def fit(rows: list, key: str):
     return fixed, 1.0 / slope, len(pts)
 
 
+def excess(rows: list, key: str, f) -> "float | None":
+    """``mixed-ranks-qkv``'s time over what the fit ``f`` (:func:`fit`) predicts from its bytes, in % (its
+    mix's cost: at 3a57e06, +26 %, the critical path of one rank-128 CTA), or None without a checked row."""
+    for r in rows:
+        if r["case"].startswith("mixed-ranks-qkv distinct ") and not r.get("wrong") and r.get("bytes"):
+            t = r["graph_us"] if key == "graph" else sum(t for _, t in r["kernels"])
+            pred = f[0] + r["bytes"] / 1e3 / f[1]
+            return 100.0 * (t / pred - 1.0) if t and pred > 0 else None
+    return None
+
+
 def summary(out: str, names: list) -> str:
     lines = [f"{'variant':<20} {'case':<58} {'graph us':>9} {'kernels us':>11}  check"]
     fits = []
@@ -62,10 +74,13 @@ def summary(out: str, names: list) -> str:
         for key in ("kernels", "graph"):
             f = fit(rows, key)
             if f is not None:
-                fits.append(f"{n:<20} {key:<8} {f[0]:9.1f} {f[1]:10.1f} {f[2]:7d}")
+                mixed = excess(rows, key, f)
+                fits.append(f"{n:<20} {key:<8} {f[0]:9.1f} {f[1]:10.1f} {f[2]:7d} "
+                            + (f"{mixed:+14.1f}" if mixed is not None else f"{'-':>14}"))
     if fits:
         lines += ["", "decode family: time = fixed + bytes / rate (fixed: every call, whatever the rank; rate: "
-                  "streaming)", f"{'variant':<20} {'time':<8} {'fixed us':>9} {'rate GB/s':>10} {'points':>7}"]
+                  "streaming); mixed ranks: mixed-ranks-qkv's time over what the fit predicts from its bytes",
+                  f"{'variant':<20} {'time':<8} {'fixed us':>9} {'rate GB/s':>10} {'points':>7} {'mixed ranks %':>14}"]
         lines += fits
     return "\n".join(lines)
 

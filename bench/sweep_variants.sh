@@ -27,7 +27,9 @@ fi
 WORK="$(mktemp -d)"
 
 SEG_CASES=("prefill uniform" "prefill-qkv")
-DEC_CASES=("rank-8-qkv" "decode-qkv distinct" "rank-128-qkv")  # three ranks: sweep_summary.py fits fixed + rate
+# three ranks (sweep_summary.py fits fixed + rate) and the mixed-ranks batch (its excess over that fit: one CTA's
+# critical path, docs/cuda.md session 9)
+DEC_CASES=("rank-8-qkv" "decode-qkv distinct" "rank-128-qkv" "mixed-ranks-qkv distinct")
 declare -A DEFS KIND ENVS
 # add NAME "MACROS" KIND ["ENV=VALUE ..."]: a build (MACROS for LORAKERN_NVCC_DEFINES) and, optionally, run-time
 # settings of the profile (a variant with no macros reuses the default build)

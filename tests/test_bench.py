@@ -501,6 +501,11 @@ def test_sweep_summary_fits_the_decode_family(tmp_path):
     (tmp_path / "sweep-one.json").write_text(json.dumps([fam[1]]))
     fixed, rate, n = SS.fit(fam, "kernels")
     assert n == 3 and 14.0 < fixed < 17.0 and 2650 < rate < 2800, (fixed, rate)
+    mixed = {"case": "mixed-ranks-qkv" + tail + "8-128", "graph_us": 321.4, "bytes": 642_776_284,
+             "kernels": [["k", 316.39]], "wrong": ""}
+    assert SS._family_case(mixed["case"]) is None  # not a point of the fit
+    assert 24.0 < SS.excess(fam + [mixed], "kernels", SS.fit(fam, "kernels")) < 28.0
+    assert SS.excess(fam, "kernels", SS.fit(fam, "kernels")) is None
     g_fixed, g_rate, _ = SS.fit(fam, "graph")
     assert abs(g_fixed - fixed - 5.0) < 1e-6 and abs(g_rate - rate) < 1e-6
     assert SS.fit([fam[0], row("decode-qkv", 16, 159.4, 60.0, "max err 3")], "kernels") is None
