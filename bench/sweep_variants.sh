@@ -10,9 +10,10 @@
 #
 # Needs the package installed in place (pip install --no-build-isolation --no-deps -e .). Writes
 # $OUT/sweep-<variant>.txt / .json and $OUT/sweep-summary.txt. VARIANT_TIMEOUT (default 60 s) bounds each profile.
-# Every build is made first, BUILD_JOBS at a time (default: a quarter of the CPUs, each build compiling its four
-# translation units in parallel; one build per distinct set of macros), so that the profiles run on an idle CPU
-# and the builds cost the lent machine ~20 s in all instead of ~10 s per variant.
+# Every build is made first, BUILD_JOBS at a time (default: half the CPUs; each build compiles its four translation
+# units in parallel, so the CPUs stay busy through each build's slowest unit; one build per distinct set of
+# macros), so that the profiles run on an idle CPU and the builds cost the lent machine ~30 s in all instead of
+# ~10 s per variant.
 set -u
 cd "$(dirname "$0")/.." || exit 1
 OUT="${OUT:-bench/results}"
@@ -75,7 +76,7 @@ build_one() {  # build_one VARIANT: $WORK/VARIANT/_C.so, its log in $OUT/sweep-V
     echo $? > "$WORK/$1/rc"
 }
 NCPU="$(nproc 2>/dev/null || echo 4)"
-BUILD_JOBS="${BUILD_JOBS:-$(( NCPU / 4 > 0 ? NCPU / 4 : 1 ))}"
+BUILD_JOBS="${BUILD_JOBS:-$(( NCPU / 2 > 0 ? NCPU / 2 : 1 ))}"
 T0=$(date +%s)
 for v in "${BUILDS[@]}"; do
     while [ "$(jobs -rp | wc -l)" -ge "$BUILD_JOBS" ]; do wait -n; done
