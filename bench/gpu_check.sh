@@ -62,6 +62,12 @@ unset TRITON_INTERPRET   # the interpreter runs kernels on the CPU; here they mu
 # compile processes (one per CPU), 14 workers x 16 processes on the lent machine
 export TORCHINDUCTOR_COMPILE_THREADS="${TORCHINDUCTOR_COMPILE_THREADS:-1}"
 
+# pytest-xdist (installed on the lent machine): checked once; xdist_args WORKERS [MORE...] sets XARGS to its
+# arguments, or to nothing without it
+HAVE_XDIST=0
+if "$PY" -c "import xdist" >/dev/null 2>&1; then HAVE_XDIST=1; fi
+xdist_args() { XARGS=(); if [ "$HAVE_XDIST" = 1 ]; then XARGS=(-n "$@"); fi; }
+
 STATUS=0
 # The lent machine stops a call at 600 s, and whatever is under $OUT then comes back only if it is at most 8 files
 # (the packing at the end of this script): every step's limit is cut to what is left before DEADLINE_S seconds
@@ -139,8 +145,8 @@ for n, b in BACKENDS.items():
     print('backend', n, b.not_supported_reasons(d, torch.bfloat16) or 'ok')"
 
 if run_core; then
-GPU_XDIST=()  # the -m gpu tests took over 170 s in one process on an H100; spread over workers when possible
-if "$PY" -c "import xdist" >/dev/null 2>&1; then GPU_XDIST=(-n "${GPU_TEST_WORKERS:-8}"); fi
+xdist_args "${GPU_TEST_WORKERS:-8}"  # the -m gpu tests took over 170 s in one process on an H100: spread them
+GPU_XDIST=(${XARGS[@]+"${XARGS[@]}"})
 step pytest-gpu "${GPU_TESTS_TIMEOUT:-200}" env LORAKERN_FAILURE_LOG="$OUT/failures-tb.txt" \
     LORAKERN_TEST_LOG="$OUT/tests-gpu-log.tsv" "$PY" -m pytest -m gpu -q -rfEs --tb=short -p no:cacheprovider \
     ${GPU_XDIST[@]+"${GPU_XDIST[@]}"} --junitxml="$OUT/pytest-gpu.xml"
@@ -186,11 +192,10 @@ if run_tests; then
 # -v with pytest-xdist's workers (when installed, as on the lent machine): every result line is in the log as it
 # happens, so a run stopped by its time limit still names its failures (the junit file is written only at the end;
 # two runs on an H100 stopped at ~90 % with failures whose names were lost)
-XDIST=()
-if "$PY" -c "import xdist" >/dev/null 2>&1; then XDIST=(-n "${TEST_WORKERS:-14}"); fi
 # worksteal: the slow tests (model sizes, sanitizer, HF compile) no longer wait at the end of a worker's queue;
 # failure tracebacks go to $OUT/failures-tb.txt as they happen (tests/conftest.py, LORAKERN_FAILURE_LOG)
-if [ ${#XDIST[@]} -gt 0 ]; then XDIST+=(--dist worksteal); fi
+xdist_args "${TEST_WORKERS:-14}" --dist worksteal
+XDIST=(${XARGS[@]+"${XARGS[@]}"})
 # $OUT/tests-log.tsv: a line per test as it finishes (outcome, seconds, node id; tests/conftest.py,
 # LORAKERN_TEST_LOG), so a cut run still has its counts and its slowest tests. TESTS_DONE=<an earlier call's
 # tests-log.tsv> resumes: the tests it names are deselected, and the log this call returns is both calls' (the
@@ -266,8 +271,8 @@ if run_tune; then
     step sweep "${SWEEP_TIMEOUT:-340}" env OUT="$OUT/sweep" VARIANT_TIMEOUT="${VARIANT_TIMEOUT:-40}" \
         bash bench/sweep_variants.sh ${SWEEP_VARIANTS:-default gather-guarded seg-fused seg-fused-s4 gather-prefetch gather-2cta seg-mma gather-xsmem seg-fused-s8 seg-fused-o4 gather-xsmem-prefetch gather-early-out}
     [ -f "$OUT/sweep/sweep-summary.txt" ] && cat "$OUT/sweep/sweep-summary.txt" | tee -a "$LOG"
-    XDIST=()
-    if "$PY" -c "import xdist" >/dev/null 2>&1; then XDIST=(-n "${TEST_WORKERS:-14}" --dist worksteal); fi
+    xdist_args "${TEST_WORKERS:-14}" --dist worksteal
+    XDIST=(${XARGS[@]+"${XARGS[@]}"})
     step pytest-cuda "${TUNE_TESTS_TIMEOUT:-240}" env LORAKERN_FAILURE_LOG="$OUT/failures-tb.txt" \
         LORAKERN_TEST_LOG="$OUT/tests-cuda-log.tsv" "$PY" -m pytest -q \
         -rfE -p no:cacheprovider ${XDIST[@]+"${XDIST[@]}"} --junitxml="$OUT/pytest-cuda.xml" tests/test_ops_lora.py \
