@@ -243,64 +243,65 @@ def _fmt(v, digits=1):
     return "-" if v is None else (f"{v:.{digits}f}" if isinstance(v, float) else str(v))
 
 
+def _table(header: list, rows: list) -> list:
+    """A Markdown table's lines: the header, its rule, then one line per row (cells already formatted)."""
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + [
+        "| " + " | ".join(str(c) for c in r) + " |" for r in rows]
+
+
 def format_report(doc: dict, results: list) -> str:
     head = (f"issue #3 targets on {doc.get('device', '?')}, commit {doc.get('commit', '?')}, "
             f"copy bandwidth {_fmt(doc.get('peak_copy_gbps'))} GB/s")
-    lines = [head, "",
-             "| target | time | backend | value | needed | | vs triton | >= 1.5x |",
-             "|---|---|---|---|---|---|---|---|"]
+    rows = []
     for r in results:
-        if r["kind"] != "target":
-            continue
-        verdict = {True: "PASS", False: "fail", None: "not in run"}[r["passed"]]
-        vt = {True: "PASS", False: "fail", None: "-"}[r["vs_triton_passed"]]
-        lines.append(f"| {r['target']} | {r['time']} | {r['backend'] or '-'} | {_fmt(r['value'], 2)} | "
-                     f"{_fmt(r['needed'], 2)} | {verdict} | {_fmt(r['vs_triton'], 2)} | {vt} |")
+        if r["kind"] == "target":
+            verdict = {True: "PASS", False: "fail", None: "not in run"}[r["passed"]]
+            vt = {True: "PASS", False: "fail", None: "-"}[r["vs_triton_passed"]]
+            rows.append([r["target"], r["time"], r["backend"] or "-", _fmt(r["value"], 2), _fmt(r["needed"], 2),
+                         verdict, _fmt(r["vs_triton"], 2), vt])
+    lines = [head, ""] + _table(["target", "time", "backend", "value", "needed", "", "vs triton", ">= 1.5x"], rows)
     order = [r for r in results if r["kind"] == "order"]
     if order:
-        lines += ["", "| tile order: case | backend | time | slot order us | rank order us | speedup |",
-                  "|---|---|---|---|---|---|"]
-        for r in order:
-            lines.append(f"| {r['case']} | {r['backend']} | {r['time']} | {_fmt(r['slot_us'])} | "
-                         f"{_fmt(r['rank_us'])} | {_fmt(r['speedup'], 3)} |")
+        lines += [""] + _table(["tile order: case", "backend", "time", "slot order us", "rank order us", "speedup"],
+                               [[r["case"], r["backend"], r["time"], _fmt(r["slot_us"]), _fmt(r["rank_us"]),
+                                 _fmt(r["speedup"], 3)] for r in order])
     lines += ["", "value: % of the copy bandwidth (mixed ranks: the ratio of the two cases' shares); backend: the "
               "fastest lorakern compiled row of the case for that time"]
     fits = rank_fit(doc)
     if any(f["kind"] == "fit" for f in fits):
         lines += ["", "decode family (256 x 256 distinct, K = 4096, qkv; ranks 8-256): time = fixed + bytes / rate",
-                  "", "| backend | time | ranks | fixed us | rate GB/s | rate % of copy | worst row off the line % | "
-                  "decode-qkv us | fixed share % | fixed allowed for 80 % |", "|---|---|---|---|---|---|---|---|---|---|"]
-        for f in fits:
-            if f["kind"] == "fit":
-                lines.append(f"| {f['backend']} | {f['time']} | {','.join(str(r) for r in f['ranks'])} | "
-                             f"{_fmt(f['fixed_us'])} | {_fmt(f['rate_gbps'])} | {_fmt(f['rate_pct'])} | "
-                             f"{_fmt(f['max_resid_pct'])} | {_fmt(f.get('decode_us'))} | "
-                             f"{_fmt(f.get('fixed_share_pct'))} | {_fmt(f.get('fixed_for_80_us'))} |")
+                  ""]
+        lines += _table(["backend", "time", "ranks", "fixed us", "rate GB/s", "rate % of copy",
+                         "worst row off the line %", "decode-qkv us", "fixed share %", "fixed allowed for 80 %"],
+                        [[f["backend"], f["time"], ",".join(str(r) for r in f["ranks"]), _fmt(f["fixed_us"]),
+                          _fmt(f["rate_gbps"]), _fmt(f["rate_pct"]), _fmt(f["max_resid_pct"]),
+                          _fmt(f.get("decode_us")), _fmt(f.get("fixed_share_pct")), _fmt(f.get("fixed_for_80_us"))]
+                         for f in fits if f["kind"] == "fit"])
         pred = [f for f in fits if f["kind"] == "predicted"]
         if pred:
-            lines += ["", "| mixed ranks: case | backend | time | us | predicted from its bytes | excess % |",
-                      "|---|---|---|---|---|---|"]
-            for f in pred:
-                lines.append(f"| {f['case']} | {f['backend']} | {f['time']} | {_fmt(f['us'])} | "
-                             f"{_fmt(f['predicted_us'])} | {_fmt(f['excess_pct'])} |")
+            lines += [""] + _table(["mixed ranks: case", "backend", "time", "us", "predicted from its bytes",
+                                    "excess %"],
+                                   [[f["case"], f["backend"], f["time"], _fmt(f["us"]), _fmt(f["predicted_us"]),
+                                     _fmt(f["excess_pct"])] for f in pred])
         lines += ["", "fixed: paid by every call whatever the rank (launch, first and last waves, the L2 flush's "
                   "write-back); rate: the streaming rate; fixed allowed for 80 %: at this rate, the most fixed time "
                   "that leaves decode-qkv at 80 % of the copy bandwidth"]
     paths = path_crossover(doc)
     if paths:
-        lines += ["", "gather or segment (crossover-<m>: 1024 tokens, ~m per adapter; kernel time, us)", "",
-                  "| family | case | tokens per adapter | gather | segment | fused | fastest | rule today | |",
-                  "|---|---|---|---|---|---|---|---|---|"]
+        rows = []
         for d in paths:
             if d["kind"] == "path":
                 t = d["times_us"]
-                lines.append(f"| {d['family']} | {d['case']} | {_fmt(d['mean_tokens'])} | {_fmt(t.get('gather'))} | "
-                             f"{_fmt(t.get('segment'))} | {_fmt(t.get('fused'))} | {d['fastest']} | {d['rule']} | "
-                             f"{'ok' if d['agrees'] else 'DISAGREES'} |")
+                rows.append([d["family"], d["case"], _fmt(d["mean_tokens"]), _fmt(t.get("gather")),
+                             _fmt(t.get("segment")), _fmt(t.get("fused")), d["fastest"], d["rule"],
+                             "ok" if d["agrees"] else "DISAGREES"])
             else:
-                lines.append(f"| {d['family']} | threshold | gather while <= {d['current']} | largest mean where "
-                             f"gather won: {_fmt(d['largest_gather_win'])} | | | | | "
-                             f"{'ok' if d['agrees'] else 'retune GATHER_MAX_MEAN_TOKENS'} |")
+                rows.append([d["family"], "threshold", f"gather while <= {d['current']}",
+                             f"largest mean where gather won: {_fmt(d['largest_gather_win'])}", "", "", "", "",
+                             "ok" if d["agrees"] else "retune GATHER_MAX_MEAN_TOKENS"])
+        lines += ["", "gather or segment (crossover-<m>: 1024 tokens, ~m per adapter; kernel time, us)", ""]
+        lines += _table(["family", "case", "tokens per adapter", "gather", "segment", "fused", "fastest",
+                         "rule today", ""], rows)
     return "\n".join(lines)
 
 
