@@ -359,6 +359,35 @@ def test_measure_kernels_splits_calls_at_the_flush():
     assert 0 < one.median_us < two.median_us < 100 * one.median_us
 
 
+@pytest.mark.gpu
+def test_measure_kernels_read_flush_leaves_the_flush_out(monkeypatch):
+    """LORAKERN_BENCH_FLUSH=read applies to the kernel time too (it used to flush by a 128 MiB copy whatever the
+    mode): the 256 MiB read (~90 us on an H100) is not counted in a call of one small kernel, and two kernels
+    still cost more than one."""
+    from lorakern.bench.harness import measure_kernels
+
+    monkeypatch.setenv("LORAKERN_BENCH_FLUSH", "read")
+    a = torch.randn(1 << 16, device="cuda")
+    one = measure_kernels(lambda: a.mul_(1.0), device="cuda", reps=12)
+    two = measure_kernels(lambda: (a.mul_(1.0), a.add_(0.0)), device="cuda", reps=12)
+    assert one.reps == 12 and two.reps == 12
+    assert 0 < one.median_us < two.median_us < 40.0
+
+
+def test_flush_records_mark_copies_and_drop_the_read_flush():
+    """measure_kernels' records: a device-to-device copy marks each flush; the read flush's kernels (by name) are
+    neither a flush nor part of a call; everything else is the call's."""
+    from lorakern.bench.harness import flush_records, split_calls
+
+    ev = [(0, "reduce_kernel<amax>", 90.0), (1, "Memcpy DtoD (Device -> Device)", 1.0), (2, "dense_gather_kernel", 5.0),
+          (3, "FillFunc", 1.0), (4, "reduce_kernel<amax>", 90.0), (5, "Memcpy DtoD (Device -> Device)", 1.0),
+          (6, "dense_gather_kernel", 7.0)]
+    recs = flush_records(ev, frozenset({"reduce_kernel<amax>"}))
+    assert recs == [(1, True, 1.0), (2, False, 5.0), (3, False, 1.0), (5, True, 1.0), (6, False, 7.0)]
+    assert split_calls(recs) == [6.0, 7.0]
+    assert split_calls(flush_records(ev)) == [96.0, 7.0]  # without the drop the read would count in a call
+
+
 def test_kernel_time_splits_calls_at_each_flush():
     """measure_kernels' grouping: kernels between two flush copies are one call; out-of-order records sorted;
     records before the first flush ignored."""

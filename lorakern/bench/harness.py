@@ -9,7 +9,8 @@ Timing
   a layer of a real model does (the previous layer's weights have evicted them). The zeroing leaves the L2 full
   of dirty lines, which the timed call then writes back as it misses (as after a layer's GEMM wrote its output);
   ``LORAKERN_BENCH_FLUSH=read`` flushes by reading the buffer instead (clean lines: the call's own traffic
-  only). The results record which (``l2_flush``).
+  only), for the eager, graph and kernel times alike (:func:`measure_kernels` honours it since session 9; before,
+  its 128 MiB marker copy wrote the L2 full whatever the mode). The results record which (``l2_flush``).
 * CPU: ``time.perf_counter`` around each call, after warm-up, no flush (writing a buffer larger than the last
   level cache would take longer than the small quick shapes themselves).
 
@@ -255,40 +256,80 @@ def measure_graph(fn: Callable[[], object], *, device, warmup: int = 5, reps: in
 
 
 @functools.lru_cache(maxsize=None)
-def _flush_pair(device: str) -> tuple:
-    half = FLUSH_BYTES // 2
-    return (torch.empty(half, dtype=torch.uint8, device=device), torch.empty(half, dtype=torch.uint8, device=device))
+def _flush_pair(device: str, nbytes: int = FLUSH_BYTES // 2) -> tuple:
+    return (torch.zeros(nbytes, dtype=torch.uint8, device=device),
+            torch.zeros(nbytes, dtype=torch.uint8, device=device))
 
 
-def measure_kernels(fn: Callable[[], object], *, device, reps: int = 30) -> Timing:
-    """Kernel time of ``fn``: the summed durations (CUPTI, through ``torch.profiler``) of the kernels (and memsets)
-    one call launches, L2 flushed before each call, median over ``reps`` calls — no launch gaps, no host overhead.
-    The flush is a 128 MiB device-to-device ``cudaMemcpy`` ("Memcpy DtoD" in the trace); calls are told apart by
-    it, so ``fn`` itself must do no device-to-device memcpy (lorakern's compiled backends do none). CUDA only."""
-    from torch.profiler import ProfilerActivity, profile
+@functools.lru_cache(maxsize=None)
+def _read_flush_buffer(device: str) -> torch.Tensor:
+    return _flush_buffer(device)
 
-    dev = torch.device(device)
-    if dev.type != "cuda":
-        raise ValueError("measure_kernels: CUDA only")
-    src, dst = _flush_pair(str(dev))
-    with torch.cuda.device(dev):
-        fn()
-        torch.cuda.synchronize()
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            for _ in range(max(int(reps), 1)):
-                dst.copy_(src)
-                fn()
-            torch.cuda.synchronize()
-    kernels = []
+
+def _cuda_events(prof) -> list:
+    """``(start, name, duration)`` of the device activities (kernels, memsets, memcpys) a profile recorded."""
+    out = []
     for ev in prof.events():
         if ev.device_type.name != "CUDA":
             continue
         dur = getattr(ev, "device_time", None)
         dur = ev.cuda_time if dur is None else dur
-        # a contiguous same-dtype copy_ is a cudaMemcpyAsync, not a kernel (the first version of this looked for
-        # a copy kernel and found none on the H100)
-        kernels.append((ev.time_range.start, ev.name.startswith("Memcpy DtoD"), float(dur)))
-    per_call = split_calls(kernels)
+        out.append((ev.time_range.start, ev.name, float(dur)))
+    return out
+
+
+def flush_records(events, drop=frozenset()) -> list:
+    """:func:`split_calls`' records from ``(start, name, duration)`` device events: a device-to-device memcpy
+    ("Memcpy DtoD ...") marks a flush; events named in ``drop`` (the read flush's own kernels) are left out."""
+    return [(start, name.startswith("Memcpy DtoD"), dur) for start, name, dur in events if name not in drop]
+
+
+def measure_kernels(fn: Callable[[], object], *, device, reps: int = 30) -> Timing:
+    """Kernel time of ``fn``: the summed durations (CUPTI, through ``torch.profiler``) of the kernels (and memsets)
+    one call launches, L2 flushed before each call, median over ``reps`` calls — no launch gaps, no host overhead.
+    Calls are told apart by a device-to-device ``cudaMemcpy`` before each ("Memcpy DtoD" in the trace), so ``fn``
+    itself must do no device-to-device memcpy (lorakern's compiled backends do none). The flush follows
+    :func:`flush_mode`, as :func:`measure`'s does: ``write``, the marker copy itself moves 128 MiB (leaving the L2
+    full of dirty lines); ``read``, a read of a 256 MiB buffer (its kernels, named by profiling one flush alone,
+    are left out of the call) and then a 16-byte marker copy. CUDA only."""
+    from torch.profiler import ProfilerActivity, profile
+
+    dev = torch.device(device)
+    if dev.type != "cuda":
+        raise ValueError("measure_kernels: CUDA only")
+    mode = flush_mode()
+    with torch.cuda.device(dev):
+        if mode == "write":
+            src, dst = _flush_pair(str(dev))
+
+            def flush():
+                dst.copy_(src)
+
+            drop = frozenset()
+        else:
+            buf = _read_flush_buffer(str(dev))
+            msrc, mdst = _flush_pair(str(dev), 16)
+
+            def flush():
+                _flush(buf, "read")
+                mdst.copy_(msrc)
+
+            _flush(buf, "read")
+            torch.cuda.synchronize()
+            with profile(activities=[ProfilerActivity.CUDA]) as cal:
+                _flush(buf, "read")
+                torch.cuda.synchronize()
+            drop = frozenset(name for _, name, _ in _cuda_events(cal))
+        fn()
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(max(int(reps), 1)):
+                flush()
+                fn()
+            torch.cuda.synchronize()
+    # a contiguous same-dtype copy_ is a cudaMemcpyAsync, not a kernel (the first version of this looked for a copy
+    # kernel and found none on the H100)
+    per_call = split_calls(flush_records(_cuda_events(prof), drop))
     if not per_call:
         raise RuntimeError("measure_kernels: no flush copy found in the profiler's trace")
     return _stats(per_call)
