@@ -8,7 +8,9 @@ backend (``--backends``, path variants such as ``cuda-segment`` allowed) it prin
   device time without Python or launch overhead, which is what an engine that replays graphs sees;
 * ``host``   — wall time per call of 200 back-to-back calls (no flush, one synchronisation at the end): the
   launch rate the host sustains;
-* ``kernels`` — the kernels of one call with their device time (torch.profiler).
+* ``kernels`` — the kernels of one call with their device time (torch.profiler), and ``kernel_us``: their summed
+  time, median over 30 calls with the L2 flushed before each (``measure_kernels``, as the benchmark's kernel
+  column; one unflushed call alone is noisy and finds part of the previous call's data in the L2).
 
     python bench/profile_add_lora.py --filter decode-qkv "sweep identical T=64" --json out.json
 """
@@ -23,7 +25,7 @@ import time
 import torch
 
 from lorakern.bench import cases as C
-from lorakern.bench.harness import measure, measure_graph
+from lorakern.bench.harness import measure, measure_graph, measure_kernels
 
 
 def _host_us(fn, n=200) -> float:
@@ -82,16 +84,21 @@ def main(argv=None) -> int:
                 graph = measure_graph(fn, device=dev, warmup=5, reps=100, budget_s=1.0).median_us
                 host = float("nan") if args.quick else _host_us(fn)
                 ks = _kernels(fn)
+                try:
+                    kernel = measure_kernels(fn, device=dev, reps=30).median_us
+                except RuntimeError as e:  # (e.g. a backend that copies device to device: no call boundaries)
+                    print(f"   {name}: kernel time not measured: {e}", flush=True)
+                    kernel = float("nan")
             except Exception as e:  # report and go on with the next
                 print(f"   {name}: failed: {type(e).__name__}: {e}", flush=True)
                 continue
             gbps = inp.nbytes / (graph * 1e-6) / 1e9
-            print(f"   {name:<15} eager {eager:8.1f} us   graph {graph:8.1f} us ({gbps:7.1f} GB/s)   host "
-                  f"{host:7.1f} us/call   {'WRONG: ' + bad if bad else ''}", flush=True)
+            print(f"   {name:<15} eager {eager:8.1f} us   graph {graph:8.1f} us ({gbps:7.1f} GB/s)   kernels "
+                  f"{kernel:8.1f} us   host {host:7.1f} us/call   {'WRONG: ' + bad if bad else ''}", flush=True)
             for k, t in ks:
                 print(f"       {t:8.1f} us  {k}")
             rows.append(dict(case=case.label, backend=name, eager_us=eager, graph_us=graph, host_us=host,
-                             bytes=inp.nbytes, graph_gbps=gbps, kernels=ks, wrong=bad))
+                             bytes=inp.nbytes, graph_gbps=gbps, kernels=ks, kernel_us=kernel, wrong=bad))
         del inp, out
         torch.cuda.empty_cache()
     if args.json:

@@ -29,6 +29,13 @@ def _family_case(label: str):
     return None
 
 
+def _kernel_us(r: dict) -> float:
+    """A row's kernel time: the flushed median (``kernel_us``, profile_add_lora.py since session 9), else the sum
+    of its one profiled call's kernels."""
+    k = r.get("kernel_us")
+    return float(k) if k and k == k else sum(t for _, t in r["kernels"])
+
+
 def fit(rows: list, key: str):
     """(fixed us, rate GB/s, points) of ``time = fixed + bytes / rate`` over the decode-family rows of one variant
     (``key``: ``"graph"`` or ``"kernels"``), or None with fewer than two distinct sizes or a wrong result."""
@@ -36,7 +43,7 @@ def fit(rows: list, key: str):
     for r in rows:
         if _family_case(r["case"]) is None or r.get("wrong") or not r.get("bytes"):
             continue
-        t = r["graph_us"] if key == "graph" else sum(t for _, t in r["kernels"])
+        t = r["graph_us"] if key == "graph" else _kernel_us(r)
         if t and t == t:  # (not NaN)
             pts.append((r["bytes"] / 1e3, t))  # kB / us = GB/s
     if len({x for x, _ in pts}) < 2:
@@ -52,7 +59,7 @@ def excess(rows: list, key: str, f) -> "float | None":
     mix's cost: at 3a57e06, +26 %, the critical path of one rank-128 CTA), or None without a checked row."""
     for r in rows:
         if r["case"].startswith("mixed-ranks-qkv distinct ") and not r.get("wrong") and r.get("bytes"):
-            t = r["graph_us"] if key == "graph" else sum(t for _, t in r["kernels"])
+            t = r["graph_us"] if key == "graph" else _kernel_us(r)
             pred = f[0] + r["bytes"] / 1e3 / f[1]
             return 100.0 * (t / pred - 1.0) if t and pred > 0 else None
     return None
@@ -68,7 +75,7 @@ def summary(out: str, names: list) -> str:
             continue
         rows = json.load(open(p))
         for r in rows:
-            ks = sum(t for _, t in r["kernels"])
+            ks = _kernel_us(r)
             check = "WRONG " + r["wrong"] if r["wrong"] else "ok"
             lines.append(f"{n:<20} {r['case'][:58]:<58} {r['graph_us']:9.1f} {ks:11.1f}  {check}")
         for key in ("kernels", "graph"):

@@ -539,6 +539,9 @@ def test_sweep_summary_fits_the_decode_family(tmp_path):
     assert abs(g_fixed - fixed - 5.0) < 1e-6 and abs(g_rate - rate) < 1e-6
     assert SS.fit([fam[0], row("decode-qkv", 16, 159.4, 60.0, "max err 3")], "kernels") is None
     assert SS.fit([fam[1]], "kernels") is None
+    # the flushed median (profile_add_lora.py's kernel_us) wins over the one call's kernels; NaN falls back
+    assert SS._kernel_us({**fam[0], "kernel_us": 44.0}) == 44.0
+    assert SS._kernel_us({**fam[0], "kernel_us": float("nan")}) == 45.489
     text = SS.summary(str(tmp_path), ["default", "bad", "one", "missing"])
     assert "prefill uniform" in text and "187.3" in text and "WRONG max err 3" in text
     assert "missing              (no result)" in text
