@@ -38,7 +38,7 @@
 #                          prefill segment kernels and the decode gather kernel (ncu.txt) and on the fused kernel
 #                          (ncu-fused.txt), the decode family again with LORAKERN_BENCH_FLUSH=read
 #                          (read-flush/, READ_FLUSH_FILTER), bench/sweep_variants.sh on SWEEP_VARIANTS (default "default
-#                          gather-guarded seg-fused seg-fused-s4 gather-prefetch gather-2cta seg-mma gather-xsmem
+#                          gather-guarded seg-fused seg-fused-branch seg-fused-s4 gather-prefetch gather-2cta seg-mma gather-xsmem
 #                          seg-fused-s8 seg-fused-o4 gather-xsmem-prefetch gather-early-out": the variants not
 #                          yet timed, the most
 #                          telling first, since the sweep stops at its time budget; the others were timed,
@@ -269,7 +269,7 @@ if run_tune; then
             --filter 'prefill uniform' 'prefill-qkv' > '$OUT/ncu-fused.txt' 2>&1"
     fi
     step sweep "${SWEEP_TIMEOUT:-340}" env OUT="$OUT/sweep" VARIANT_TIMEOUT="${VARIANT_TIMEOUT:-40}" \
-        bash bench/sweep_variants.sh ${SWEEP_VARIANTS:-default gather-guarded seg-fused seg-fused-s4 gather-prefetch gather-2cta seg-mma gather-xsmem seg-fused-s8 seg-fused-o4 gather-xsmem-prefetch gather-early-out}
+        bash bench/sweep_variants.sh ${SWEEP_VARIANTS:-default gather-guarded seg-fused seg-fused-branch seg-fused-s4 gather-prefetch gather-2cta seg-mma gather-xsmem seg-fused-s8 seg-fused-o4 gather-xsmem-prefetch gather-early-out}
     [ -f "$OUT/sweep/sweep-summary.txt" ] && cat "$OUT/sweep/sweep-summary.txt" | tee -a "$LOG"
     xdist_args "${TEST_WORKERS:-14}" --dist worksteal
     XDIST=(${XARGS[@]+"${XARGS[@]}"})

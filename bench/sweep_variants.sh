@@ -45,6 +45,7 @@ add seg-fused "" seg "LORAKERN_CUDA_SEGMENT=fused"
 add seg-fused-s4 "LORAKERN_FUSED_DEEP_STAGES=0" seg "LORAKERN_CUDA_SEGMENT=fused"
 add seg-fused-s8 "LORAKERN_FUSED_DEEP_STAGES=8" seg "LORAKERN_CUDA_SEGMENT=fused"
 add seg-fused-o4 "LORAKERN_FUSED_OSTAGES=4" seg "LORAKERN_CUDA_SEGMENT=fused"
+add seg-fused-branch "LORAKERN_FUSED_BLOCK_BRANCH=1" seg "LORAKERN_CUDA_SEGMENT=fused"
 add gather-xsmem "LORAKERN_GATHER_X_SMEM=1" dec
 add gather-prefetch "LORAKERN_GATHER_PREFETCH=1" dec
 add gather-xsmem-prefetch "LORAKERN_GATHER_X_SMEM=1 LORAKERN_GATHER_PREFETCH=1" dec

@@ -39,7 +39,9 @@ def test_every_cu_compiles_without_spills(built):
 def test_decode_shrink_issues_its_loads_together(built):
     """The decode kernel's shrink issues several 16-byte loads before using them, on every arch (tools/sass_check.py:
     a branch per unrolled step once made it one A load per warp at a time, the likely cause of its latency-bound
-    ~72 % of the copy bandwidth); read from the machine code, no GPU needed."""
+    ~72 % of the copy bandwidth), and the fused segment kernel's K loops have no branch among their ldmatrix and
+    mma (a branch per column block once kept one block's ldmatrix from overlapping the previous block's mma); read
+    from the machine code, no GPU needed."""
     import sass_check
 
     if sass_check.find_cuobjdump() is None:
@@ -47,7 +49,9 @@ def test_decode_shrink_issues_its_loads_together(built):
     out, _ = built
     lines, ok = sass_check.report(out)
     assert ok, "\n".join(lines)
-    assert len(lines) == len(sass_check.DECODE_KERNELS) * len(cuda_build.archs())  # each kernel on every arch
+    kernels = len(sass_check.DECODE_KERNELS) + len(sass_check.FUSED_KERNELS)
+    assert len(lines) == kernels * len(cuda_build.archs())  # each kernel on every arch
+    assert all("4 K loop(s)" in ln for ln in lines if ln.startswith("fused")), lines  # one per block count
 
 
 @needs_nvcc

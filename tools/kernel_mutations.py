@@ -93,6 +93,8 @@ MUTATIONS = [
     ("fused: shrink reads a ring stage before the barrier", S, "    __syncthreads();  // everyone's have;",
      "    // (no barrier)"),
     ("fused: last K step skipped", S, "for (int ks = 0; ks < steps; ++ks) {", "for (int ks = 0; ks + 1 < steps; ++ks) {"),
+    ("fused: the K loop instantiated for too few column blocks per warp", S, "switch ((C + 63) / 64) {",
+     "switch (C / 64 > 0 ? C / 64 : 1) {"),
     ("fused: expand waits for one chunk too few", S, "cp_async_wait<OSTAGES - 2>();", "cp_async_wait<OSTAGES - 1>();"),
     ("fused: out chunk refilled before the barrier", S,
      "    __syncthreads();  // chunk c landed for every thread", "    // (no barrier)"),

@@ -40,6 +40,12 @@ namespace lorakern {
 //   LORAKERN_SEG_BF16_TERMS                bf16 terms of the fp32 intermediate in the expand (3: ~24 bits, the
 //                                          contract's fp32; 2: ~16 bits, 9 % faster expand on an H100, but outside
 //                                          the fp32 tolerance where the sum cancels: not a default)
+//   LORAKERN_FUSED_BLOCK_BRANCH            1: the fused kernel's shrink skips a warp's dead 16-column blocks with a
+//                                          branch per (16-wide k step, block) inside the K loop, as up to session
+//                                          8; 0 (session 9, untimed): the K loop is instantiated per block count
+//                                          (1-4, block-uniform) with no branch in it, so ptxas can issue the next
+//                                          block's ldmatrix under the previous block's mma (sm_90a SASS: 16
+//                                          branches per K step before)
 // Timed on the H100 and removed, no faster: 2 expand CTAs per SM with the next rank step's y prefetched into
 // registers (0-4 % slower), rank steps of 64 (1-4 % slower).
 #ifndef LORAKERN_SEG_SK
@@ -50,6 +56,9 @@ namespace lorakern {
 #endif
 #ifndef LORAKERN_SEG_MMA
 #define LORAKERN_SEG_MMA 0
+#endif
+#ifndef LORAKERN_FUSED_BLOCK_BRANCH
+#define LORAKERN_FUSED_BLOCK_BRANCH 0
 #endif
 #ifndef LORAKERN_SEG_BF16_TERMS
 #define LORAKERN_SEG_BF16_TERMS 3
@@ -606,32 +615,55 @@ __global__ void __launch_bounds__(segf::kThreads, 1) segment_fused_kernel(const 
       if (st < steps) issue(st, st);
       cp_async_commit();
     }
-    for (int ks = 0; ks < steps; ++ks) {
-      cp_async_wait<STAGES - 2>();  // this thread's copies of K step ks have landed
-      __syncthreads();  // everyone's have; the stage refilled below was last read one K step ago
-      if (ks + STAGES - 1 < steps) issue(ks + STAGES - 1, (ks + STAGES - 1) % STAGES);
-      cp_async_commit();
-      const int st = ks % STAGES;
+    // The K loop for NL 16-column blocks per warp (blocks b = wn + 4 i, i < NL). Without LORAKERN_FUSED_BLOCK_BRANCH
+    // NL is the same for every warp (the group's blocks rounded up to 4 per warp: (C + 63) / 64) and the loop has
+    // no branch on the blocks: a warp whose block b lies past the group's C columns multiplies block 0 instead (its
+    // rows are always in the stage) into accumulators that are never read (the Y terms and the fp16 scale below
+    // look at live blocks only). With it, NL = kBlocksPerWarp and each dead block is skipped by a branch.
+    auto k_loop = [&](auto nl) {
+      constexpr int NL = decltype(nl)::value;
+      for (int ks = 0; ks < steps; ++ks) {
+        cp_async_wait<STAGES - 2>();  // this thread's copies of K step ks have landed
+        __syncthreads();  // everyone's have; the stage refilled below was last read one K step ago
+        if (ks + STAGES - 1 < steps) issue(ks + STAGES - 1, (ks + STAGES - 1) % STAGES);
+        cp_async_commit();
+        const int st = ks % STAGES;
 #pragma unroll
-      for (int kk = 0; kk < SK; kk += 16) {
-        uint32_t af[2][4];
+        for (int kk = 0; kk < SK; kk += 16) {
+          uint32_t af[2][4];
 #pragma unroll
-        for (int mi = 0; mi < 2; ++mi)
-          ldmatrix_x4(af[mi], &xs(st)[wm * 32 + mi * 16 + (lane & 15)][kk + (lane >> 4) * 8], false);
+          for (int mi = 0; mi < 2; ++mi)
+            ldmatrix_x4(af[mi], &xs(st)[wm * 32 + mi * 16 + (lane & 15)][kk + (lane >> 4) * 8], false);
 #pragma unroll
-        for (int i = 0; i < kBlocksPerWarp; ++i) {
-          const int b = wn + 4 * i;
-          if (!(b_live >> i & 1u)) continue;  // warp-uniform
-          // A rows as the (k, n) operand: matrices (n 0-7 | 8-15) x (k 0-7 | 8-15) -> {b0, b1} of n8 tiles 0, 1
-          uint32_t bq[4];
-          ldmatrix_x4(bq, &as(st)[b * 16 + (lane & 7) + ((lane >> 4) << 3)][kk + ((lane >> 3) & 1) * 8], false);
+          for (int i = 0; i < NL; ++i) {
+            int b = wn + 4 * i;
+            if (LORAKERN_FUSED_BLOCK_BRANCH) {
+              if (!(b_live >> i & 1u)) continue;  // warp-uniform
+            } else {
+              b = (b_live >> i & 1u) ? b : 0;  // a select, not a branch
+            }
+            // A rows as the (k, n) operand: matrices (n 0-7 | 8-15) x (k 0-7 | 8-15) -> {b0, b1} of n8 tiles 0, 1
+            uint32_t bq[4];
+            ldmatrix_x4(bq, &as(st)[b * 16 + (lane & 7) + ((lane >> 4) << 3)][kk + ((lane >> 3) & 1) * 8], false);
 #pragma unroll
-          for (int h = 0; h < 2; ++h) {
-            const uint32_t bb[2] = {bq[2 * h], bq[2 * h + 1]};
+            for (int h = 0; h < 2; ++h) {
+              const uint32_t bb[2] = {bq[2 * h], bq[2 * h + 1]};
 #pragma unroll
-            for (int mi = 0; mi < 2; ++mi) mma_16816<T>(acc[i][mi][h], af[mi], bb, acc[i][mi][h]);
+              for (int mi = 0; mi < 2; ++mi) mma_16816<T>(acc[i][mi][h], af[mi], bb, acc[i][mi][h]);
+            }
           }
         }
+      }
+    };
+    if (LORAKERN_FUSED_BLOCK_BRANCH) {
+      k_loop(std::integral_constant<int, kBlocksPerWarp>{});
+    } else {
+      static_assert(kBlocksPerWarp == 4, "the block counts below");
+      switch ((C + 63) / 64) {  // block-uniform: every barrier of the K loop is the same one for all warps
+        case 1: k_loop(std::integral_constant<int, 1>{}); break;
+        case 2: k_loop(std::integral_constant<int, 2>{}); break;
+        case 3: k_loop(std::integral_constant<int, 3>{}); break;
+        default: k_loop(std::integral_constant<int, 4>{}); break;
       }
     }
     cp_async_wait<0>();  // only empty groups are left
@@ -664,9 +696,12 @@ __global__ void __launch_bounds__(segf::kThreads, 1) segment_fused_kernel(const 
     // ---- 2. Y -> terms of T in shared memory (fp16: divided by a power of two first)
     float Sc = 1.f, inv_S = 1.f;
     if constexpr (kScaled) {
-      float amax = 0.f;  // blocks outside the group hold zeros
+      float amax = 0.f;  // live blocks only (a dead block's accumulators hold block 0's products, or zeros)
 #pragma unroll
-      for (int e = 0; e < kAccN; ++e) amax = fmaxf(amax, fabsf(acc_flat[e]));
+      for (int i = 0; i < kBlocksPerWarp; ++i)
+        if (b_live >> i & 1u)
+#pragma unroll
+          for (int e = 0; e < 16; ++e) amax = fmaxf(amax, fabsf(acc_flat[i * 16 + e]));
       amax = block_max<kThreads / 32>(amax, wmax_s);  // (rewritten by the next group, after its barriers)
       int e = 0;
       frexpf(amax, &e);  // amax < 2^e
