@@ -68,6 +68,13 @@ HAVE_XDIST=0
 if "$PY" -c "import xdist" >/dev/null 2>&1; then HAVE_XDIST=1; fi
 xdist_args() { XARGS=(); if [ "$HAVE_XDIST" = 1 ]; then XARGS=(-n "$@"); fi; }
 
+# targets_in DIR: `lorakern targets` on the results JSON a bench step wrote into DIR (its own folder), into the log
+targets_in() {
+    local j
+    j="$(find "$1" -maxdepth 1 -name '*.json' 2>/dev/null | head -n 1)"
+    if [ -n "$j" ]; then "$PY" -m lorakern targets "$j" 2>&1 | tee -a "$LOG"; fi
+}
+
 STATUS=0
 # The lent machine stops a call at 600 s, and whatever is under $OUT then comes back only if it is at most 8 files
 # (the packing at the end of this script): every step's limit is cut to what is left before DEADLINE_S seconds
@@ -181,8 +188,7 @@ if [ "${BENCH_DEVICE:-cuda}" = cuda ]; then
     step bench-paths "${PATHS_TIMEOUT:-90}" "$PY" -m lorakern bench --device cuda --out "$OUT/paths" \
         --backends cuda-gather cuda-segment cuda-fused triton-gather triton-segment --baselines none \
         --filter "crossover-"
-    PRESULTS="$(find "$OUT/paths" -maxdepth 1 -name '*.json' 2>/dev/null | head -n 1)"
-    [ -n "$PRESULTS" ] && "$PY" -m lorakern targets "$PRESULTS" 2>&1 | tee -a "$LOG"
+    targets_in "$OUT/paths"
 fi
 
 fi  # core
@@ -256,8 +262,7 @@ if run_tune; then
     step bench-read-flush "${READ_FLUSH_TIMEOUT:-70}" env LORAKERN_BENCH_FLUSH=read "$PY" -m lorakern bench \
         --device cuda --out "$OUT/read-flush" --backends cuda --baselines none \
         --filter "${READ_FLUSH_FILTER:-decode-qkv distinct|rank-8-qkv|rank-64-qkv|rank-128-qkv}"
-    RRESULTS="$(find "$OUT/read-flush" -maxdepth 1 -name '*.json' 2>/dev/null | head -n 1)"
-    [ -n "$RRESULTS" ] && "$PY" -m lorakern targets "$RRESULTS" 2>&1 | tee -a "$LOG"
+    targets_in "$OUT/read-flush"
     if command -v ncu >/dev/null 2>&1; then
         step ncu "${NCU_TIMEOUT:-80}" bash -c "ncu --clock-control none --kernel-name regex:'segment|dense_gather' \
             --launch-count 3 --section SpeedOfLight --section MemoryWorkloadAnalysis --section Occupancy \

@@ -116,7 +116,9 @@ def _stats(samples_us: Sequence[float]) -> Timing:
 
 
 @functools.lru_cache(maxsize=None)
+@functools.lru_cache(maxsize=None)
 def _flush_buffer(device: str) -> torch.Tensor:
+    """The 256 MiB flush buffer of a device, made once (every timed call flushes through it)."""
     return torch.zeros(FLUSH_BYTES, dtype=torch.uint8, device=device)
 
 
@@ -261,11 +263,6 @@ def _flush_pair(device: str, nbytes: int = FLUSH_BYTES // 2) -> tuple:
             torch.zeros(nbytes, dtype=torch.uint8, device=device))
 
 
-@functools.lru_cache(maxsize=None)
-def _read_flush_buffer(device: str) -> torch.Tensor:
-    return _flush_buffer(device)
-
-
 def _cuda_events(prof) -> list:
     """``(start, name, duration)`` of the device activities (kernels, memsets, memcpys) a profile recorded."""
     out = []
@@ -307,7 +304,7 @@ def measure_kernels(fn: Callable[[], object], *, device, reps: int = 30) -> Timi
 
             drop = frozenset()
         else:
-            buf = _read_flush_buffer(str(dev))
+            buf = _flush_buffer(str(dev))
             msrc, mdst = _flush_pair(str(dev), 16)
 
             def flush():

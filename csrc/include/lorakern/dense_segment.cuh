@@ -601,7 +601,7 @@ __global__ void __launch_bounds__(segf::kThreads, 1) segment_fused_kernel(const 
     };
 
     float acc[kBlocksPerWarp][2][2][4];  // [block][row half mi][n8 tile h][mma.sync C fragment]
-    constexpr int kAccN = kBlocksPerWarp * 2 * 2 * 4;
+    constexpr int kAccBlock = 2 * 2 * 4, kAccN = kBlocksPerWarp * kAccBlock;
     float(&acc_flat)[kAccN] = reinterpret_cast<float(&)[kAccN]>(acc);
 #pragma unroll
     for (int e = 0; e < kAccN; ++e) acc_flat[e] = 0.f;
@@ -637,7 +637,7 @@ __global__ void __launch_bounds__(segf::kThreads, 1) segment_fused_kernel(const 
 #pragma unroll
           for (int i = 0; i < NL; ++i) {
             int b = wn + 4 * i;
-            if (LORAKERN_FUSED_BLOCK_BRANCH) {
+            if constexpr (LORAKERN_FUSED_BLOCK_BRANCH) {
               if (!(b_live >> i & 1u)) continue;  // warp-uniform
             } else {
               b = (b_live >> i & 1u) ? b : 0;  // a select, not a branch
@@ -655,7 +655,7 @@ __global__ void __launch_bounds__(segf::kThreads, 1) segment_fused_kernel(const 
         }
       }
     };
-    if (LORAKERN_FUSED_BLOCK_BRANCH) {
+    if constexpr (LORAKERN_FUSED_BLOCK_BRANCH) {
       k_loop(std::integral_constant<int, kBlocksPerWarp>{});
     } else {
       static_assert(kBlocksPerWarp == 4, "the block counts below");
@@ -701,7 +701,7 @@ __global__ void __launch_bounds__(segf::kThreads, 1) segment_fused_kernel(const 
       for (int i = 0; i < kBlocksPerWarp; ++i)
         if (b_live >> i & 1u)
 #pragma unroll
-          for (int e = 0; e < 16; ++e) amax = fmaxf(amax, fabsf(acc_flat[i * 16 + e]));
+          for (int e = 0; e < kAccBlock; ++e) amax = fmaxf(amax, fabsf(acc_flat[i * kAccBlock + e]));
       amax = block_max<kThreads / 32>(amax, wmax_s);  // (rewritten by the next group, after its barriers)
       int e = 0;
       frexpf(amax, &e);  // amax < 2^e
