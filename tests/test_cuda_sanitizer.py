@@ -1,8 +1,19 @@
-"""compute-sanitizer memcheck on a small case of every CUDA-backend op (GPU only): add_lora (gather, split and fused
-segment kernels), lora_shrink, lora_expand, add_lora_moe and the two absorbed MLA ops. No out-of-bounds access, in
-particular none through page-table entries beyond a slot's rank (poisoned: they point past the rows)."""
+"""compute-sanitizer on a small case of every CUDA-backend op (GPU only): add_lora (gather, split and fused segment
+kernels), lora_shrink, lora_expand, add_lora_moe and the two absorbed MLA ops, under each of its four tools:
+
+- memcheck: no out-of-bounds access, in particular none through page-table entries beyond a slot's rank (poisoned:
+  they point past the rows);
+- racecheck: no shared-memory hazard between threads of a CTA (the cp.async rings, the Y terms, the out chunks);
+- synccheck: no barrier reached by part of a CTA or of a warp;
+- initcheck: no read of global memory nothing wrote (the split shrink's y is torch.empty: the expand must read only
+  what the shrink wrote).
+
+The three tools after memcheck look at lorakern's kernels only (``--kernel-name kns=lorakern``): torch's own kernels
+(random numbers, the plan's sorts) are not ours to answer for. The CPU emulator checks the same properties its own
+way (poisoned shared memory, warps in random order, barriers that must match; tests/test_cuda_emulator.py)."""
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -66,23 +77,72 @@ SCRIPT = textwrap.dedent(
 )
 
 
+#: compute-sanitizer's tools, each with the arguments it runs with (memcheck sees every kernel of the process)
+TOOLS = {
+    "memcheck": [],
+    "racecheck": ["--kernel-name", "kns=lorakern", "--racecheck-report", "all"],
+    "synccheck": ["--kernel-name", "kns=lorakern"],
+    "initcheck": ["--kernel-name", "kns=lorakern"],
+}
+
+
+def sanitizer_findings(tool: str, text: str) -> list:
+    """What a compute-sanitizer report says is wrong, as lines; empty for a clean run. A report with no summary at
+    all counts as wrong (the tool did not run to its end), and so does racecheck's hazard count: errors and warnings
+    alike (a warning is a hazard racecheck could not prove harmful: every one of ours would be a real question)."""
+    errors = [int(n) for n in re.findall(r"ERROR SUMMARY:\s*(\d+) errors?", text)]
+    races = re.findall(r"RACECHECK SUMMARY:\s*(\d+) hazards? displayed\s*\((\d+) errors?,\s*(\d+) warnings?\)",
+                       text)
+    found = []
+    if tool == "racecheck":
+        if not races:
+            found.append("no RACECHECK SUMMARY line")
+        found += [f"racecheck: {h} hazards ({e} errors, {w} warnings)" for h, e, w in races if int(h)]
+    elif not errors:
+        found.append("no ERROR SUMMARY line")
+    found += [f"{tool}: {n} errors" for n in errors if n]
+    return found
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_memcheck_cuda_backend(tmp_path):
+@pytest.mark.parametrize("tool", list(TOOLS))
+def test_sanitizer_cuda_backend(tool, tmp_path):
     from lorakern.backends import BACKENDS
 
     reasons = BACKENDS["cuda"].not_supported_reasons(torch.device("cuda"), torch.bfloat16)
     if reasons:
         pytest.skip("; ".join(reasons))
-    tool = shutil.which("compute-sanitizer") or "/usr/local/cuda/bin/compute-sanitizer"
-    if not os.path.exists(tool):
+    exe = shutil.which("compute-sanitizer") or "/usr/local/cuda/bin/compute-sanitizer"
+    if not os.path.exists(exe):
         pytest.skip("compute-sanitizer not found")
     script = tmp_path / "case.py"
     script.write_text(SCRIPT)
-    r = subprocess.run([tool, "--tool", "memcheck", "--error-exitcode", "3", sys.executable, str(script)],
+    r = subprocess.run([exe, "--tool", tool, *TOOLS[tool], "--error-exitcode", "3", sys.executable, str(script)],
                        capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0 and "sanitizer-case-done" in r.stdout, r.stdout[-3000:] + r.stderr[-3000:]
-    assert "ERROR SUMMARY: 0 errors" in r.stdout + r.stderr
+    report = r.stdout + r.stderr
+    assert r.returncode == 0 and "sanitizer-case-done" in r.stdout, report[-6000:]
+    findings = sanitizer_findings(tool, report)
+    assert not findings, "\n".join(findings) + "\n" + report[-6000:]
+
+
+@pytest.mark.parametrize("tool, text, want", [
+    ("memcheck", "========= ERROR SUMMARY: 0 errors\n", []),
+    ("memcheck", "========= ERROR SUMMARY: 2 errors\n", ["memcheck: 2 errors"]),
+    ("initcheck", "sanitizer-case-done\n", ["no ERROR SUMMARY line"]),
+    ("synccheck", "========= ERROR SUMMARY: 1 error\n", ["synccheck: 1 errors"]),
+    ("racecheck", "========= RACECHECK SUMMARY: 0 hazards displayed (0 errors, 0 warnings)\n", []),
+    ("racecheck", "========= RACECHECK SUMMARY: 1 hazard displayed (0 errors, 1 warning)\n",
+     ["racecheck: 1 hazards (0 errors, 1 warnings)"]),
+    ("racecheck", "========= RACECHECK SUMMARY: 3 hazards displayed (3 errors, 0 warnings)\n"
+                  "========= ERROR SUMMARY: 3 errors\n", ["racecheck: 3 hazards (3 errors, 0 warnings)",
+                                                          "racecheck: 3 errors"]),
+    ("racecheck", "========= ERROR SUMMARY: 0 errors\n", ["no RACECHECK SUMMARY line"]),
+])
+def test_sanitizer_reports_are_read_strictly(tool, text, want):
+    """The GPU test's reading of a report (on report texts in compute-sanitizer's format): a clean summary passes;
+    any error, any racecheck hazard or a missing summary (a tool that never finished) fails."""
+    assert sanitizer_findings(tool, text) == want
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the memcheck test runs the script itself")
