@@ -45,6 +45,40 @@ def _triton_import_error() -> Optional[str]:
     return None
 
 
+def _release(version: str) -> tuple:
+    """(major, minor) of a version string such as ``3.6.0``, ``2.4.0rc1`` or ``3.7.0+git1a2b``."""
+    parts = []
+    for piece in version.split(".")[:2]:
+        digits = ""
+        for ch in piece:
+            if not ch.isdigit():
+                break
+            digits += ch
+        parts.append(int(digits or 0))
+    return tuple(parts + [0] * (2 - len(parts)))
+
+
+def interpreter_problem(triton_version: str, numpy_version: str) -> Optional[str]:
+    """Why Triton's interpreter cannot run our kernels with these versions, or None. Up to Triton 3.6 the
+    interpreter turns a loop bound that is a tensor (a rank loaded from memory, a K passed as an argument: every
+    kernel here has one) into a Python int with ``int()`` of a one-element NumPy array, which NumPy 2.4 made an
+    error (deprecated since 1.25); Triton 3.7 squeezes the array first. Compiled kernels on a GPU are not
+    affected."""
+    if _release(triton_version) < (3, 7) and _release(numpy_version) >= (2, 4):
+        return (f"Triton {triton_version}'s interpreter (TRITON_INTERPRET=1) cannot run with NumPy {numpy_version}: "
+                "it converts loop bounds with int() of a one-element array, an error since NumPy 2.4; install "
+                "'numpy<2.4' or 'triton>=3.7'")
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def _interpreter_problem() -> Optional[str]:
+    import numpy
+    import triton
+
+    return interpreter_problem(triton.__version__, numpy.__version__)
+
+
 @functools.lru_cache(maxsize=None)
 def cuda_extension():
     """The compiled extension module ``lorakern._C``, or the reason it is not there (a string)."""
@@ -107,7 +141,8 @@ def _triton_reasons(b, device, dtype):
     if triton_interpret():
         if device.type != "cpu":
             return [f"TRITON_INTERPRET=1 runs kernels on the CPU, but the tensors are on {device}"]
-        return []
+        problem = _interpreter_problem()
+        return [problem] if problem else []
     if device.type != "cuda":
         return [f"the tensors are on {device}; Triton kernels run on CUDA devices (or on the CPU under TRITON_INTERPRET=1)"]
     return []

@@ -77,10 +77,38 @@ def test_cuda_refuses_without_extension_or_gpu():
 @pytest.mark.skipif(HAS_CUDA, reason="CPU-only rules")
 def test_triton_on_cpu_only_under_the_interpreter(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    assert BACKENDS["triton"].not_supported_reasons(CPU, torch.bfloat16) == []
+    problem = backends._interpreter_problem()  # (None with the versions the README installs)
+    assert BACKENDS["triton"].not_supported_reasons(CPU, torch.bfloat16) == ([problem] if problem else [])
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     reasons = BACKENDS["triton"].not_supported_reasons(CPU, torch.bfloat16)
     assert reasons and any("cpu" in r and "TRITON_INTERPRET" in r for r in reasons), reasons
+
+
+@pytest.mark.parametrize("triton_v, numpy_v, broken", [
+    ("3.6.0", "2.4.6", True),         # the lent GPU machine's Triton with this machine's NumPy (seen: every kernel)
+    ("3.3.1", "2.4.0", True),
+    ("3.6.0", "2.3.5", False),
+    ("3.7.0", "2.4.6", False),        # 3.7 squeezes the array
+    ("3.9.0+git1a2b3c", "2.5.0rc1", False),
+    ("3.10.0", "3.0.0", False),       # (minor 10 > 7: compared as numbers, not strings)
+    ("3.6.0+cpu", "2.10.1", True),
+])
+def test_interpreter_problem_by_versions(triton_v, numpy_v, broken):
+    """Triton's interpreter before 3.7 cannot run any of our kernels with NumPy 2.4 or later (int() of a
+    one-element array, an error since NumPy 2.4): the triton backend refuses CPU tensors there, saying what to
+    install, instead of failing inside the interpreter."""
+    msg = backends.interpreter_problem(triton_v, numpy_v)
+    assert (msg is not None) == broken
+    if broken:
+        assert triton_v in msg and numpy_v in msg and "numpy<2.4" in msg and "triton>=3.7" in msg
+
+
+def test_interpreter_problem_refuses_cpu_tensors_with_its_reason(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(backends, "_interpreter_problem", lambda: "interpreter X cannot run with NumPy Y")
+    assert BACKENDS["triton"].not_supported_reasons(CPU, torch.bfloat16) == ["interpreter X cannot run with NumPy Y"]
+    with pytest.raises(RuntimeError, match="interpreter X cannot run with NumPy Y"):
+        select_backend("triton", CPU, torch.bfloat16, 16)
 
 
 # ------------------------------------------------------------------------------------------------ selection
