@@ -23,7 +23,7 @@ from lorakern._tables import cached_table
 from lorakern.plan import order_tiles
 from lorakern.ops.moe import version_of
 
-__all__ = ["group_pairs", "max_tiles", "moe_tables", "pair_operands"]
+__all__ = ["group_pairs", "kernel_takes", "max_tiles", "moe_tables", "pair_operands"]
 
 _SENTINEL = torch.iinfo(torch.int32).max
 
@@ -37,7 +37,7 @@ _GROUP_CACHE: "OrderedDict[tuple, tuple]" = OrderedDict()
 
 
 def group_pairs(slots: torch.Tensor, topk_ids: torch.Tensor, num_experts: int, num_slots: int, block_m: int,
-                ranks=None, *, constant_ids: bool = False):
+                ranks=None, *, constant_ids: bool = False, kernel=None):
     """(pair ids sorted by (slot, expert) int32 [P], tiles int32 [max_tiles, 3] of (start, length, slot·E + e),
     tile count int32 [1]) — torch ops on the device, sizes fixed by the shapes, no host synchronisation. With
     ``ranks`` (int [num_slots], the op's), the used tiles come first in descending order of rank × length.
@@ -52,7 +52,12 @@ def group_pairs(slots: torch.Tensor, topk_ids: torch.Tensor, num_experts: int, n
     every later call with the same objects and versions (every layer of a batch), as a plan is. Not per ``ranks``
     object: the ops pass a fresh contiguous copy of a strided ``ranks`` on every call, and the tile order is only
     a schedule (any order gives the same result), so the grouping made with the first call's ranks serves the
-    second."""
+    second.
+
+    ``kernel``: ``(extension module, stream handle)`` of the CUDA backend (or its CPU emulator): the grouping is
+    then one launch of its ``moe_group`` kernel, the same outputs bit for bit, wherever that kernel takes the
+    call (:func:`kernel_takes`: up to ``moe_group_max_pairs`` pairs); else, and for the Triton backend, ~90 torch
+    ops."""
     dev = topk_ids.device
     capturing = dev.type == "cuda" and torch.cuda.is_current_stream_capturing()
     key = (id(slots), id(topk_ids), ranks is not None, num_experts, num_slots, block_m)
@@ -73,6 +78,58 @@ def group_pairs(slots: torch.Tensor, topk_ids: torch.Tensor, num_experts: int, n
     n_max = max_tiles(P, num_slots * E, block_m)
     if P == 0:
         return torch.zeros(0, **i32), torch.zeros(1, 3, **i32), torch.zeros(1, **i32), 0
+    if kernel is not None and kernel_takes(kernel[0], slots, topk_ids, num_experts, num_slots):
+        val = _group_kernel(kernel, slots, topk_ids, E, num_slots, block_m, ranks, n_max)
+    else:
+        val = _group_torch(slots, topk_ids, E, num_slots, block_m, ranks, n_max)
+    if cacheable:
+        _GROUP_CACHE[key] = (weakref.ref(slots), weakref.ref(topk_ids), vers, val)
+        if len(_GROUP_CACHE) > 8:
+            _GROUP_CACHE.popitem(last=False)
+    return val
+
+
+def kernel_takes(ext, slots: torch.Tensor, topk_ids: torch.Tensor, num_experts: int, num_slots: int) -> bool:
+    """Whether ``ext.moe_group`` groups this call: 1 to ``ext.moe_group_max_pairs`` pairs (its sort runs in one
+    CTA's shared memory), int32/int64 slots and ids, keys ``slot·E + e`` below the sentinel."""
+    P = topk_ids.shape[0] * topk_ids.shape[1]
+    return (hasattr(ext, "moe_group") and 0 < P <= ext.moe_group_max_pairs
+            and slots.dtype in _ID_DTYPES and topk_ids.dtype in _ID_DTYPES and slots.dim() == 1
+            and num_slots * num_experts < _SENTINEL)
+
+
+_ID_DTYPES = (torch.int32, torch.int64)
+
+#: the fields of ext.moe_group, in the binding's order (csrc/bindings.cpp)
+MOE_GROUP_FIELDS = ("slots", "s_slots", "slots_i64", "ids", "s_t", "s_k", "ids_i64", "ranks", "num_ranks", "T",
+                    "topk", "E", "num_slots", "block_m", "n_rows", "pair_ids", "tiles", "count")
+
+
+def _group_kernel(kernel, slots, topk_ids, E, num_slots, block_m, ranks, n_max):
+    ext, stream = kernel
+    T, topk = topk_ids.shape
+    dev = topk_ids.device
+    i32 = dict(dtype=torch.int32, device=dev)
+    pair_ids = torch.empty(T * topk, **i32)
+    tiles = torch.empty(max(n_max, 1), 3, **i32)  # (every row is written)
+    count = torch.empty(1, **i32)
+    r32 = None
+    if ranks is not None and ranks.numel() > 0:
+        r32 = ranks if ranks.dtype == torch.int32 and ranks.is_contiguous() else ranks.to(torch.int32).contiguous()
+    s_t, s_k = topk_ids.stride()
+    ext.moe_group([slots.data_ptr(), slots.stride(0), int(slots.dtype == torch.int64),
+                   topk_ids.data_ptr(), s_t, s_k, int(topk_ids.dtype == torch.int64),
+                   r32.data_ptr() if r32 is not None else 0, r32.numel() if r32 is not None else 0,
+                   T, topk, E, num_slots, block_m, tiles.shape[0],
+                   pair_ids.data_ptr(), tiles.data_ptr(), count.data_ptr()], stream)
+    return pair_ids, tiles, count, n_max
+
+
+def _group_torch(slots, topk_ids, E, num_slots, block_m, ranks, n_max):
+    T, topk = topk_ids.shape
+    P = T * topk
+    dev = topk_ids.device
+    i32 = dict(dtype=torch.int32, device=dev)
     tiles = torch.zeros(max(n_max, 1), 3, **i32)
     s = slots.to(torch.int32)[:, None].expand(T, topk).reshape(-1)
     e = topk_ids.to(torch.int32).reshape(-1)
@@ -103,12 +160,7 @@ def group_pairs(slots: torch.Tensor, topk_ids: torch.Tensor, num_experts: int, n
     tiles[:, 2] = torch.where(valid, seg_key[sg], zero)
     if ranks is not None:  # work of a tile ~ rank x pairs (keys of used tiles are slot·E + e)
         order_tiles(tiles, ranks, slot_div=E, times_length=True)
-    val = (pair_ids, tiles, incl[-1:].clone(), n_max)
-    if cacheable:
-        _GROUP_CACHE[key] = (weakref.ref(slots), weakref.ref(topk_ids), vers, val)
-        if len(_GROUP_CACHE) > 8:
-            _GROUP_CACHE.popitem(last=False)
-    return val
+    return pair_ids, tiles, incl[-1:].clone(), n_max
 
 
 def moe_tables(lora_a, lora_b, offsets):

@@ -22,6 +22,7 @@ ROOT = Path(__file__).resolve().parent.parent
 G = "csrc/include/lorakern/dense_gather.cuh"
 S = "csrc/include/lorakern/dense_segment.cuh"
 D = "csrc/include/lorakern/dense_dispatch.h"
+M = "csrc/include/lorakern/moe_group.cuh"
 
 #: (what, file, original text, planted defect)
 MUTATIONS = [
@@ -123,9 +124,20 @@ MUTATIONS = [
      "if (slot < 0 || slot >= p.num_slots || p.num_rows <= 0) return 0;", "if (slot < 0 || p.num_rows <= 0) return 0;"),
     ("gather: rank not capped at max_rank", G, "const int rank = min(slot_rank(p, slot), kMaxRank);",
      "const int rank = slot_rank(p, slot) > 0 ? min(p.ranks[slot], kMaxRank) : 0;"),
+    ("moe group: sort not stable (pair index not in the composite)", M,
+     "c = (static_cast<unsigned long long>(static_cast<uint32_t>(key)) << 32) | static_cast<uint32_t>(i);",
+     "c = (static_cast<unsigned long long>(static_cast<uint32_t>(key)) << 32) | static_cast<uint32_t>(P - 1 - i);"),
+    ("moe group: the sentinel group gets tiles", M,
+     "if (s < nseg && key_of(comp[seg[s]]) != kSentinel) n =", "if (s < nseg) n ="),
+    ("moe group: a segment's last tile one pair too long", M,
+     "len = min(p.block_m, seg[lo + 1] - seg[lo] - local);", "len = min(p.block_m, seg[lo + 1] - seg[lo] - local + 1);"),
+    ("moe group: rows reordered without the barrier between reads and writes", M,
+     "  __syncthreads();  // every source row is read before any is overwritten\n", "\n"),
+    ("moe group: scan misses the warp totals of later warps", M,
+     "before += w < warp ? warp_tot[w] : 0;", "before += w + 1 < warp ? warp_tot[w] : 0;"),
 ]
 
-TESTS = ["tests/test_ops_lora.py", "tests/test_moe.py", "-k", "cuda and not 2048"]
+TESTS = ["tests/test_ops_lora.py", "tests/test_moe.py", "tests/test_moe_group.py", "-k", "cuda and not 2048"]
 
 
 def copy_repo(work: Path) -> None:

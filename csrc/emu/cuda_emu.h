@@ -11,7 +11,8 @@
 //     result;
 //   * __syncthreads() as a barrier that checks every waiting thread reached the SAME barrier (divergence is an
 //     error, exited threads count as arrived, as on sm_70+);
-//   * warp collectives (__shfl_xor_sync, the WMMA *_sync calls) as warp barriers that require all 32 lanes (a full
+//   * warp collectives (__shfl_xor_sync, __shfl_up_sync, the WMMA *_sync calls) as warp barriers that require
+//     all 32 lanes (a full
 //     mask) and fail on a diverged or partially exited warp;
 //   * __shared__ = function-level static storage (blocks run one after another), filled with a NaN pattern
 //     before each block so that reading shared memory nobody wrote poisons the result;
@@ -80,6 +81,24 @@ T shfl_xor(unsigned mask, T v, int lane_mask) {
   warp_slot(lane) = bits;
   sync_warp();  // every lane has deposited
   const uint64_t got = warp_slot(lane ^ (lane_mask & 31));
+  T r;
+  std::memcpy(&r, &got, sizeof(T));
+  return r;
+}
+
+// __shfl_up_sync: lane l gets lane l - delta's value, lanes below delta keep their own (width 32)
+template <typename T>
+T shfl_up(unsigned mask, T v, unsigned delta) {
+  static_assert(sizeof(T) <= 8, "shuffle of a value wider than 8 bytes");
+  if (mask != 0xffffffffu) fail("__shfl_up_sync with a partial mask (the emulator supports full warps only)");
+  const int lane = static_cast<int>(flat_tid() & 31);
+  uint64_t bits = 0;
+  std::memcpy(&bits, &v, sizeof(T));
+  sync_warp();
+  warp_slot(lane) = bits;
+  sync_warp();
+  const int src = lane - static_cast<int>(delta);
+  const uint64_t got = src >= 0 ? warp_slot(src) : bits;
   T r;
   std::memcpy(&r, &got, sizeof(T));
   return r;
@@ -195,6 +214,11 @@ template <typename T>
 inline T __shfl_xor_sync(unsigned mask, T v, int lane_mask, int width = 32) {
   if (width != 32) ::lk_emu::fail("__shfl_xor_sync with width != 32 is not emulated");
   return ::lk_emu::shfl_xor(mask, v, lane_mask);
+}
+template <typename T>
+inline T __shfl_up_sync(unsigned mask, T v, unsigned delta, int width = 32) {
+  if (width != 32) ::lk_emu::fail("__shfl_up_sync with width != 32 is not emulated");
+  return ::lk_emu::shfl_up(mask, v, delta);
 }
 template <typename T>
 inline T __ldg(const T* p) {
