@@ -24,7 +24,8 @@
 #
 # STEPS picks what runs (each set fits one 10-minute call of the lent machine):
 #   STEPS=core (default)   steps 1-4: install, nvidia-smi, pytest -m gpu, the add_lora benchmark, then each path
-#                          forced on the crossover-<m> cases (paths/: the gather/segment threshold)
+#                          forced on the crossover-<m> cases (paths/: the gather/segment threshold), and
+#                          add_lora_moe's pair grouping, torch ops vs the moe_group kernel (paths/moe-grouping.json)
 #   STEPS=tests            step 5: the full suite on the GPU (its counts go into the newest results JSON); with
 #                          pytest-xdist, TEST_WORKERS (default 14) workers (worksteal); TESTS_EXTRA: more pytest
 #                          arguments; failing test names in failures.txt, their tracebacks in failures-tb.txt;
@@ -189,6 +190,9 @@ if [ "${BENCH_DEVICE:-cuda}" = cuda ]; then
         --backends cuda-gather cuda-segment cuda-fused triton-gather triton-segment --baselines none \
         --filter "crossover-"
     targets_in "$OUT/paths"
+    # add_lora_moe's pair grouping: the torch ops against the one-launch moe_group kernel, eager and in a graph
+    step bench-moe-grouping "${GROUPING_TIMEOUT:-60}" "$PY" bench/bench_moe.py --grouping-only \
+        --json "$OUT/paths/moe-grouping.json"
 fi
 
 fi  # core

@@ -91,6 +91,16 @@ def test_exited_warps_count_as_arrived(selftest):
     assert out[:128] == [1.0] * 128
 
 
+def test_warp_prefix_by_shfl_up(selftest):
+    """__shfl_up_sync: lane l reads lane l - offset, lanes below the offset keep their own value (the MoE grouping
+    kernel's block scan)."""
+    err, out = selftest.run("warp_prefix")
+    assert err == ""
+    for w in range(2):
+        vals = [float(l + 1) + 100.0 * w for l in range(32)]
+        assert out[32 * w:32 * w + 32] == [sum(vals[:l + 1]) for l in range(32)]
+
+
 def test_warp_sum(selftest):
     err, out = selftest.run("warp_sum")
     assert err == ""

@@ -47,6 +47,16 @@ __global__ void warp_sum(float* out) {
   out[threadIdx.x] = lorakern::warp_sum(float(threadIdx.x & 31) + 32.f * (threadIdx.x >> 5));
 }
 
+// An inclusive prefix sum over each warp by __shfl_up_sync (lanes below the offset keep their value).
+__global__ void warp_prefix(float* out) {
+  float v = float((threadIdx.x & 31) + 1) + 100.f * (threadIdx.x >> 5);
+  for (int o = 1; o < 32; o <<= 1) {
+    const float u = __shfl_up_sync(0xffffffffu, v, o);
+    if ((threadIdx.x & 31) >= o) v += u;
+  }
+  out[threadIdx.x] = v;
+}
+
 __global__ void shuffle_after_lanes_exit(float* out) {
   if ((threadIdx.x & 31) >= 16) return;
   out[threadIdx.x] = lorakern::warp_sum(1.f);
@@ -136,6 +146,7 @@ py::tuple run(const std::string& name, int order, int seed) {
   else if (name == "early_exit_then_barrier")
     e = launch_kernel(early_exit_then_barrier, dim3(1), dim3(256), nullptr, out.data());
   else if (name == "warp_sum") e = launch_kernel(warp_sum, dim3(1), dim3(64), nullptr, out.data());
+  else if (name == "warp_prefix") e = launch_kernel(warp_prefix, dim3(1), dim3(64), nullptr, out.data());
   else if (name == "shuffle_after_lanes_exit")
     e = launch_kernel(shuffle_after_lanes_exit, dim3(1), dim3(32), nullptr, out.data());
   else if (name == "shuffle_vs_barrier") e = launch_kernel(shuffle_vs_barrier, dim3(1), dim3(32), nullptr, out.data());
