@@ -1,6 +1,5 @@
 #!/usr/bin/env python
-"""Benchmark packed MoE-expert LoRA: (a) loading, packed vs per-expert; (b) the fused add_lora_moe kernel and (c) its
-pair grouping on a GPU.
+"""Benchmark packed MoE-expert LoRA: (a) loading, packed vs per-expert; (b) the fused add_lora_moe kernel on a GPU.
 
     python bench/bench_moe.py              # rank-1 Qwen3-30B-A3B adapter (48 layers): ~1-3 min on 2 cores
     python bench/bench_moe.py --quick      # 4 layers: CI scale, a few seconds
@@ -28,9 +27,6 @@ host memcpy). Reported: median seconds per load over ``--reps`` and the per-expe
 down: K=768, N=2048; E=128, top-8) for decode batches, as median µs and GB/s over the fewest bytes the op must
 move (each distinct (adapter, expert) group's rank rows once, x once, out read and written once). Without a GPU it
 prints that nothing was measured.
-
-(c) Grouping: with a CUDA GPU, the (token, expert) pair grouping of one call alone, torch ops against the cuda
-backend's one-launch ``moe_group`` kernel, eager and replayed from a CUDA graph.
 """
 
 from __future__ import annotations
@@ -296,54 +292,6 @@ def bench_kernel(quick: bool) -> list:
     return rows_out
 
 
-def bench_grouping(quick: bool) -> list:
-    """(c) The grouping of one add_lora_moe call alone: the torch ops (Triton backend; the cuda backend past 4096
-    pairs) against the cuda backend's one-launch moe_group kernel, eager (host time included) and replayed from
-    a CUDA graph (what an engine pays per layer at decode), decode routings at Qwen3-30B-A3B's E = 128, top-8."""
-    if not torch.cuda.is_available():
-        print("(c) pair grouping: no CUDA GPU on this machine — nothing measured")
-        return []
-    from lorakern import cuda_backend
-    from lorakern import moe_grouping as mg
-    from lorakern.backends import BACKENDS
-    from lorakern.bench.harness import measure, measure_graph
-
-    dev = torch.device("cuda")
-    if BACKENDS["cuda"].not_supported_reasons(dev, torch.bfloat16, 64, op="add_lora_moe"):
-        print("(c) pair grouping: the cuda backend cannot run here — nothing measured")
-        return []
-    E, topk = QWEN3_30B_A3B["experts"], 8
-    ext = cuda_backend._ext(dev)
-
-    def kernel():  # the current stream at each call (a graph captures on its own stream)
-        return ext, cuda_backend._stream(dev)
-
-    g = torch.Generator().manual_seed(1)
-    rows = []
-    print(f"(c) pair grouping, E={E}, top-{topk}, as many adapters as tokens, ranks 8-64: torch ops vs moe_group")
-    print(f"    {'T':>5s} {'pairs':>6s} {'how':8s} {'eager_us':>9s} {'graph_us':>9s}")
-    for T in ((16, 256) if quick else (1, 16, 64, 256, 512)):
-        slots = torch.randint(0, T, (T,), generator=g, dtype=torch.int32).to(dev)
-        ids = torch.stack([torch.randperm(E, generator=g)[:topk] for _ in range(T)]).to(dev)
-        ranks = torch.randint(8, 65, (T,), generator=g, dtype=torch.int32).to(dev)
-        n_max = mg.max_tiles(T * topk, T * E, 16)
-        want = mg._group_torch(slots, ids, E, T, 16, ranks, n_max)
-        got = mg._group_kernel(kernel(), slots, ids, E, T, 16, ranks, n_max)
-        same = all(torch.equal(a, b) for a, b in zip(want[:3], got[:3]))
-        for how, fn in (("torch", lambda: mg._group_torch(slots, ids, E, T, 16, ranks, n_max)),
-                        ("kernel", lambda: mg._group_kernel(kernel(), slots, ids, E, T, 16, ranks, n_max))):
-            if not same:
-                print(f"    {T:5d} {T * topk:6d} {how:8s} skipped: the kernel's grouping differs from the torch ops'")
-                rows.append(dict(op="moe_group", how=how, T=T, pairs=T * topk, skipped="results differ"))
-                continue
-            eager = measure(fn, device=dev, warmup=5, reps=50)
-            graph = measure_graph(fn, device=dev, warmup=5, reps=50)
-            print(f"    {T:5d} {T * topk:6d} {how:8s} {eager.median_us:9.1f} {graph.median_us:9.1f}")
-            rows.append(dict(op="moe_group", how=how, T=T, pairs=T * topk, eager_us=eager.median_us,
-                             graph_us=graph.median_us))
-    return rows
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="4 layers, fewer kernel cases (CI scale)")
@@ -352,14 +300,7 @@ def main(argv=None) -> int:
     ap.add_argument("--reps", type=int, default=None, help="timed loads per loader (default 5; 3 with --quick)")
     ap.add_argument("--workdir", default=None, help="where to write the adapters (default: a temporary directory)")
     ap.add_argument("--json", default=None, help="write the results here")
-    ap.add_argument("--grouping-only", action="store_true",
-                    help="only part (c), the pair grouping (seconds; gpu_check.sh's core call runs it)")
     args = ap.parse_args(argv)
-    if args.grouping_only:
-        grouping = bench_grouping(args.quick)
-        if args.json:
-            Path(args.json).write_text(json.dumps({"grouping_rows": grouping}, indent=1, default=str))
-        return 0
     layers = args.layers or (4 if args.quick else QWEN3_30B_A3B["layers"])
     reps = args.reps or (3 if args.quick else 5)
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -369,10 +310,8 @@ def main(argv=None) -> int:
         load = bench_loading(layers, args.rank, reps, Path(tmp), device)
     print_loading(load)
     rows = bench_kernel(args.quick)
-    grouping = bench_grouping(args.quick)
     if args.json:
-        Path(args.json).write_text(json.dumps({"loading": load, "kernel_rows": rows, "grouping_rows": grouping},
-                                              indent=1, default=str))
+        Path(args.json).write_text(json.dumps({"loading": load, "kernel_rows": rows}, indent=1, default=str))
     return 0
 
 

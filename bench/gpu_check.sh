@@ -25,7 +25,8 @@
 # STEPS picks what runs (each set fits one 10-minute call of the lent machine):
 #   STEPS=core (default)   steps 1-4: install, nvidia-smi, pytest -m gpu, the add_lora benchmark, then each path
 #                          forced on the crossover-<m> cases (paths/: the gather/segment threshold), and
-#                          add_lora_moe's pair grouping, torch ops vs the moe_group kernel (paths/moe-grouping.json)
+#                          a plan's fill and add_lora_moe's pair grouping, torch ops vs the grouping kernel
+#                          (paths/grouping.json)
 #   STEPS=tests            step 5: the full suite on the GPU (its counts go into the newest results JSON); with
 #                          pytest-xdist, TEST_WORKERS (default 14) workers (worksteal); TESTS_EXTRA: more pytest
 #                          arguments; failing test names in failures.txt, their tracebacks in failures-tb.txt;
@@ -152,6 +153,19 @@ d = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
 for n, b in BACKENDS.items():
     print('backend', n, b.not_supported_reasons(d, torch.bfloat16) or 'ok')"
 
+# The grouping kernel (session 10: every plan's fill and MoE pair grouping on the GPU, for every backend) against
+# the torch code it replaces, bit for bit, before any step relies on it: where it is not the same, or does not
+# run, the rest of this call takes the torch code (LORAKERN_GROUP_KERNEL=0), and the log says so.
+if [ "${LORAKERN_GROUP_KERNEL:-1}" != 0 ]; then
+    step group-parity "${GROUP_PARITY_TIMEOUT:-90}" "$PY" -m pytest -q -p no:cacheprovider tests/test_grouping.py \
+        -k on_the_gpu
+    if ! grep -q "=== group-parity: rc=0" "$LOG"; then
+        export LORAKERN_GROUP_KERNEL=0
+        log "grouping kernel: NOT the torch code's result on this device (or did not run; see above):" \
+            "LORAKERN_GROUP_KERNEL=0 for the rest of this call"
+    fi
+fi
+
 if run_core; then
 xdist_args "${GPU_TEST_WORKERS:-8}"  # the -m gpu tests took over 170 s in one process on an H100: spread them
 GPU_XDIST=(${XARGS[@]+"${XARGS[@]}"})
@@ -190,9 +204,8 @@ if [ "${BENCH_DEVICE:-cuda}" = cuda ]; then
         --backends cuda-gather cuda-segment cuda-fused triton-gather triton-segment --baselines none \
         --filter "crossover-"
     targets_in "$OUT/paths"
-    # add_lora_moe's pair grouping: the torch ops against the one-launch moe_group kernel, eager and in a graph
-    step bench-moe-grouping "${GROUPING_TIMEOUT:-60}" "$PY" bench/bench_moe.py --grouping-only \
-        --json "$OUT/paths/moe-grouping.json"
+    # a plan's fill and add_lora_moe's pair grouping: the torch ops against the grouping kernel, eager and in a graph
+    step bench-grouping "${GROUPING_TIMEOUT:-60}" "$PY" bench/bench_grouping.py --json "$OUT/paths/grouping.json"
 fi
 
 fi  # core

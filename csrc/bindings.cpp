@@ -10,7 +10,7 @@
 #include <vector>
 
 #include "lorakern/dense_dispatch.h"
-#include "lorakern/moe_group.h"
+#include "lorakern/grouping.h"
 
 namespace py = pybind11;
 
@@ -85,21 +85,27 @@ void dense_segment(const std::vector<int64_t>& a, int dtype, int mode, int k_spl
                                 ptr<cudaStream_t>(stream)), "dense_segment");
 }
 
-// Field order of `a` (all int64), documented in lorakern/cuda_backend.py (_MOE_GROUP_FIELDS).
-constexpr size_t kMoeGroupFields = 18;
+// Field order of `a` (all int64): lorakern/grouping.py (GROUP_FIELDS).
+constexpr size_t kGroupFields = 28;
 
-void moe_group(const std::vector<int64_t>& a, int64_t stream) {
-  if (a.size() != kMoeGroupFields)
-    throw std::invalid_argument("expected " + std::to_string(kMoeGroupFields) + " fields");
-  lorakern::MoeGroupParams p{};
+void group(const std::vector<int64_t>& a, int64_t stream) {
+  if (a.size() != kGroupFields) throw std::invalid_argument("expected " + std::to_string(kGroupFields) + " fields");
+  lorakern::GroupParams p{};
   size_t i = 0;
   p.slots = ptr<const void*>(a[i++]); p.s_slots = a[i++]; p.slots_i64 = static_cast<int>(a[i++]);
   p.ids = ptr<const void*>(a[i++]); p.s_t = a[i++]; p.s_k = a[i++]; p.ids_i64 = static_cast<int>(a[i++]);
   p.ranks = ptr<const int32_t*>(a[i++]); p.num_ranks = static_cast<int>(a[i++]);
   p.T = static_cast<int>(a[i++]); p.topk = static_cast<int>(a[i++]); p.E = static_cast<int>(a[i++]);
-  p.num_slots = static_cast<int>(a[i++]); p.block_m = static_cast<int>(a[i++]); p.n_rows = static_cast<int>(a[i++]);
-  p.pair_ids = ptr<int32_t*>(a[i++]); p.tiles = ptr<int32_t*>(a[i++]); p.count = ptr<int32_t*>(a[i++]);
-  check(lorakern::moe_group(p, ptr<cudaStream_t>(stream)), "moe_group");
+  p.num_slots = static_cast<int>(a[i++]); p.work_times_length = static_cast<int>(a[i++]);
+  p.empty_key = static_cast<int>(a[i++]); p.n_rows = static_cast<int>(a[i++]);
+  p.num_blocks = static_cast<int>(a[i++]);
+  for (int b = 0; b < lorakern::kGroupMaxBlocks; ++b) p.block_m[b] = static_cast<int>(a[i++]);
+  p.order = ptr<int32_t*>(a[i++]);
+  p.seg_starts = ptr<int32_t*>(a[i++]); p.seg_keys = ptr<int32_t*>(a[i++]); p.seg_counts = ptr<int32_t*>(a[i++]);
+  p.num_segments = ptr<int32_t*>(a[i++]);
+  for (int b = 0; b < lorakern::kGroupMaxBlocks; ++b) p.tiles[b] = ptr<int32_t*>(a[i++]);
+  for (int b = 0; b < lorakern::kGroupMaxBlocks; ++b) p.count[b] = ptr<int32_t*>(a[i++]);
+  check(lorakern::group(p, ptr<cudaStream_t>(stream)), "group");
 }
 
 }  // namespace
@@ -146,9 +152,9 @@ PYBIND11_MODULE(LORAKERN_MODULE, m) {
         return v;
 #endif
       }, "the current device's opt-in shared memory per block (bytes; 0: unknown)");
-  m.def("moe_group", &moe_group, py::arg("fields"), py::arg("stream"),
-        "the MoE op's (token, expert) pair grouping in one launch (lorakern.moe_grouping.group_pairs' outputs)");
-  m.attr("moe_group_max_pairs") = lorakern::kMoeGroupMaxPairs;
+  m.def("group", &group, py::arg("fields"), py::arg("stream"),
+        "a LoRAPlan's fill or the MoE op's pair grouping in one launch (lorakern/grouping.py)");
+  m.attr("group_max_items") = lorakern::kGroupMaxItems;
   m.def("supports_dense_ops", []() { return true; });
   m.def("archs", []() { return std::string(LORAKERN_ARCHS); });
   m.attr("max_rank") = lorakern::kMaxRank;

@@ -484,14 +484,14 @@ def add_lora_moe(out, x, topk_ids, lora_a, lora_b, page_table, ranks, scales, sl
     Arguments validated by :func:`lorakern.ops.add_lora_moe`; the grouping is the Triton backend's
     (:func:`lorakern.moe_grouping.group_pairs`: fixed sizes, no host synchronisation; ``constant_ids``: ``topk_ids``
     is never rewritten, the MLA ops' head ids, so every layer of a batch reuses one grouping), made by one launch
-    of the ``moe_group`` kernel up to its pair limit (4096) instead of ~90 torch ops."""
+    of the grouping kernel up to its limit (4096 pairs) instead of ~90 torch ops (:mod:`lorakern.grouping`)."""
     T, topk = topk_ids.shape
     num_slots, max_rank = page_table.shape
     if T * topk == 0 or max_rank == 0:
         return
     E = lora_a[0].shape[1]
     pair_ids, tiles, _, n_max = group_pairs(slots, topk_ids, E, num_slots, MOE_BLOCK_M, ranks,
-                                            constant_ids=constant_ids, kernel=(_ext(x.device), _stream(x.device)))
+                                            constant_ids=constant_ids)
     if n_max == 0:
         return
     tab = moe_tables(lora_a, lora_b, slice_offsets)

@@ -19,11 +19,12 @@ from collections import OrderedDict
 
 import torch
 
+from lorakern import grouping
 from lorakern._tables import cached_table
 from lorakern.plan import order_tiles
 from lorakern.ops.moe import version_of
 
-__all__ = ["group_pairs", "kernel_takes", "max_tiles", "moe_tables", "pair_operands"]
+__all__ = ["group_pairs", "max_tiles", "moe_tables", "pair_operands"]
 
 _SENTINEL = torch.iinfo(torch.int32).max
 
@@ -37,7 +38,7 @@ _GROUP_CACHE: "OrderedDict[tuple, tuple]" = OrderedDict()
 
 
 def group_pairs(slots: torch.Tensor, topk_ids: torch.Tensor, num_experts: int, num_slots: int, block_m: int,
-                ranks=None, *, constant_ids: bool = False, kernel=None):
+                ranks=None, *, constant_ids: bool = False):
     """(pair ids sorted by (slot, expert) int32 [P], tiles int32 [max_tiles, 3] of (start, length, slot·E + e),
     tile count int32 [1]) — torch ops on the device, sizes fixed by the shapes, no host synchronisation. With
     ``ranks`` (int [num_slots], the op's), the used tiles come first in descending order of rank × length.
@@ -54,10 +55,9 @@ def group_pairs(slots: torch.Tensor, topk_ids: torch.Tensor, num_experts: int, n
     a schedule (any order gives the same result), so the grouping made with the first call's ranks serves the
     second.
 
-    ``kernel``: ``(extension module, stream handle)`` of the CUDA backend (or its CPU emulator): the grouping is
-    then one launch of its ``moe_group`` kernel, the same outputs bit for bit, wherever that kernel takes the
-    call (:func:`kernel_takes`: up to ``moe_group_max_pairs`` pairs); else, and for the Triton backend, ~90 torch
-    ops."""
+    Made by one launch of the grouping kernel wherever it can run (:mod:`lorakern.grouping`: the CUDA extension
+    loaded for the tensors' GPU, up to 4096 pairs), for either backend, the same outputs bit for bit; else by ~90
+    torch ops."""
     dev = topk_ids.device
     capturing = dev.type == "cuda" and torch.cuda.is_current_stream_capturing()
     key = (id(slots), id(topk_ids), ranks is not None, num_experts, num_slots, block_m)
@@ -78,7 +78,8 @@ def group_pairs(slots: torch.Tensor, topk_ids: torch.Tensor, num_experts: int, n
     n_max = max_tiles(P, num_slots * E, block_m)
     if P == 0:
         return torch.zeros(0, **i32), torch.zeros(1, 3, **i32), torch.zeros(1, **i32), 0
-    if kernel is not None and kernel_takes(kernel[0], slots, topk_ids, num_experts, num_slots):
+    kernel = grouping.kernel_for(dev)
+    if kernel is not None and grouping.takes(kernel[0], slots, topk_ids, P, num_slots, E):
         val = _group_kernel(kernel, slots, topk_ids, E, num_slots, block_m, ranks, n_max)
     else:
         val = _group_torch(slots, topk_ids, E, num_slots, block_m, ranks, n_max)
@@ -89,39 +90,15 @@ def group_pairs(slots: torch.Tensor, topk_ids: torch.Tensor, num_experts: int, n
     return val
 
 
-def kernel_takes(ext, slots: torch.Tensor, topk_ids: torch.Tensor, num_experts: int, num_slots: int) -> bool:
-    """Whether ``ext.moe_group`` groups this call: 1 to ``ext.moe_group_max_pairs`` pairs (its sort runs in one
-    CTA's shared memory), int32/int64 slots and ids, keys ``slot·E + e`` below the sentinel."""
-    P = topk_ids.shape[0] * topk_ids.shape[1]
-    return (hasattr(ext, "moe_group") and 0 < P <= ext.moe_group_max_pairs
-            and slots.dtype in _ID_DTYPES and topk_ids.dtype in _ID_DTYPES and slots.dim() == 1
-            and num_slots * num_experts < _SENTINEL)
-
-
-_ID_DTYPES = (torch.int32, torch.int64)
-
-#: the fields of ext.moe_group, in the binding's order (csrc/bindings.cpp)
-MOE_GROUP_FIELDS = ("slots", "s_slots", "slots_i64", "ids", "s_t", "s_k", "ids_i64", "ranks", "num_ranks", "T",
-                    "topk", "E", "num_slots", "block_m", "n_rows", "pair_ids", "tiles", "count")
-
-
 def _group_kernel(kernel, slots, topk_ids, E, num_slots, block_m, ranks, n_max):
-    ext, stream = kernel
+    """The grouping in one launch of the grouping kernel: the outputs of :func:`_group_torch`."""
     T, topk = topk_ids.shape
-    dev = topk_ids.device
-    i32 = dict(dtype=torch.int32, device=dev)
+    i32 = dict(dtype=torch.int32, device=topk_ids.device)
     pair_ids = torch.empty(T * topk, **i32)
     tiles = torch.empty(max(n_max, 1), 3, **i32)  # (every row is written)
     count = torch.empty(1, **i32)
-    r32 = None
-    if ranks is not None and ranks.numel() > 0:
-        r32 = ranks if ranks.dtype == torch.int32 and ranks.is_contiguous() else ranks.to(torch.int32).contiguous()
-    s_t, s_k = topk_ids.stride()
-    ext.moe_group([slots.data_ptr(), slots.stride(0), int(slots.dtype == torch.int64),
-                   topk_ids.data_ptr(), s_t, s_k, int(topk_ids.dtype == torch.int64),
-                   r32.data_ptr() if r32 is not None else 0, r32.numel() if r32 is not None else 0,
-                   T, topk, E, num_slots, block_m, tiles.shape[0],
-                   pair_ids.data_ptr(), tiles.data_ptr(), count.data_ptr()], stream)
+    grouping.launch(kernel, slots, topk_ids, E=E, num_slots=num_slots, blocks=[block_m], tiles=[tiles],
+                    order=pair_ids, counts=[count], ranks=ranks, work_times_length=True, empty_key=0)
     return pair_ids, tiles, count, n_max
 
 

@@ -20,8 +20,10 @@ adapter's tiles stay together, in token order). A kernel's CTAs start in tile or
 first and a batch of mixed ranks does not end on a lone rank-128 tile (longest-processing-time-first). The order
 changes no result: tiles are independent. Without ranks, tiles are in slot order.
 
-Everything is computed with torch ops on the device, with buffers of a size fixed by the token count, so the same
-code serves the two forms:
+Everything is computed on the device, with buffers of a size fixed by the token count, so the same code serves the
+two forms. Where the CUDA extension can run (:mod:`lorakern.grouping`: the tokens' GPU is one it targets, up to
+4096 tokens) that is one launch of its grouping kernel; elsewhere ~126 torch ops (148 with ranks), with the same
+result bit for bit:
 
 * ``LoRAPlan.from_slots(slots)`` (contract) — dynamic: sized to ``T``. It also reads a handful of statistics back
   to the host once (segment count, tokens per segment, tile counts), used to size grids exactly and to choose the
@@ -212,6 +214,16 @@ class LoRAPlan:
         self.slots[:n].copy_(slots)
         if T == 0:
             self.num_segments.zero_()
+            return
+        from lorakern import grouping
+
+        kernel = grouping.kernel_for(self.device)
+        if kernel is not None and grouping.takes(kernel[0], self.slots, None, T, _SENTINEL, 1):
+            # the same buffers in one launch (lorakern.grouping), bit for bit what the torch ops below write
+            grouping.launch(kernel, self.slots, None, E=1, num_slots=_SENTINEL, blocks=_BLOCKS,
+                            tiles=[self._tiles[bm] for bm in _BLOCKS], order=self.token_ids,
+                            segments=(self.seg_starts, self.seg_slots, self.counts, self.num_segments), ranks=ranks,
+                            work_times_length=False, empty_key=-1)
             return
         s = self.slots
         # -1 tokens sort last (key INT32_MAX); a stable sort keeps token order within a slot.

@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parent.parent
 G = "csrc/include/lorakern/dense_gather.cuh"
 S = "csrc/include/lorakern/dense_segment.cuh"
 D = "csrc/include/lorakern/dense_dispatch.h"
-M = "csrc/include/lorakern/moe_group.cuh"
+GR = "csrc/include/lorakern/grouping.cuh"
 
 #: (what, file, original text, planted defect)
 MUTATIONS = [
@@ -124,20 +124,26 @@ MUTATIONS = [
      "if (slot < 0 || slot >= p.num_slots || p.num_rows <= 0) return 0;", "if (slot < 0 || p.num_rows <= 0) return 0;"),
     ("gather: rank not capped at max_rank", G, "const int rank = min(slot_rank(p, slot), kMaxRank);",
      "const int rank = slot_rank(p, slot) > 0 ? min(p.ranks[slot], kMaxRank) : 0;"),
-    ("moe group: sort not stable (pair index not in the composite)", M,
+    ("grouping: sort not stable (item index not in the composite)", GR,
      "c = (static_cast<unsigned long long>(static_cast<uint32_t>(key)) << 32) | static_cast<uint32_t>(i);",
      "c = (static_cast<unsigned long long>(static_cast<uint32_t>(key)) << 32) | static_cast<uint32_t>(P - 1 - i);"),
-    ("moe group: the sentinel group gets tiles", M,
+    ("grouping: the sentinel group gets tiles", GR,
      "if (s < nseg && key_of(comp[seg[s]]) != kSentinel) n =", "if (s < nseg) n ="),
-    ("moe group: a segment's last tile one pair too long", M,
-     "len = min(p.block_m, seg[lo + 1] - seg[lo] - local);", "len = min(p.block_m, seg[lo + 1] - seg[lo] - local + 1);"),
-    ("moe group: rows reordered without the barrier between reads and writes", M,
+    ("grouping: a segment's last tile one item too long", GR,
+     "len = min(bm, seg[lo + 1] - seg[lo] - local);", "len = min(bm, seg[lo + 1] - seg[lo] - local + 1);"),
+    ("grouping: rows reordered without the barrier between reads and writes", GR,
      "  __syncthreads();  // every source row is read before any is overwritten\n", "\n"),
-    ("moe group: scan misses the warp totals of later warps", M,
+    ("grouping: scan misses the warp totals of later warps", GR,
      "before += w < warp ? warp_tot[w] : 0;", "before += w + 1 < warp ? warp_tot[w] : 0;"),
+    ("grouping: a plan's no-LoRA segment keeps the sentinel as its slot", GR,
+     "p.seg_keys[s] = key == kSentinel ? -1 : key;", "p.seg_keys[s] = key;"),
+    ("grouping: a plan's segment starts past the segments not reset", GR,
+     "p.seg_starts[s] = s <= nseg ? seg[s] : P;", "p.seg_starts[s] = s <= nseg ? seg[s] : nseg;"),
+    ("grouping: the second work list rewrites the scan array while the first's rows read it", GR,
+     "    __syncthreads();  // the previous list's rows no longer read `work`\n", "\n"),
 ]
 
-TESTS = ["tests/test_ops_lora.py", "tests/test_moe.py", "tests/test_moe_group.py", "-k", "cuda and not 2048"]
+TESTS = ["tests/test_ops_lora.py", "tests/test_moe.py", "tests/test_grouping.py", "-k", "cuda and not 2048"]
 
 
 def copy_repo(work: Path) -> None:

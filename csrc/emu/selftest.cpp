@@ -52,7 +52,7 @@ __global__ void warp_prefix(float* out) {
   float v = float((threadIdx.x & 31) + 1) + 100.f * (threadIdx.x >> 5);
   for (int o = 1; o < 32; o <<= 1) {
     const float u = __shfl_up_sync(0xffffffffu, v, o);
-    if ((threadIdx.x & 31) >= o) v += u;
+    if (static_cast<int>(threadIdx.x & 31) >= o) v += u;
   }
   out[threadIdx.x] = v;
 }
