@@ -72,6 +72,16 @@ def launch(kernel, slots: torch.Tensor, ids: Optional[torch.Tensor], *, E: int, 
     """One launch: ``blocks`` (1 or 2 block sizes) with their ``tiles`` ([n_rows, 3] int32 each) and optional
     ``counts`` ([1] int32 each); ``segments`` = (seg_starts, seg_keys, seg_counts, num_segments) or None;
     ``ranks`` as :func:`lorakern.plan.order_tiles` takes them (converted to int32 here, as it does)."""
+    dev = order.device
+    if dev.type == "cuda" and dev.index is not None and dev.index != torch.cuda.current_device():
+        # the launch goes to the current device: make it the tensors' (a plan built on cuda:1 while cuda:0 is
+        # current), with that device's current stream
+        from lorakern import cuda_backend
+
+        with torch.cuda.device(dev):
+            return launch((kernel[0], cuda_backend._stream(dev)), slots, ids, E=E, num_slots=num_slots,
+                          blocks=blocks, tiles=tiles, order=order, counts=counts, segments=segments, ranks=ranks,
+                          work_times_length=work_times_length, empty_key=empty_key)
     ext, stream = kernel
     T = slots.shape[0]
     topk = ids.shape[1] if ids is not None else 1

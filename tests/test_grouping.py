@@ -343,3 +343,19 @@ def test_cuda_group_on_the_gpu_matches_the_torch_code(monkeypatch):
         slots, ranks = _plan_slots(seed)
         slots, ranks = slots.to(DEV), ranks.to(DEV) if ranks is not None else None
         _assert_same_plan(*_plans(monkeypatch, lambda: LoRAPlan.from_slots(slots, ranks)))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA or torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
+def test_cuda_group_on_a_gpu_that_is_not_current(monkeypatch):
+    """A plan and a grouping built on cuda:1 while cuda:0 is current: launched there, the torch code's result."""
+    dev = torch.device("cuda", 1)
+    slots = torch.randint(-1, 9, (50,), device=dev)
+    ids = torch.randint(0, 6, (50, 2), device=dev)
+    ranks = torch.randint(1, 33, (9,), device=dev, dtype=torch.int32)
+    with torch.cuda.device(0):
+        _assert_same_plan(*_plans(monkeypatch, lambda: LoRAPlan.from_slots(slots, ranks)))
+        n_max = mg.max_tiles(100, 54, 16)
+        want = mg._group_torch(slots, ids, 6, 9, 16, ranks, n_max)
+        got = mg._group_kernel(grouping.kernel_for(dev), slots, ids, 6, 9, 16, ranks, n_max)
+        _assert_same(want, got)
