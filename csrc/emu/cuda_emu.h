@@ -70,38 +70,34 @@ inline unsigned flat_tid() {
   return g_thread_idx.x + g_block_dim.x * (g_thread_idx.y + g_block_dim.y * g_thread_idx.z);
 }
 
-template <typename T>
-T shfl_xor(unsigned mask, T v, int lane_mask) {
+// A warp exchange: every lane deposits v, then reads the value of lane src(lane), or keeps its own where that is
+// negative (__shfl_up_sync's low lanes). Full warps only, as the kernels use them.
+template <typename T, typename Src>
+T shuffle(unsigned mask, T v, Src src, const char* what) {
   static_assert(sizeof(T) <= 8, "shuffle of a value wider than 8 bytes");
-  if (mask != 0xffffffffu) fail("__shfl_xor_sync with a partial mask (the emulator supports full warps only)");
+  if (mask != 0xffffffffu) fail(std::string(what) + " with a partial mask (the emulator supports full warps only)");
   const int lane = static_cast<int>(flat_tid() & 31);
   uint64_t bits = 0;
   std::memcpy(&bits, &v, sizeof(T));
   sync_warp();  // every lane is here (and finished reading the previous exchange)
   warp_slot(lane) = bits;
   sync_warp();  // every lane has deposited
-  const uint64_t got = warp_slot(lane ^ (lane_mask & 31));
+  const int from = src(lane);
+  const uint64_t got = from >= 0 ? warp_slot(from) : bits;
   T r;
   std::memcpy(&r, &got, sizeof(T));
   return r;
 }
 
+template <typename T>
+T shfl_xor(unsigned mask, T v, int lane_mask) {
+  return shuffle(mask, v, [&](int lane) { return lane ^ (lane_mask & 31); }, "__shfl_xor_sync");
+}
+
 // __shfl_up_sync: lane l gets lane l - delta's value, lanes below delta keep their own (width 32)
 template <typename T>
 T shfl_up(unsigned mask, T v, unsigned delta) {
-  static_assert(sizeof(T) <= 8, "shuffle of a value wider than 8 bytes");
-  if (mask != 0xffffffffu) fail("__shfl_up_sync with a partial mask (the emulator supports full warps only)");
-  const int lane = static_cast<int>(flat_tid() & 31);
-  uint64_t bits = 0;
-  std::memcpy(&bits, &v, sizeof(T));
-  sync_warp();
-  warp_slot(lane) = bits;
-  sync_warp();
-  const int src = lane - static_cast<int>(delta);
-  const uint64_t got = src >= 0 ? warp_slot(src) : bits;
-  T r;
-  std::memcpy(&r, &got, sizeof(T));
-  return r;
+  return shuffle(mask, v, [&](int lane) { return lane - static_cast<int>(delta); }, "__shfl_up_sync");
 }
 
 // prefetch.global.L2: no effect on results; one byte is read so that a memcheck build catches a bad address
