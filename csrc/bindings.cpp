@@ -86,7 +86,7 @@ void dense_segment(const std::vector<int64_t>& a, int dtype, int mode, int k_spl
 }
 
 // Field order of `a` (all int64): lorakern/grouping.py (GROUP_FIELDS).
-constexpr size_t kGroupFields = 28;
+constexpr size_t kGroupFields = 29;
 
 void group(const std::vector<int64_t>& a, int64_t stream) {
   if (a.size() != kGroupFields) throw std::invalid_argument("expected " + std::to_string(kGroupFields) + " fields");
@@ -105,6 +105,7 @@ void group(const std::vector<int64_t>& a, int64_t stream) {
   p.num_segments = ptr<int32_t*>(a[i++]);
   for (int b = 0; b < lorakern::kGroupMaxBlocks; ++b) p.tiles[b] = ptr<int32_t*>(a[i++]);
   for (int b = 0; b < lorakern::kGroupMaxBlocks; ++b) p.count[b] = ptr<int32_t*>(a[i++]);
+  p.stats = ptr<int32_t*>(a[i++]);
   check(lorakern::group(p, ptr<cudaStream_t>(stream)), "group");
 }
 

@@ -23,7 +23,7 @@ __all__ = ["GROUP_FIELDS", "kernel_for", "max_items", "launch"]
 GROUP_FIELDS = ("slots", "s_slots", "slots_i64", "ids", "s_t", "s_k", "ids_i64", "ranks", "num_ranks", "T", "topk",
                 "E", "num_slots", "work_times_length", "empty_key", "n_rows", "num_blocks", "block_m0", "block_m1",
                 "order", "seg_starts", "seg_keys", "seg_counts", "num_segments", "tiles0", "tiles1", "count0",
-                "count1")
+                "count1", "stats")
 #: keys are ``slot·E + e`` below this one (the "no LoRA" key)
 SENTINEL = torch.iinfo(torch.int32).max
 _ID_DTYPES = (torch.int32, torch.int64)
@@ -68,10 +68,11 @@ def _ptr(t: Optional[torch.Tensor]) -> int:
 
 def launch(kernel, slots: torch.Tensor, ids: Optional[torch.Tensor], *, E: int, num_slots: int, blocks,
            tiles, order: torch.Tensor, counts=(None, None), segments=None, ranks: Optional[torch.Tensor] = None,
-           work_times_length: bool = False, empty_key: int = 0) -> None:
+           work_times_length: bool = False, empty_key: int = 0, stats: Optional[torch.Tensor] = None) -> None:
     """One launch: ``blocks`` (1 or 2 block sizes) with their ``tiles`` ([n_rows, 3] int32 each) and optional
     ``counts`` ([1] int32 each); ``segments`` = (seg_starts, seg_keys, seg_counts, num_segments) or None;
-    ``ranks`` as :func:`lorakern.plan.order_tiles` takes them (converted to int32 here, as it does)."""
+    ``ranks`` as :func:`lorakern.plan.order_tiles` takes them (converted to int32 here, as it does); ``stats``
+    (int32 [5 + len(blocks)], optional): a dynamic plan's statistics (csrc/include/lorakern/grouping.h)."""
     dev = order.device
     if dev.type == "cuda" and dev.index is not None and dev.index != torch.cuda.current_device():
         # the launch goes to the current device: make it the tensors' (a plan built on cuda:1 while cuda:0 is
@@ -81,7 +82,7 @@ def launch(kernel, slots: torch.Tensor, ids: Optional[torch.Tensor], *, E: int, 
         with torch.cuda.device(dev):
             return launch((kernel[0], cuda_backend._stream(dev)), slots, ids, E=E, num_slots=num_slots,
                           blocks=blocks, tiles=tiles, order=order, counts=counts, segments=segments, ranks=ranks,
-                          work_times_length=work_times_length, empty_key=empty_key)
+                          work_times_length=work_times_length, empty_key=empty_key, stats=stats)
     ext, stream = kernel
     T = slots.shape[0]
     topk = ids.shape[1] if ids is not None else 1
@@ -98,5 +99,5 @@ def launch(kernel, slots: torch.Tensor, ids: Optional[torch.Tensor], *, E: int, 
                T, topk, E, num_slots, int(work_times_length), empty_key, tiles[0].shape[0], nb,
                *(blocks + [1] * (2 - nb)),
                order.data_ptr(), *(_ptr(t) for t in seg),
-               *(_ptr(t) for t in tiles + [None] * (2 - nb)), *(_ptr(t) for t in counts + [None] * (2 - len(counts)))],
-              stream)
+               *(_ptr(t) for t in tiles + [None] * (2 - nb)), *(_ptr(t) for t in counts + [None] * (2 - len(counts))),
+               _ptr(stats)], stream)

@@ -154,6 +154,8 @@ class LoRAPlan:
         self._tiles = {bm: torch.zeros(T, 3, **i32) for bm in _BLOCKS}
         self._positions = torch.arange(T, **i32)
         self.stats: Optional[PlanStats] = None
+        # a dynamic plan filled by the grouping kernel: its statistics, written by the same launch
+        self._kernel_stats: Optional[torch.Tensor] = None
         # What the static form may hold: set by static(); a dynamic plan is exact.
         self.max_slot_bound: Optional[int] = None
 
@@ -220,11 +222,14 @@ class LoRAPlan:
         kernel = grouping.kernel_for(self.device)
         if kernel is not None and grouping.takes(kernel[0], self.slots, None, T, _SENTINEL, 1):
             # the same buffers in one launch (lorakern.grouping), bit for bit what the torch ops below write
+            if not self.is_static:
+                self._kernel_stats = torch.empty(5 + len(_BLOCKS), dtype=torch.int32, device=self.device)
             grouping.launch(kernel, self.slots, None, E=1, num_slots=_SENTINEL, blocks=_BLOCKS,
                             tiles=[self._tiles[bm] for bm in _BLOCKS], order=self.token_ids,
                             segments=(self.seg_starts, self.seg_slots, self.counts, self.num_segments), ranks=ranks,
-                            work_times_length=False, empty_key=-1)
+                            work_times_length=False, empty_key=-1, stats=self._kernel_stats)
             return
+        self._kernel_stats = None
         s = self.slots
         # -1 tokens sort last (key INT32_MAX); a stable sort keeps token order within a slot.
         key = torch.where(s < 0, torch.full_like(s, _SENTINEL), s)
@@ -266,9 +271,19 @@ class LoRAPlan:
         if T == 0:
             self.stats = PlanStats(0, 0, 0, -1, {bm: 0 for bm in _BLOCKS})
             return
+        if self._kernel_stats is not None:  # the same numbers, from the launch that filled the plan
+            vals = self._kernel_stats.tolist()
+        else:
+            vals = self._stats_by_torch()
+        nseg, ntok, mx, mslot, mn = vals[:5]
+        if mn < -1:
+            raise ValueError(f"slots: values must be >= -1 (-1 = no LoRA), found {mn}")
+        self.stats = PlanStats(nseg, ntok, mx, mslot, dict(zip(self._tiles.keys(), vals[5:])))
+
+    def _stats_by_torch(self) -> list:
         lora = self.seg_slots >= 0
         counts = torch.where(lora, self.counts, torch.zeros_like(self.counts))
-        vals = torch.stack(
+        return torch.stack(
             [
                 lora.sum(dtype=torch.int32),
                 counts.sum(dtype=torch.int32),
@@ -278,10 +293,6 @@ class LoRAPlan:
             ]
             + [(t[:, 1] > 0).sum(dtype=torch.int32) for t in self._tiles.values()]
         ).tolist()
-        nseg, ntok, mx, mslot, mn = vals[:5]
-        if mn < -1:
-            raise ValueError(f"slots: values must be >= -1 (-1 = no LoRA), found {mn}")
-        self.stats = PlanStats(nseg, ntok, mx, mslot, dict(zip(self._tiles.keys(), vals[5:])))
 
     # ------------------------------------------------------------------ use
     def tiles(self, block_m: int) -> torch.Tensor:

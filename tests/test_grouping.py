@@ -128,14 +128,14 @@ def test_cuda_group_limits_and_refusals():
     def fields(T=4, topk=2, n_rows=1, bm=16, E=2, S=1, nb=1, tiles=None):
         tiles = out[1].data_ptr() if tiles is None else tiles
         return [sl.data_ptr(), 1, 0, ids.data_ptr(), 2, 1, 0, 0, 0, T, topk, E, S, 1, 0, n_rows, nb, bm, 1,
-                out[0].data_ptr(), 0, 0, 0, 0, tiles, 0, out[2].data_ptr(), 0]
+                out[0].data_ptr(), 0, 0, 0, 0, tiles, 0, out[2].data_ptr(), 0, 0]
 
     assert len(fields()) == len(grouping.GROUP_FIELDS)
     for bad in (dict(n_rows=9), dict(n_rows=0), dict(bm=0), dict(T=4097, topk=1), dict(E=1 << 16, S=1 << 15),
                 dict(T=0), dict(nb=0), dict(nb=3), dict(nb=2), dict(tiles=0)):
         with pytest.raises(RuntimeError, match="group"):
             ext.group(fields(**bad), stream)
-    with pytest.raises(ValueError, match="28 fields"):
+    with pytest.raises(ValueError, match="29 fields"):
         ext.group(fields()[:-1], stream)
     assert all(bool((t == -7).all()) for t in out)  # nothing written
     ext.group(fields(n_rows=4), stream)  # a good call fills them (rows beyond n_rows untouched)
@@ -317,6 +317,19 @@ def test_cuda_static_plan_update_matches_the_torch_plan(monkeypatch):
         return plan
 
     _assert_same_plan(*_plans(monkeypatch, build, launches=2))
+
+
+@pytest.mark.cuda_emulate
+def test_cuda_plan_statistics_come_from_the_launch_and_still_refuse_slots_below_minus_one(monkeypatch):
+    """A kernel-filled dynamic plan reads its statistics from the launch's output (no torch reductions): the
+    same PlanStats as the torch code's (the parity tests above), and a slot below -1 (int32, so no pre-check)
+    is still a ValueError naming it."""
+    monkeypatch.setattr(LoRAPlan, "_stats_by_torch", lambda self: pytest.fail("statistics by torch ops"))
+    plan = LoRAPlan.from_slots(torch.tensor([3, -1, 3, 0, 7], dtype=torch.int32, device=DEV))
+    assert plan.stats is not None and plan.stats.num_segments == 3 and plan.stats.lora_tokens == 4
+    assert plan.stats.max_count == 2 and plan.stats.max_slot == 7
+    with pytest.raises(ValueError, match="found -3"):
+        LoRAPlan.from_slots(torch.tensor([0, -3, 2], dtype=torch.int32, device=DEV))
 
 
 def test_group_kernel_switch_and_torch_compile_keep_the_torch_code(monkeypatch):

@@ -141,6 +141,10 @@ MUTATIONS = [
      "p.seg_starts[s] = s <= nseg ? seg[s] : P;", "p.seg_starts[s] = s <= nseg ? seg[s] : nseg;"),
     ("grouping: the second work list rewrites the scan array while the first's rows read it", GR,
      "    __syncthreads();  // the previous list's rows no longer read `work`\n", "\n"),
+    ("grouping: a plan's LoRA token count includes the no-LoRA tokens", GR,
+     "p.stats[1] = tail ? seg[nseg - 1] : P;", "p.stats[1] = P;"),
+    ("grouping: the smallest slot reduced over one warp only", GR,
+     "  for (int w = 1; w < kWarps; ++w) r = op(r, warp_tot[w]);", "  for (int w = 1; w < 1; ++w) r = op(r, warp_tot[w]);"),
 ]
 
 TESTS = ["tests/test_ops_lora.py", "tests/test_moe.py", "tests/test_grouping.py", "-k", "cuda and not 2048"]

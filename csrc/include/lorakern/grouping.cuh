@@ -94,6 +94,22 @@ __device__ inline int block_exclusive_scan(int32_t* a, int np, int32_t* warp_tot
   return total;
 }
 
+// op over v of every thread of the CTA, returned to every thread (op: min or max); `warp_tot` as the scan's.
+// Starts after and ends with a barrier.
+template <typename Op>
+__device__ inline int block_reduce(int v, int32_t* warp_tot, Op op) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v = op(v, __shfl_xor_sync(0xffffffffu, v, o));
+  if (lane == 0) warp_tot[warp] = v;
+  __syncthreads();
+  int r = warp_tot[0];
+#pragma unroll
+  for (int w = 1; w < kWarps; ++w) r = op(r, warp_tot[w]);
+  __syncthreads();  // warp_tot may be rewritten
+  return r;
+}
+
 __device__ inline int32_t key_of(unsigned long long c) { return static_cast<int32_t>(c >> 32); }
 __device__ inline int32_t low_of(unsigned long long c) { return static_cast<int32_t>(c & 0xffffffffull); }
 
@@ -152,12 +168,14 @@ __global__ void __launch_bounds__(grp::kThreads, 1) group_kernel(const GroupPara
   int32_t* seg = work + np;  // [np + 1]: each segment's first sorted position, then P
 
   // 1. composites. Slots and expert ids are taken as int32 first (as the torch code does).
+  int32_t min_slot = 0x7fffffff;
   for (int i = tid; i < np; i += kThreads) {
     unsigned long long c = ~0ull;
     if (i < P) {
       const int t = i / p.topk, k = i % p.topk;
       const int32_t s = p.slots_i64 ? static_cast<int32_t>(static_cast<const int64_t*>(p.slots)[t * p.s_slots])
                                     : static_cast<const int32_t*>(p.slots)[t * p.s_slots];
+      min_slot = min(min_slot, s);
       int32_t e = 0;
       if (p.ids) {
         const int64_t io = t * p.s_t + k * p.s_k;
@@ -198,6 +216,22 @@ __global__ void __launch_bounds__(grp::kThreads, 1) group_kernel(const GroupPara
     }
     if (tid == 0) p.num_segments[0] = nseg;
   }
+  if (p.stats) {  // (every thread takes part in the reductions)
+    int largest = 0;
+    for (int s = tid; s < nseg; s += kThreads)
+      if (key_of(comp[seg[s]]) != kSentinel) largest = max(largest, seg[s + 1] - seg[s]);
+    largest = block_reduce(largest, warp_tot, [](int a, int b) { return max(a, b); });
+    min_slot = block_reduce(min_slot, warp_tot, [](int a, int b) { return min(a, b); });
+    if (tid == 0) {
+      const bool tail = key_of(comp[seg[nseg - 1]]) == kSentinel;  // the keys at or above it sort last
+      const int live = nseg - (tail ? 1 : 0);
+      p.stats[0] = live;
+      p.stats[1] = tail ? seg[nseg - 1] : P;
+      p.stats[2] = largest;
+      p.stats[3] = live > 0 ? key_of(comp[seg[live - 1]]) : -1;
+      p.stats[4] = min_slot;
+    }
+  }
 
   // 4. the work lists
   for (int b = 0; b < p.num_blocks; ++b) {
@@ -229,6 +263,7 @@ __global__ void __launch_bounds__(grp::kThreads, 1) group_kernel(const GroupPara
       tiles[3 * r + 2] = key;
     }
     if (tid == 0 && p.count[b]) p.count[b][0] = total;
+    if (tid == 0 && p.stats) p.stats[5 + b] = total;
   }
 
   // 5. descending work, stable, unused rows last

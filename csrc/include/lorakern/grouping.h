@@ -40,6 +40,10 @@ struct GroupParams {
   int32_t* num_segments;             // [1]
   int32_t* tiles[kGroupMaxBlocks];   // [n_rows, 3]
   int32_t* count[kGroupMaxBlocks];   // [1] or nullptr
+  // (optional, a dynamic plan's statistics, one host read) [5 + num_blocks]: segments of keys below 0x7fffffff,
+  // their items, the largest of their sizes (0 if none), the largest such key (-1 if none), the smallest slot
+  // read, then each work list's rows used
+  int32_t* stats;
 };
 
 // Shared memory (bytes) of one launch over `items` items; 0 outside [1, kGroupMaxItems].
