@@ -17,6 +17,8 @@ from typing import Optional
 
 import torch
 
+from lorakern.plan import _SENTINEL
+
 __all__ = ["GROUP_FIELDS", "kernel_for", "max_items", "launch"]
 
 #: the binding's fields, in its order (csrc/bindings.cpp)
@@ -24,8 +26,8 @@ GROUP_FIELDS = ("slots", "s_slots", "slots_i64", "ids", "s_t", "s_k", "ids_i64",
                 "E", "num_slots", "work_times_length", "empty_key", "n_rows", "num_blocks", "block_m0", "block_m1",
                 "order", "seg_starts", "seg_keys", "seg_counts", "num_segments", "tiles0", "tiles1", "count0",
                 "count1", "stats")
-#: keys are ``slot·E + e`` below this one (the "no LoRA" key)
-SENTINEL = torch.iinfo(torch.int32).max
+#: keys are ``slot·E + e`` below this one (the "no LoRA" key; the plan's and the torch grouping's)
+SENTINEL = _SENTINEL
 _ID_DTYPES = (torch.int32, torch.int64)
 
 
@@ -73,16 +75,6 @@ def launch(kernel, slots: torch.Tensor, ids: Optional[torch.Tensor], *, E: int, 
     ``counts`` ([1] int32 each); ``segments`` = (seg_starts, seg_keys, seg_counts, num_segments) or None;
     ``ranks`` as :func:`lorakern.plan.order_tiles` takes them (converted to int32 here, as it does); ``stats``
     (int32 [5 + len(blocks)], optional): a dynamic plan's statistics (csrc/include/lorakern/grouping.h)."""
-    dev = order.device
-    if dev.type == "cuda" and dev.index is not None and dev.index != torch.cuda.current_device():
-        # the launch goes to the current device: make it the tensors' (a plan built on cuda:1 while cuda:0 is
-        # current), with that device's current stream
-        from lorakern import cuda_backend
-
-        with torch.cuda.device(dev):
-            return launch((kernel[0], cuda_backend._stream(dev)), slots, ids, E=E, num_slots=num_slots,
-                          blocks=blocks, tiles=tiles, order=order, counts=counts, segments=segments, ranks=ranks,
-                          work_times_length=work_times_length, empty_key=empty_key, stats=stats)
     ext, stream = kernel
     T = slots.shape[0]
     topk = ids.shape[1] if ids is not None else 1
@@ -93,11 +85,19 @@ def launch(kernel, slots: torch.Tensor, ids: Optional[torch.Tensor], *, E: int, 
     blocks, tiles, counts = list(blocks), list(tiles), list(counts)
     nb = len(blocks)
     seg = list(segments) if segments is not None else [None] * 4
-    ext.group([slots.data_ptr(), slots.stride(0), int(slots.dtype == torch.int64),
-               _ptr(ids), s_t, s_k, int(ids is not None and ids.dtype == torch.int64),
-               _ptr(r32), r32.numel() if r32 is not None else 0,
-               T, topk, E, num_slots, int(work_times_length), empty_key, tiles[0].shape[0], nb,
-               *(blocks + [1] * (2 - nb)),
-               order.data_ptr(), *(_ptr(t) for t in seg),
-               *(_ptr(t) for t in tiles + [None] * (2 - nb)), *(_ptr(t) for t in counts + [None] * (2 - len(counts))),
-               _ptr(stats)], stream)
+    fields = [slots.data_ptr(), slots.stride(0), int(slots.dtype == torch.int64),
+              _ptr(ids), s_t, s_k, int(ids is not None and ids.dtype == torch.int64),
+              _ptr(r32), r32.numel() if r32 is not None else 0,
+              T, topk, E, num_slots, int(work_times_length), empty_key, tiles[0].shape[0], nb,
+              *(blocks + [1] * (2 - nb)),
+              order.data_ptr(), *(_ptr(t) for t in seg),
+              *(_ptr(t) for t in tiles + [None] * (2 - nb)), *(_ptr(t) for t in counts + [None] * (2 - len(counts))),
+              _ptr(stats)]
+    dev = order.device
+    if dev.type == "cuda" and dev.index is not None and dev.index != torch.cuda.current_device():
+        # the launch goes to the current device: make it the tensors' (a plan built on cuda:1 while cuda:0 is
+        # current); `stream` is already that device's (kernel_for)
+        with torch.cuda.device(dev):
+            ext.group(fields, stream)
+    else:
+        ext.group(fields, stream)

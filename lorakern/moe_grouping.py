@@ -21,12 +21,10 @@ import torch
 
 from lorakern import grouping
 from lorakern._tables import cached_table
-from lorakern.plan import order_tiles
+from lorakern.plan import _SENTINEL, order_tiles
 from lorakern.ops.moe import version_of
 
 __all__ = ["group_pairs", "max_tiles", "moe_tables", "pair_operands"]
-
-_SENTINEL = torch.iinfo(torch.int32).max
 
 
 def max_tiles(num_pairs: int, num_groups_bound: int, block_m: int) -> int:
