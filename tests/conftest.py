@@ -50,9 +50,10 @@ BACKEND_LIST = ["torch", "triton"] + (["cuda"] if CUDA_RUNS else [])
 #: the compiled ones
 COMPILED_BACKENDS = [b for b in BACKEND_LIST if b != "torch"]
 #: backend variants: each compiled backend once per forced code path (LORAKERN_TRITON_PATH); "cuda-fused" is the
-#: cuda segment path with add_lora on the fused kernel (LORAKERN_CUDA_SEGMENT=fused; shrink and expand as segment)
-IMPLS = ["torch", "triton-gather", "triton-segment"] + (["cuda-gather", "cuda-segment", "cuda-fused"]
-                                                        if CUDA_RUNS else [])
+#: cuda segment path with add_lora on the fused kernel (LORAKERN_CUDA_SEGMENT=fused; shrink and expand as segment);
+#: the torch backend as it chooses, then each form forced for every token (LORAKERN_TORCH_PATH)
+IMPLS = ["torch", "torch-gather", "torch-segment", "torch-static", "triton-gather", "triton-segment"] + (
+    ["cuda-gather", "cuda-segment", "cuda-fused"] if CUDA_RUNS else [])
 
 
 def backend_device(backend: str) -> torch.device:
@@ -64,11 +65,17 @@ def backend_device(backend: str) -> torch.device:
 
 def set_impl(impl: str, monkeypatch) -> str:
     """Activate a backend variant (``"triton-gather"`` forces that path, ``"cuda-fused"`` the segment path with the
-    fused add_lora kernel); returns the backend name.
+    fused add_lora kernel, ``"torch-static"`` the torch backend's capture form); returns the backend name.
 
     ``"triton"`` alone leaves the path to the plan (the env override is removed). (``"cuda…"`` without a GPU runs
     on the CPU emulator: see :func:`_cuda_on_the_emulator`.)"""
     backend, _, path = impl.partition("-")
+    if backend == "torch":
+        if path:
+            monkeypatch.setenv("LORAKERN_TORCH_PATH", path)
+        else:
+            monkeypatch.delenv("LORAKERN_TORCH_PATH", raising=False)
+        path = ""
     if path == "fused":
         monkeypatch.setenv("LORAKERN_CUDA_SEGMENT", "fused")
         path = "segment"
@@ -161,6 +168,7 @@ def device() -> torch.device:
 def backend(request, monkeypatch) -> str:
     monkeypatch.delenv("LORAKERN_BACKEND", raising=False)
     monkeypatch.delenv("LORAKERN_TRITON_PATH", raising=False)
+    monkeypatch.delenv("LORAKERN_TORCH_PATH", raising=False)
     return request.param
 
 

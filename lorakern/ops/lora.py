@@ -25,7 +25,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from lorakern import reference
+from lorakern import torch_backend
 from lorakern.backends import select_backend
 from lorakern.ops import _dispatch
 from lorakern.ops import _validate as V
@@ -66,11 +66,11 @@ def _plan_args(slots, backend: str, num_slots: int, device, ranks=None):
     largest slot (-2 = unknown), longest LoRA segment (-1 = unknown)]."""
     if backend == "torch":
         s = slots.slots if isinstance(slots, LoRAPlan) else slots
-        max_slot = -2
+        max_slot, max_count = -2, -1
         if isinstance(slots, LoRAPlan) and slots.stats is not None:
-            max_slot = slots.stats.max_slot
+            max_slot, max_count = slots.stats.max_slot, slots.stats.max_count
         e = _NO_PLAN.to(device)
-        return s, e, e, e, [0, 0, 0, max_slot, -1]
+        return s, e, e, e, [0, 0, 0, max_slot, max_count]
     plan = slots if isinstance(slots, LoRAPlan) else LoRAPlan.from_slots(slots, ranks)
     check_plan_device(plan, device)
     max_slot = plan.stats.max_slot if plan.stats is not None else -2
@@ -141,7 +141,7 @@ def _add_lora_op(
     if x.shape[0] == 0:
         return
     if backend == "torch":
-        reference.add_lora(out, x, lora_a, lora_b, page_table, ranks, scales, slots, slice_offsets)
+        torch_backend.add_lora(out, x, lora_a, lora_b, page_table, ranks, scales, slots, slice_offsets, plan_info[4])
     else:
         _kernels(backend, "add_lora")(out, x, lora_a, lora_b, page_table, ranks, scales, token_ids, tiles_gather,
                                       tiles_segment, slice_offsets, plan_info)
@@ -170,7 +170,7 @@ def _lora_shrink_op(
     V.check_values(page_table, ranks, lora_a[0].shape[0], slots, plan_info[3])
     page_table, ranks, _ = V.kernel_layout(page_table, ranks, None)
     if backend == "torch":
-        reference.lora_shrink(x, lora_a, page_table, ranks, slots, out=y)
+        torch_backend.lora_shrink(x, lora_a, page_table, ranks, slots, y, plan_info[4])
     else:
         _kernels(backend, "lora_shrink")(y, x, lora_a, page_table, ranks, token_ids, tiles_gather, tiles_segment,
                                          plan_info)
@@ -202,7 +202,7 @@ def _lora_expand_op(
     if out.shape[0] == 0:
         return
     if backend == "torch":
-        reference.lora_expand(out, y, lora_b, page_table, ranks, scales, slots, slice_offsets)
+        torch_backend.lora_expand(out, y, lora_b, page_table, ranks, scales, slots, slice_offsets, plan_info[4])
     else:
         _kernels(backend, "lora_expand")(out, y, lora_b, page_table, ranks, scales, token_ids, tiles_gather,
                                          tiles_segment, slice_offsets, plan_info)

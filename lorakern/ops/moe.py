@@ -27,7 +27,8 @@ All floating tensors but ``topk_weights`` share one dtype (fp16 / bf16 / fp32; f
 packed rank row holds that rank component of every expert (DESIGN.md §2), so an adapter's expert LoRA moves into
 the pool as a few large copies; :class:`lorakern.pool.AdapterPool` MoE targets give exactly these views.
 
-Backends: ``torch`` (:mod:`lorakern.reference_moe`), ``triton`` (:mod:`lorakern.triton.moe`) and ``cuda``
+Backends: ``torch`` (:func:`lorakern.torch_backend.add_lora_moe`; :mod:`lorakern.reference_moe` is the oracle),
+``triton`` (:mod:`lorakern.triton.moe`) and ``cuda``
 (:func:`lorakern.cuda_backend.add_lora_moe`: the dense gather kernel in its MoE mode): each one launch for all
 tokens, experts, adapters and slices, grouped by ``(adapter, expert)`` on the device
 (:mod:`lorakern.moe_grouping`).
@@ -46,7 +47,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from lorakern import reference_moe
+from lorakern import torch_backend
 from lorakern.backends import select_backend
 from lorakern.ops import _dispatch
 from lorakern.ops import _validate as V
@@ -149,7 +150,7 @@ def _add_lora_moe_op(
     if out.shape[0] == 0 or out.shape[1] == 0:
         return
     if backend == "torch":
-        reference_moe.add_lora_moe(out, x, topk_ids, lora_a, lora_b, page_table, ranks, scales, slots, topk_weights,
+        torch_backend.add_lora_moe(out, x, topk_ids, lora_a, lora_b, page_table, ranks, scales, slots, topk_weights,
                                    slice_offsets)
     elif backend in ("triton", "cuda"):
         if backend == "triton":

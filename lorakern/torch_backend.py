@@ -1,0 +1,398 @@
+"""The ``torch`` backend of the dense ops: :mod:`lorakern.reference`'s semantics in a fixed number of torch ops.
+
+The reference (the test oracle) loops over the batch's distinct slots, ~30 torch ops each (a ``nonzero`` per slot,
+index and matmul per slice, an indexed write back). That is what the ``torch`` backend ran until session 11, and
+on a CPU, where each op costs microseconds of dispatch, a decode step over 16 distinct adapters cost ~2.5 ms per
+``add_lora`` (the demo's decode ran at +862 % over the base model); on a GPU every slot also cost host
+synchronisations (``unique().tolist()``, ``int(ranks[s])``), so it could not be captured in a CUDA graph.
+
+Here the tokens are split once, on one host read, into
+
+* **gathered tokens** (adapters with few tokens in the batch): every token's rank rows are gathered through the
+  page table, padded to the largest rank among them (``[m, R_b, K]`` and ``[m, R_b, N_i]``), and multiplied with
+  ``bmm``, in chunks of at most :data:`GATHER_BUDGET` gathered elements. Past a token's rank the page table is
+  not followed (those entries may hold anything): the padding repeats the token's first rank row, and the
+  intermediate there is an exact zero (``where``), so it adds nothing as long as that row is finite;
+* **segments** (adapters with enough tokens that one matmul over their tokens beats gathering their rows per
+  token, :func:`_segment_pays`): one ``x_seg @ A.T`` and one ``@ B`` per slice at the slot's real rank.
+
+Both feed one write per slice: ``out[tok, slice] = (out[tok, slice] + delta)`` rounded to ``out``'s dtype once, the
+delta formed in the accumulation type (:func:`lorakern.reference.acc_dtype`), as the reference does. Only tokens
+with a slot and a rank above 0 are written; the rest stay as they were, bit for bit.
+
+While a CUDA graph is being captured nothing is read back (the **static** form): every token is gathered at the
+page table's full width, tokens without LoRA are masked, ranks are capped at that width and page-table entries
+outside ``[0, num_rows)`` read row 0 (values cannot be checked during a capture; the CUDA kernels do the same), so
+the torch backend can be captured and replayed with another mix. The form follows the value checks' own switch
+(:func:`lorakern.ops._validate._capturing`): wherever the values went unchecked, this form runs.
+
+``LORAKERN_TORCH_PATH=gather|segment|static`` forces one form for every token (tests, and comparing them).
+
+Results equal the reference's up to the summation order of float32 (or float64) sums (the tests compare both
+against the float64 oracle on every case of DESIGN.md §6).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import List, Optional, Sequence
+
+import torch
+
+from lorakern.ops import _validate
+from lorakern.reference import acc_dtype
+
+__all__ = ["add_lora", "add_lora_moe", "lora_shrink", "lora_expand", "GATHER_BUDGET", "SEGMENT_OVERHEAD"]
+
+#: largest gathered weight block (elements) of one chunk of tokens, ``m · R_b · max(K, N_i)``, per device type:
+#: on a CPU a block that stays in cache (measured on the 2-core development CPU, 256 one-token adapters of rank 16
+#: at K = 4096, qkv, bf16: 4 MB blocks 22 ms per call, 64 MB blocks 229 ms); elsewhere few, large launches
+GATHER_BUDGET = {"cpu": 1 << 20}
+_GATHER_BUDGET_OTHER = 1 << 24
+#: a segment's fixed cost in gathered-element equivalents, per slice, per device type: the few torch ops its
+#: matmuls take against the per-element cost of a gather. An adapter's tokens go to a segment when gathering
+#: their rows per token would move more than this plus the adapter's rows once. The CPU value is measured (the
+#: development CPU: ~18 us per adapter and slice against ~0.25 ns per gathered element; 2^16 to 2^18 were within
+#: the noise of each other on 9 shapes); the other is a guess (a launch, ~5 us, against HBM bandwidth), not measured
+SEGMENT_OVERHEAD = {"cpu": 1 << 16}
+_SEGMENT_OVERHEAD_OTHER = 1 << 22
+
+
+@dataclass
+class _Split:
+    """One call's rows (tokens; ``(token, expert)`` pairs for MoE), grouped: host-side lists, device tensors.
+
+    A row's weights are rank rows ``page_table[slot, j] · E + expert`` of the weights viewed as ``[rows · E, ·]``
+    (``E`` = 1 and expert 0 for the dense ops)."""
+
+    # gathered rows: long [m] row ids (None: none), their slots, experts (None when E = 1), ranks; the rank bound
+    g_tok: Optional[torch.Tensor] = None
+    g_slot: Optional[torch.Tensor] = None
+    g_exp: Optional[torch.Tensor] = None
+    g_rank: Optional[torch.Tensor] = None
+    g_bound: int = 0
+    # the static form: g_tok covers every row; g_live marks those to write
+    g_live: Optional[torch.Tensor] = None
+    # segments, one per (slot, expert) computed by matmul: (row ids long [n], slot, expert, rank, scale,
+    # (lo, hi) when the rows are lo..hi-1, else None)
+    segs: List[tuple] = field(default_factory=list)
+
+    @property
+    def empty(self) -> bool:
+        return self.g_tok is None and not self.segs
+
+
+_PATHS = ("gather", "segment", "static")
+
+
+def _forced_path() -> str:
+    path = os.environ.get("LORAKERN_TORCH_PATH", "").strip()
+    if path and path not in _PATHS:
+        raise ValueError(f"LORAKERN_TORCH_PATH: expected one of {', '.join(_PATHS)}, got {path!r}")
+    return path
+
+
+def _segment_pays(count: int, rank: int, bound: int, width: int, num_slices: int, overhead: int) -> bool:
+    """Whether a group's ``count`` rows are cheaper as one segment than gathered per row: gathering moves
+    ``count · bound · width`` elements (``width`` = the gathered widths: S·K for A, the slices' N for B), a
+    segment ``rank · width`` once plus its ops (``overhead`` per slice, :data:`SEGMENT_OVERHEAD`)."""
+    return count * bound * width > overhead * num_slices + rank * width
+
+
+def _split(page_table, ranks, scales, slots, width: int, num_slices: int, max_count: int = -1,
+           experts: Optional[torch.Tensor] = None, E: int = 1) -> _Split:
+    """Group the rows (module docstring): ``slots`` and ``experts`` (long, per row; None = expert 0) say whose
+    weights a row uses. ``max_count`` = the longest segment when a dynamic plan knows it (-1 unknown): at 1 every
+    adapter has one token and the grouping reads back less."""
+    forced = _forced_path()  # (a wrong value is refused whatever the batch)
+    num_slots, R = page_table.shape
+    T = slots.shape[0]
+    if T == 0 or num_slots == 0 or R == 0:
+        return _Split()
+    s = slots.long()
+    sc = s.clamp(0, num_slots - 1)  # (values are checked before the op runs, except in a CUDA-graph capture)
+    rk = ranks.long()[sc].clamp(0, R)
+    live = (s >= 0) & (s < num_slots) & (rk > 0)
+    if forced == "static" or _validate._capturing(slots.device):
+        return _Split(g_tok=torch.arange(T, device=slots.device), g_slot=sc, g_exp=experts,
+                      g_rank=torch.where(live, rk, 0), g_bound=R, g_live=live)
+    tok = live.nonzero().squeeze(1)  # (the one host synchronisation on a GPU, with the reads below)
+    if tok.numel() == 0:
+        return _Split()
+    st, rt = sc[tok], rk[tok]
+    et = experts[tok] if experts is not None else None
+    if forced == "gather" or (max_count == 1 and not forced and experts is None):  # one token per adapter
+        return _Split(g_tok=tok, g_slot=st, g_exp=et, g_rank=rt, g_bound=int(rt.max()))
+    key = st if et is None else st * E + et
+    order = torch.argsort(key, stable=True)
+    tok, st, rt, key = tok[order], st[order], rt[order], key[order]
+    et = et[order] if et is not None else None
+    uniq, counts = torch.unique_consecutive(key, return_counts=True)
+    ends = counts.cumsum(0)
+    u_slot = uniq // E
+    facts = [u_slot, uniq % E, counts, ranks[u_slot].long().clamp(0, R), tok[ends - counts], tok[ends - 1]]
+    if scales is not None:
+        facts.append(scales[u_slot])
+    facts = torch.stack([f.double() for f in facts]).tolist()  # one host read (integers exact in float64)
+    u_l, e_l, c_l, r_l, first, last = ([int(v) for v in f] for f in facts[:6])
+    s_l = facts[6] if scales is not None else [1.0] * len(u_l)
+    bound = max(r_l)
+    overhead = SEGMENT_OVERHEAD.get(slots.device.type, _SEGMENT_OVERHEAD_OTHER)
+    seg_of = [forced == "segment" or (not forced and _segment_pays(c, r, bound, width, num_slices, overhead))
+              for c, r in zip(c_l, r_l)]
+    out = _Split()
+    if not any(seg_of):
+        out.g_tok, out.g_slot, out.g_exp, out.g_rank, out.g_bound = tok, st, et, rt, bound
+        return out
+    start = 0
+    for u, e, c, r, sc_u, f, z, seg in zip(u_l, e_l, c_l, r_l, s_l, first, last, seg_of):
+        if seg:  # a segment whose rows are consecutive (a sequence's prefill) is written as a slice
+            out.segs.append((tok[start:start + c], u, e, r, sc_u, (f, z + 1) if z - f + 1 == c else None))
+        start += c
+    if not all(seg_of):
+        keep = torch.repeat_interleave(torch.tensor([not v for v in seg_of], device=tok.device), counts)
+        out.g_tok, out.g_slot, out.g_rank = tok[keep], st[keep], rt[keep]
+        out.g_exp = et[keep] if et is not None else None
+        out.g_bound = max(r for r, seg in zip(r_l, seg_of) if not seg)
+    return out
+
+
+def _chunks(split: _Split, width: int):
+    """``(lo, hi)`` ranges of the gathered rows, each gathering at most :data:`GATHER_BUDGET` elements."""
+    m = split.g_tok.shape[0]
+    budget = GATHER_BUDGET.get(split.g_tok.device.type, _GATHER_BUDGET_OTHER)
+    step = max(1, budget // max(1, split.g_bound * max(1, width)))
+    return [(lo, min(m, lo + step)) for lo in range(0, m, step)]
+
+
+def _gather_rows(page_table, split: _Split, lo: int, hi: int, num_rows: int, E: int = 1):
+    """(weight row ids long [m · R_b] into ``[rows · E, ·]``, live bool [m, R_b]) of gathered rows ``lo:hi``. A
+    position past a row's rank reads the row's first rank row (a real one: live rows have rank >= 1), whose
+    product with the masked intermediate is an exact zero; in the static form an entry outside
+    ``[0, num_rows)`` reads row 0, as the kernels do."""
+    Rb = split.g_bound
+    pt = page_table[split.g_slot[lo:hi], :Rb].long()
+    live = torch.arange(Rb, device=pt.device)[None, :] < split.g_rank[lo:hi, None]
+    if split.g_live is not None:
+        pt = torch.where((pt >= 0) & (pt < num_rows), pt, 0)
+    pt = torch.where(live, pt, pt[:, :1])
+    if split.g_exp is not None:
+        pt = pt * E + split.g_exp[lo:hi, None]
+    return pt.view(-1), live
+
+
+def _seg_rows(page_table, u: int, e: int, r: int, E: int):
+    rows = page_table[u, :r].long()
+    return rows * E + e if E > 1 else rows
+
+
+def _shrink_gathered(xa, a, rows, live, acc):
+    """``y [m, R_b]`` (acc) of gathered rows ``xa [m, K]`` (acc); exactly zero past each rank.
+
+    (``index_select`` and a row-vector ``bmm``: on a CPU, advanced indexing and a matrix-vector ``bmm`` take
+    4-10x longer for the same work.)"""
+    m, Rb = live.shape
+    A = a.index_select(0, rows).to(acc).view(m, Rb, a.shape[1])
+    y = torch.bmm(xa.unsqueeze(1), A.transpose(1, 2)).squeeze(1)
+    return torch.where(live, y, torch.zeros((), dtype=acc, device=y.device))
+
+
+def _expand_gathered(y, b, rows, live, scale, acc):
+    """``delta [m, N]`` (acc) = ``scale · y @ B`` over each row's gathered B rows (``y`` is zero past its rank,
+    where the rows repeat the row's first one)."""
+    m, Rb = live.shape
+    B = b.index_select(0, rows).to(acc).view(m, Rb, b.shape[1])
+    d = torch.bmm(y.unsqueeze(1), B).squeeze(1)
+    return d if scale is None else d * scale.unsqueeze(1)
+
+
+def _row_scales(scales, slot_ids, weights, tok, acc):
+    """Per gathered row: ``scales[slot] · weights[row]`` (either may be None) in acc, or None for 1."""
+    sc = None if scales is None else scales[slot_ids].to(acc)
+    if weights is None:
+        return sc
+    w = weights[tok].to(acc)
+    return w if sc is None else sc * w
+
+
+def _write(out, off: int, tok, delta, acc, live=None) -> None:
+    """``out[tok, off:off+N] = (out[tok, off:off+N] + delta)`` rounded once; with ``live`` (the static form:
+    ``tok`` is every row) only where ``live``."""
+    n = delta.shape[1]
+    view = out[:, off:off + n]
+    if live is not None:
+        new = (view.to(acc) + delta).to(out.dtype)
+        view.copy_(torch.where(live.unsqueeze(1), new, view))
+        return
+    new = (view[tok].to(acc) + delta).to(out.dtype)
+    view.index_copy_(0, tok, new)
+
+
+def _write_all(out, slice_offsets, toks, deltas, acc, live) -> None:
+    """The collected deltas (gathered rows and segments that are not slices) into ``out``, one write per slice."""
+    if not toks:
+        return
+    tok = toks[0] if len(toks) == 1 else torch.cat(toks)
+    for i, off in enumerate(slice_offsets):
+        d = deltas[i][0] if len(deltas[i]) == 1 else torch.cat(deltas[i])
+        _write(out, off, tok, d, acc, live)
+
+
+def _parts(split: _Split, width: int):
+    """The units of work: ``("g", lo, hi)`` chunks of gathered rows, ``("s", j)`` segments."""
+    units = [("g", lo, hi) for lo, hi in _chunks(split, width)] if split.g_tok is not None else []
+    return units + [("s", j) for j in range(len(split.segs))]
+
+
+def _add(out, x, x_index, lora_a, lora_b, page_table, ranks, scales, slots, slice_offsets, max_count=-1,
+         experts=None, E=1, weights=None) -> None:
+    """The shared body of ``add_lora`` and ``add_lora_moe``: ``out [P, N_total]`` rows (tokens or pairs) take
+    their input row ``x[x_index[p]]`` (``x[p]`` when None) and their weights from ``lora_a[i] [rows · E, K]`` /
+    ``lora_b[i] [rows · E, N_i]`` through ``slots`` and ``experts`` [P]; ``weights`` [P] scales each row's delta."""
+    acc = acc_dtype(out, x, *lora_a, *lora_b)
+    K, widths = x.shape[1], [b.shape[1] for b in lora_b]
+    split = _split(page_table, ranks, scales, slots, len(lora_a) * K + sum(widths), len(lora_a), max_count,
+                   experts, E)
+    if split.empty:
+        return
+    num_rows = lora_a[0].shape[0] // E
+    deltas = [[] for _ in lora_b]
+    toks = []
+    for unit in _parts(split, max([K] + widths)):
+        if unit[0] == "g":
+            _, lo, hi = unit
+            tok = split.g_tok[lo:hi]
+            rows, live = _gather_rows(page_table, split, lo, hi, num_rows, E)
+            xa = x[tok if x_index is None else x_index[tok]].to(acc)
+            sc = _row_scales(scales, split.g_slot[lo:hi], weights, tok, acc)
+            for i, (a, b) in enumerate(zip(lora_a, lora_b)):
+                y = _shrink_gathered(xa, a, rows, live, acc)
+                deltas[i].append(_expand_gathered(y, b, rows, live, sc, acc))
+            toks.append(tok)
+            continue
+        tok, u, e, r, sc, rng = split.segs[unit[1]]
+        rows = _seg_rows(page_table, u, e, r, E)
+        if x_index is not None:
+            xs = x[x_index[tok]]
+        else:
+            xs = x[rng[0]:rng[1]] if rng else x[tok]
+        xs = xs.to(acc)
+        w = None if weights is None else (weights[rng[0]:rng[1]] if rng else weights[tok]).to(acc).unsqueeze(1)
+        for i, (a, b, off) in enumerate(zip(lora_a, lora_b, slice_offsets)):
+            d = (xs @ a.index_select(0, rows).to(acc).T @ b.index_select(0, rows).to(acc)) * sc
+            if w is not None:
+                d = d * w
+            if rng:  # in place: out's dtype, computed in acc (rounded once, as _write does)
+                out[rng[0]:rng[1], off:off + b.shape[1]].add_(d)
+            else:
+                deltas[i].append(d)
+        if not rng:
+            toks.append(tok)
+    _write_all(out, slice_offsets, toks, deltas, acc, split.g_live)
+
+
+def add_lora(out, x, lora_a: Sequence[torch.Tensor], lora_b: Sequence[torch.Tensor], page_table, ranks,
+             scales, slots, slice_offsets: Sequence[int], max_count: int = -1) -> torch.Tensor:
+    """:func:`lorakern.reference.add_lora`, vectorised (module docstring). In place on ``out``; returns it."""
+    _add(out, x, None, lora_a, lora_b, page_table, ranks, scales, slots, slice_offsets, max_count)
+    return out
+
+
+def add_lora_moe(out, x, topk_ids, lora_a: Sequence[torch.Tensor], lora_b: Sequence[torch.Tensor], page_table,
+                 ranks, scales, slots, topk_weights, slice_offsets: Sequence[int]) -> torch.Tensor:
+    """:func:`lorakern.reference_moe.add_lora_moe`, vectorised: the rows are the ``T · topk`` (token, expert)
+    pairs, grouped by (slot, expert); the packed weights ``[rows, E, ·]`` are read as ``[rows · E, ·]``. In place
+    on ``out [T, topk, N_total]``; returns it."""
+    T, topk = topk_ids.shape
+    E = lora_a[0].shape[1]
+    P = T * topk
+    dev = out.device
+    pair_slots = slots.long().repeat_interleave(topk)
+    experts = topk_ids.reshape(P).long().clamp(0, E - 1)  # (checked before the op, except in a capture)
+    if x.dim() == 3:
+        xs, x_index = x.reshape(P, x.shape[2]), None
+    else:
+        xs, x_index = x, torch.arange(P, device=dev) // topk
+    w = None if topk_weights is None else topk_weights.reshape(P)
+    a2 = [a.reshape(a.shape[0] * E, a.shape[2]) for a in lora_a]  # (views for a pool's packed tensors)
+    b2 = [b.reshape(b.shape[0] * E, b.shape[2]) for b in lora_b]
+    o2 = out.reshape(P, out.shape[2])
+    _add(o2, xs, x_index, a2, b2, page_table, ranks, scales, pair_slots, slice_offsets, experts=experts, E=E,
+         weights=w)
+    if o2.data_ptr() != out.data_ptr() or o2.stride() != (out.stride(1), out.stride(2)):
+        out.copy_(o2.view(out.shape))  # out was not viewable as [P, N]: the reshape copied it
+    return out
+
+
+def lora_shrink(x, lora_a: Sequence[torch.Tensor], page_table, ranks, slots, out: torch.Tensor,
+                max_count: int = -1) -> torch.Tensor:
+    """:func:`lorakern.reference.lora_shrink` into ``out`` (``[S, T, max_rank]``), vectorised: zero past each
+    token's rank and for tokens without LoRA."""
+    acc = acc_dtype(x, *lora_a)
+    K = x.shape[1]
+    split = _split(page_table, ranks, None, slots, len(lora_a) * K, len(lora_a), max_count)
+    if out.dtype == acc:
+        y_all = out.zero_()
+    else:
+        y_all = torch.zeros(out.shape, dtype=acc, device=out.device)
+    num_rows = lora_a[0].shape[0] if lora_a else 0
+    for unit in ([] if split.empty else _parts(split, K)):
+        if unit[0] == "g":
+            _, lo, hi = unit
+            tok = split.g_tok[lo:hi]
+            rows, live = _gather_rows(page_table, split, lo, hi, num_rows)
+            xa = x[tok].to(acc)
+            for i, a in enumerate(lora_a):
+                y_all[i, :, :split.g_bound].index_copy_(0, tok, _shrink_gathered(xa, a, rows, live, acc))
+        else:
+            tok, u, _, r, _, rng = split.segs[unit[1]]
+            rows = _seg_rows(page_table, u, 0, r, 1)
+            xs = (x[rng[0]:rng[1]] if rng else x[tok]).to(acc)
+            for i, a in enumerate(lora_a):
+                yi = xs @ a.index_select(0, rows).to(acc).T
+                if rng:
+                    y_all[i, rng[0]:rng[1], :r] = yi
+                else:
+                    y_all[i, :, :r].index_copy_(0, tok, yi)
+    if y_all is not out:
+        out.copy_(y_all)
+    return out
+
+
+def lora_expand(out, y, lora_b: Sequence[torch.Tensor], page_table, ranks, scales, slots,
+                slice_offsets: Sequence[int], max_count: int = -1) -> torch.Tensor:
+    """:func:`lorakern.reference.lora_expand`, vectorised: ``y`` is read only below each token's rank."""
+    acc = acc_dtype(out, y, *lora_b)
+    widths = [b.shape[1] for b in lora_b]
+    split = _split(page_table, ranks, scales, slots, sum(widths), len(lora_b), max_count)
+    if split.empty:
+        return out
+    num_rows = lora_b[0].shape[0]
+    deltas = [[] for _ in lora_b]
+    toks = []
+    zero = torch.zeros((), dtype=acc, device=y.device)
+    for unit in _parts(split, max(widths)):
+        if unit[0] == "g":
+            _, lo, hi = unit
+            tok = split.g_tok[lo:hi]
+            rows, live = _gather_rows(page_table, split, lo, hi, num_rows)
+            sc = _row_scales(scales, split.g_slot[lo:hi], None, tok, acc)
+            for i, b in enumerate(lora_b):
+                yi = torch.where(live, y[i, tok, :split.g_bound].to(acc), zero)
+                deltas[i].append(_expand_gathered(yi, b, rows, live, sc, acc))
+            toks.append(tok)
+            continue
+        tok, u, _, r, sc, rng = split.segs[unit[1]]
+        rows = _seg_rows(page_table, u, 0, r, 1)
+        for i, (b, off) in enumerate(zip(lora_b, slice_offsets)):
+            yi = (y[i, rng[0]:rng[1], :r] if rng else y[i, tok, :r]).to(acc)
+            d = (yi @ b.index_select(0, rows).to(acc)) * sc
+            if rng:
+                out[rng[0]:rng[1], off:off + b.shape[1]].add_(d)
+            else:
+                deltas[i].append(d)
+        if not rng:
+            toks.append(tok)
+    _write_all(out, slice_offsets, toks, deltas, acc, split.g_live)
+    return out

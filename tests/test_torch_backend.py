@@ -1,0 +1,199 @@
+"""The torch backend (lorakern/torch_backend.py): the reference's semantics in a fixed number of torch ops.
+
+The op suites (test_ops_lora.py, test_ops_property.py) run it as it chooses and with each form forced for every
+token (``torch-gather``, ``torch-segment``, ``torch-static``). Here: what those random mixes rarely make —
+batches of sequences (consecutive tokens of one adapter, which the segment form writes as slices), both forms in
+one call, chunked gathers — and the properties the forms are for: the static form reads nothing back, and the
+gather form's op count does not grow with the number of adapters."""
+
+import pytest
+import torch
+from conftest import (DEVICE, DTYPES, check_accumulated, check_shrink, make_case, oracle_add, oracle_shrink,
+                      random_out)
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import lorakern
+from lorakern import torch_backend as TB
+
+PATHS = ["", "gather", "segment", "static"]
+
+
+def _sequences(lengths, adapters, T_pad=0):
+    """int32 slots of a batch of sequences: ``lengths[i]`` consecutive tokens of ``adapters[i]`` (-1 = none)."""
+    s = torch.cat([torch.full((n,), a, dtype=torch.int32) for n, a in zip(lengths, adapters)])
+    if T_pad:
+        s = torch.cat([s, torch.full((T_pad,), -1, dtype=torch.int32)])
+    return s
+
+
+def _run_all(case, generator, what=""):
+    """add_lora, lora_shrink, lora_expand and shrink→expand on ``case`` with the torch backend, each against the
+    float64 oracle (poisoned y, random out)."""
+    L = case.lora
+    out, _, _ = random_out(case, generator)
+    out0 = out.clone()
+    lorakern.ops.add_lora(out, case.x, L.lora_a, L.lora_b, L.page_table, L.ranks, case.scales, case.slots_arg,
+                          backend="torch")
+    check_accumulated(case, out, out0, *oracle_add(case, out0), f"add_lora {what}")
+    y = torch.full((case.S, case.T, L.max_rank), float("nan"), device=DEVICE)
+    lorakern.ops.lora_shrink(case.x, L.lora_a, L.page_table, L.ranks, case.slots_arg, out=y, backend="torch")
+    check_shrink(case, y, *oracle_shrink(case))
+    y_in = torch.randn(case.S, case.T, L.max_rank, generator=generator)
+    y_in = torch.where(torch.rand(y_in.shape, generator=generator) < 0.5, y_in, float("nan")).to(DEVICE)
+    # NaN past every rank only: the expand must not read there
+    live = torch.arange(L.max_rank)[None, :] < L.ranks.cpu().long()[case.slots.cpu().long().clamp(min=0)][:, None]
+    y_in = torch.where(live[None].to(DEVICE), torch.nan_to_num(y_in, nan=0.25), y_in)
+    out = out0.clone()
+    lorakern.ops.lora_expand(out, y_in, L.lora_b, L.page_table, L.ranks, case.scales, case.slots_arg,
+                             backend="torch")
+    check_accumulated(case, out, out0, *oracle_add(case, out0, y_in), f"lora_expand {what}")
+
+
+@pytest.mark.parametrize("path", PATHS, ids=lambda p: p or "auto")
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
+def test_batches_of_sequences(path, dtype, generator, monkeypatch):
+    """Prefill of sequences: each adapter's tokens consecutive (written as slices by the segment form), an adapter
+    whose two sequences are apart (not a slice), sequences without LoRA, a rank-0 adapter, padding at the end."""
+    monkeypatch.setenv("LORAKERN_TORCH_PATH", path)
+    slots = _sequences([9, 1, 7, 5, 12, 3, 6], [2, 0, -1, 5, 2, 4, 1], T_pad=4)
+    case = make_case(generator, T=slots.numel(), K=40, n_sizes=[24, 16, 8], ranks=[16, 0, 5, 1, 9, 13],
+                     num_adapters=6, dtype=dtype, slots=slots)
+    _run_all(case, generator, f"({path or 'auto'})")
+
+
+@pytest.mark.parametrize("slots_form", ["int32", "plan", "static"])
+def test_both_forms_in_one_call(slots_form, generator, monkeypatch):
+    """One adapter with many tokens (a segment) among one-token adapters (gathered): the auto split makes both in
+    one call (checked on the split itself), and the result is the oracle's."""
+    monkeypatch.delenv("LORAKERN_TORCH_PATH", raising=False)
+    monkeypatch.setitem(TB.SEGMENT_OVERHEAD, "cpu", 1 << 12)
+    monkeypatch.setitem(TB.SEGMENT_OVERHEAD, DEVICE.type, 1 << 12)
+    many = torch.full((40,), 3, dtype=torch.int32)
+    few = torch.tensor([0, 1, 2, 4, 5, -1, 6, 7], dtype=torch.int32)
+    slots = torch.cat([few[:4], many[:25], few[4:], many[25:]])
+    case = make_case(generator, T=slots.numel(), K=64, n_sizes=[32, 32], ranks=[4, 8, 16, 12, 2, 7, 3, 16],
+                     num_adapters=8, slots=slots, slots_form=slots_form)
+    L = case.lora
+    split = TB._split(L.page_table, L.ranks, L.scales, case.slots.to(DEVICE), 2 * 64 + 64, 2)
+    assert split.g_tok is not None and len(split.segs) == 1 and split.segs[0][1] == 3
+    assert split.segs[0][5] is None  # its tokens are in two runs: not a slice
+    assert sorted(split.g_tok.tolist()) == [i for i, s in enumerate(slots.tolist()) if s not in (-1, 3)]
+    _run_all(case, generator)
+
+
+def test_gather_in_chunks(generator, monkeypatch):
+    """A gather budget of a few tokens' rows: many chunks, the same result."""
+    monkeypatch.setenv("LORAKERN_TORCH_PATH", "gather")
+    monkeypatch.setitem(TB.GATHER_BUDGET, DEVICE.type, 3 * 16 * 48)  # ~3 tokens per chunk
+    case = make_case(generator, T=37, K=48, n_sizes=[40, 8], ranks="1-16", num_adapters=9, mix="uniform",
+                     none_frac=0.2)
+    split = TB._split(case.lora.page_table, case.lora.ranks, None, case.slots, 48, 1)
+    assert len(TB._chunks(split, 48)) >= 8
+    _run_all(case, generator)
+
+
+class _Ops(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(func)
+        return func(*args, **(kwargs or {}))
+
+
+def _add(case):
+    L = case.lora
+    out = torch.zeros(case.T, case.out_cols, dtype=case.dtype, device=DEVICE)
+    TB.add_lora(out, case.x, L.lora_a, L.lora_b, L.page_table, L.ranks, case.scales, case.slots, case.offsets)
+    return out
+
+
+def test_static_form_reads_nothing_back(generator, monkeypatch):
+    """The static form (what runs during a CUDA-graph capture) makes no host read: no nonzero, no item, no tolist
+    (any of them would fail a capture), whatever the mix."""
+    monkeypatch.setenv("LORAKERN_TORCH_PATH", "static")
+    case = make_case(generator, T=30, K=32, n_sizes=[16, 8], ranks="1-8", num_adapters=7, mix="zipf:1.5",
+                     none_frac=0.3)
+
+    def no_tolist(*a, **k):
+        raise AssertionError("tolist() in the static form")
+
+    monkeypatch.setattr(torch.Tensor, "tolist", no_tolist)
+    with _Ops() as mode:
+        _add(case)
+    names = {str(f) for f in mode.ops}
+    assert not names & {"aten.nonzero.default", "aten._local_scalar_dense.default", "aten.unique_consecutive.default",
+                        "aten.item.default"}, names
+
+
+@pytest.mark.parametrize("path", ["gather", "static"])
+def test_op_count_does_not_grow_with_the_adapters(path, generator, monkeypatch):
+    """The gather and static forms take as many torch ops for 4 distinct adapters as for 48 (the reference takes
+    ~30 per adapter)."""
+    monkeypatch.setenv("LORAKERN_TORCH_PATH", path)
+    counts = []
+    for n in (4, 48):
+        case = make_case(generator, T=48, K=32, n_sizes=[16, 8, 8], ranks="1-8", num_adapters=n, mix="distinct")
+        with _Ops() as mode:
+            _add(case)
+        counts.append(len(mode.ops))
+    assert counts[0] == counts[1], counts
+
+
+def test_wrong_path_setting_is_refused(generator, monkeypatch):
+    monkeypatch.setenv("LORAKERN_TORCH_PATH", "fast")
+    case = make_case(generator, T=4, K=8, n_sizes=[8], ranks=[2], num_adapters=1)
+    L = case.lora
+    out = torch.zeros(4, 8, device=DEVICE)
+    with pytest.raises(ValueError, match="LORAKERN_TORCH_PATH"):
+        lorakern.ops.add_lora(out, case.x, L.lora_a, L.lora_b, L.page_table, L.ranks, None, case.slots,
+                              backend="torch")
+
+
+def test_segment_choice_follows_the_cost_model():
+    """A segment pays when gathering its tokens' rows would move more than its ops cost plus its rows once."""
+    assert not TB._segment_pays(1, 16, 16, 1000, 3, 1 << 17)  # one token: gather
+    assert TB._segment_pays(512, 64, 64, 16384, 1, 1 << 17)  # a long prefill segment
+    # the crossing point moves with the overhead: at 0, any adapter with more tokens than rank/bound pays
+    assert TB._segment_pays(2, 16, 16, 100, 3, 0) and not TB._segment_pays(1, 16, 16, 100, 3, 0)
+
+
+# ------------------------------------------------------------------------------------------------ MoE
+@pytest.mark.parametrize("path", PATHS, ids=lambda p: p or "auto")
+@pytest.mark.parametrize("form", ["shared", "per_expert"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=lambda d: str(d)[6:])
+def test_moe_forms(path, form, dtype, generator, monkeypatch):
+    """add_lora_moe on the torch backend in each form, against test_moe's independent float64 oracle: mixed ranks
+    (0, 1, 3, 20, 16), -1 tokens, routed weights, gate|up slices of unequal width."""
+    from test_moe import _x, make_moe_lora, make_routing, run
+
+    monkeypatch.setenv("LORAKERN_TORCH_PATH", path)
+    g = generator
+    E, K, topk, T = 6, 40, 3, 24
+    L = make_moe_lora(g, E=E, K=K, n_sizes=[24, 16], ranks=[3, 20, 0, 1, 16], dtype=dtype)
+    ids, w = make_routing(g, T, topk, E)
+    slots = torch.randint(-1, L.num_slots, (T,), generator=g, dtype=torch.int32)
+    run(L, _x(g, T, topk, K, form, dtype), ids, slots, backend="torch", dtype=dtype, weights=w.to(DEVICE), g=g)
+
+
+@pytest.mark.parametrize("form", ["shared", "per_expert"])
+@pytest.mark.parametrize("weights", [True, False])
+def test_moe_segments_as_slices(form, weights, generator, monkeypatch):
+    """Top-1 routing of sequences that stay on one expert: a (slot, expert) group's pairs are consecutive, so
+    the segment form writes them as a slice (with a shared x, through the pairs' token index); checked on the
+    split and against the oracle."""
+    from test_moe import _x, make_moe_lora, run
+
+    monkeypatch.setenv("LORAKERN_TORCH_PATH", "segment")
+    g = generator
+    E, K = 4, 32
+    L = make_moe_lora(g, E=E, K=K, n_sizes=[16, 8], ranks=[5, 8, 2], dtype=torch.float32)
+    slots = _sequences([6, 5, 4, 7], [0, 2, -1, 1])
+    ids = torch.cat([torch.full((n,), e) for n, e in zip([6, 5, 4, 7], [3, 1, 0, 3])]).view(-1, 1)
+    T = slots.numel()
+    split = TB._split(L.page_table, L.ranks, None, slots.long(), 1, 1, experts=ids.view(-1), E=E)
+    assert [seg[5] for seg in split.segs] == [(0, 6), (15, 22), (6, 11)]  # by (slot, expert): 0·4+3, 1·4+3, 2·4+1
+    w = torch.rand(T, 1, generator=g) + 0.5 if weights else None
+    run(L, _x(g, T, 1, K, form, torch.float32), ids, slots, backend="torch", dtype=torch.float32,
+        weights=None if w is None else w.to(DEVICE), g=g)
