@@ -1,4 +1,5 @@
-"""The ``torch`` backend of the dense ops: :mod:`lorakern.reference`'s semantics in a fixed number of torch ops.
+"""The ``torch`` backend of the dense ops and ``add_lora_moe``: the references' semantics (:mod:`lorakern.reference`,
+:mod:`lorakern.reference_moe`) in a number of torch ops that does not grow with the batch's adapters.
 
 The reference (the test oracle) loops over the batch's distinct slots, ~30 torch ops each (a ``nonzero`` per slot,
 index and matmul per slice, an indexed write back). That is what the ``torch`` backend ran until session 11, and
@@ -14,11 +15,16 @@ Here the tokens are split once, on one host read, into
   not followed (those entries may hold anything): the padding repeats the token's first rank row, and the
   intermediate there is an exact zero (``where``), so it adds nothing as long as that row is finite;
 * **segments** (adapters with enough tokens that one matmul over their tokens beats gathering their rows per
-  token, :func:`_segment_pays`): one ``x_seg @ A.T`` and one ``@ B`` per slice at the slot's real rank.
+  token, :func:`_segment_pays`): one ``x_seg @ A.T`` and one ``@ B`` per slice at the slot's real rank (a Python
+  loop over those adapters only: at most ``T / count`` of them).
 
-Both feed one write per slice: ``out[tok, slice] = (out[tok, slice] + delta)`` rounded to ``out``'s dtype once, the
-delta formed in the accumulation type (:func:`lorakern.reference.acc_dtype`), as the reference does. Only tokens
-with a slot and a rank above 0 are written; the rest stay as they were, bit for bit.
+Both feed one write per slice, ``out[tok, slice] = (out[tok, slice] + delta)`` rounded to ``out``'s dtype once, the
+delta formed in the accumulation type (:func:`lorakern.reference.acc_dtype`), as the reference does; a segment whose
+tokens are consecutive (a sequence's prefill) is added to its slice of ``out`` in place instead, rounded the same
+way. Only tokens with a slot and a rank above 0 are written; the rest stay as they were, bit for bit.
+
+``add_lora_moe`` runs the same code over the ``T · topk`` (token, expert) pairs, grouped by (slot, expert), with the
+packed weights ``[rows, E, ·]`` read as ``[rows · E, ·]`` and each pair's routed weight on its delta.
 
 While a CUDA graph is being captured nothing is read back (the **static** form): every token is gathered at the
 page table's full width, tokens without LoRA are masked, ranks are capped at that width and page-table entries
@@ -239,6 +245,16 @@ def _write_all(out, slice_offsets, toks, deltas, acc, live) -> None:
         _write(out, off, tok, d, acc, live)
 
 
+def _seg_delta(out, rng, off: int, delta, collected: list) -> None:
+    """A segment's delta of one slice: added in place when its rows are the slice ``rng`` of ``out`` (in out's
+    dtype, computed in the accumulation type: rounded once, as :func:`_write` does), else kept for
+    :func:`_write_all`."""
+    if rng:
+        out[rng[0]:rng[1], off:off + delta.shape[1]].add_(delta)
+    else:
+        collected.append(delta)
+
+
 def _parts(split: _Split, width: int):
     """The units of work: ``("g", lo, hi)`` chunks of gathered rows, ``("s", j)`` segments."""
     units = [("g", lo, hi) for lo, hi in _chunks(split, width)] if split.g_tok is not None else []
@@ -281,12 +297,7 @@ def _add(out, x, x_index, lora_a, lora_b, page_table, ranks, scales, slots, slic
         w = None if weights is None else (weights[rng[0]:rng[1]] if rng else weights[tok]).to(acc).unsqueeze(1)
         for i, (a, b, off) in enumerate(zip(lora_a, lora_b, slice_offsets)):
             d = (xs @ a.index_select(0, rows).to(acc).T @ b.index_select(0, rows).to(acc)) * sc
-            if w is not None:
-                d = d * w
-            if rng:  # in place: out's dtype, computed in acc (rounded once, as _write does)
-                out[rng[0]:rng[1], off:off + b.shape[1]].add_(d)
-            else:
-                deltas[i].append(d)
+            _seg_delta(out, rng, off, d if w is None else d * w, deltas[i])
         if not rng:
             toks.append(tok)
     _write_all(out, slice_offsets, toks, deltas, acc, split.g_live)
@@ -387,11 +398,7 @@ def lora_expand(out, y, lora_b: Sequence[torch.Tensor], page_table, ranks, scale
         rows = _seg_rows(page_table, u, 0, r, 1)
         for i, (b, off) in enumerate(zip(lora_b, slice_offsets)):
             yi = (y[i, rng[0]:rng[1], :r] if rng else y[i, tok, :r]).to(acc)
-            d = (yi @ b.index_select(0, rows).to(acc)) * sc
-            if rng:
-                out[rng[0]:rng[1], off:off + b.shape[1]].add_(d)
-            else:
-                deltas[i].append(d)
+            _seg_delta(out, rng, off, (yi @ b.index_select(0, rows).to(acc)) * sc, deltas[i])
         if not rng:
             toks.append(tok)
     _write_all(out, slice_offsets, toks, deltas, acc, split.g_live)
