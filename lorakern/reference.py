@@ -1,4 +1,5 @@
-"""Readable PyTorch reference for the dense LoRA ops: the ``"torch"`` backend and the test oracle.
+"""Readable PyTorch reference for the dense LoRA ops: the test oracle (the ``"torch"`` backend is its vectorised
+form, :mod:`lorakern.torch_backend`, checked against it).
 
 Everything here follows DESIGN.md §1–§3 literally, one distinct slot at a time, so that it is easy to check by
 eye. It runs on any device and accumulates in float32 (or in float64 when the inputs are float64, which is how the

@@ -1,4 +1,5 @@
-"""Readable PyTorch reference for the packed MoE LoRA op (DESIGN.md §2–§3): the ``"torch"`` backend and an oracle.
+"""Readable PyTorch reference for the packed MoE LoRA op (DESIGN.md §2–§3); the ``"torch"`` backend is its
+vectorised form (:func:`lorakern.torch_backend.add_lora_moe`).
 
 For token ``t``, its ``k``-th routed expert ``e = topk_ids[t, k]`` and its adapter slot ``s = slots[t]`` (``-1`` =
 no LoRA), every slice ``i`` of a fused-experts target (``gate_up``: slices gate and up; ``down``: one slice)::
