@@ -49,7 +49,7 @@ import torch
 from lorakern.ops import _validate
 from lorakern.reference import acc_dtype
 
-__all__ = ["add_lora", "add_lora_moe", "lora_shrink", "lora_expand", "GATHER_BUDGET", "SEGMENT_OVERHEAD"]
+__all__ = ["add_lora", "add_lora_moe", "lora_shrink", "lora_expand", "mla_absorbed_q", "mla_absorbed_o", "GATHER_BUDGET", "SEGMENT_OVERHEAD"]
 
 #: largest gathered weight block (elements) of one chunk of tokens, ``m · R_b · max(K, N_i)``, per device type:
 #: on a CPU a block that stays in cache (measured on the 2-core development CPU, 256 one-token adapters of rank 16
@@ -402,4 +402,81 @@ def lora_expand(out, y, lora_b: Sequence[torch.Tensor], page_table, ranks, scale
         if not rng:
             toks.append(tok)
     _write_all(out, slice_offsets, toks, deltas, acc, split.g_live)
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ MLA
+def _mla(kind: str, dst, src, lora_a, lora_b, page_table, ranks, scales, slots, Dn: int) -> None:
+    """The shared body of the absorbed MLA ops (:mod:`lorakern.reference_mla`): ``kind`` ``"q"`` (``src`` =
+    q_nope ``[T, H, Dn]``, ``dst`` = q_latent ``[T, H, C]``: shrink by each head's ``B_K``, expand by the shared
+    A) or ``"o"`` (``src`` = o_latent ``[T, H, C]``, ``dst`` = out ``[T, H, Dv]``: shrink by A, expand by each
+    head's ``B_V``). Rows are tokens, gathered or in segments as for the dense ops; ``dst`` is written along its
+    first dimension only (it may be any strided view)."""
+    acc = acc_dtype(dst, src, lora_a, lora_b)
+    H, C = dst.shape[1], lora_a.shape[1]
+    per_head = lora_b.shape[1] // H
+    split = _split(page_table, ranks, scales, slots, C + lora_b.shape[1], 1)
+    if split.empty:
+        return
+    num_rows = lora_a.shape[0]
+    zero = torch.zeros((), dtype=acc, device=dst.device)
+    # each head's B_K (q) or B_V (o) as a strided view [rows, H, D]: only that part of a rank row is gathered
+    heads = lora_b.view(num_rows, H, per_head)
+    b_part = heads[:, :, :Dn] if kind == "q" else heads[:, :, Dn:]
+
+    deltas, toks = [], []
+    for unit in _parts(split, per_head * H + C):
+        if unit[0] == "g":  # per token: its own rank rows (elementwise products and sums: no permuted copies)
+            _, lo, hi = unit
+            tok = split.g_tok[lo:hi]
+            rows, live = _gather_rows(page_table, split, lo, hi, num_rows)
+            m, Rb = live.shape
+            A = lora_a.index_select(0, rows).to(acc).view(m, Rb, C)
+            B = b_part.index_select(0, rows).to(acc).view(m, Rb, H, b_part.shape[2])
+            s_rows = src[tok].to(acc)
+            if kind == "q":  # y[n, r, h] = q_nope[n, h] · B_K[n, r, h]; delta = y^T @ A
+                y = torch.where(live.unsqueeze(2), (B * s_rows.unsqueeze(1)).sum(-1), zero)
+                d = torch.bmm(y.transpose(1, 2), A)
+            else:  # y[n, h, r] = o_latent[n, h] · A[n, r]; delta[n, h] = sum_r y[n, h, r] B_V[n, r, h]
+                y = torch.where(live.unsqueeze(1), torch.bmm(s_rows, A.transpose(1, 2)), zero)
+                d = (B * y.transpose(1, 2).unsqueeze(3)).sum(1)
+            sc = _row_scales(scales, split.g_slot[lo:hi], None, tok, acc)
+            deltas.append(d if sc is None else d * sc.view(-1, 1, 1))
+            toks.append(tok)
+            continue
+        tok, u, _, r, sc, rng = split.segs[unit[1]]  # one adapter's tokens: its rows once, as the reference
+        rows = _seg_rows(page_table, u, 0, r, 1)
+        s_rows = (src[rng[0]:rng[1]] if rng else src[tok]).to(acc)
+        A = lora_a.index_select(0, rows).to(acc)
+        B = b_part.index_select(0, rows).to(acc)
+        if kind == "q":
+            d = torch.einsum("thr,rc->thc", torch.einsum("thd,rhd->thr", s_rows, B), A) * sc
+        else:
+            d = torch.einsum("thr,rhv->thv", torch.einsum("thc,rc->thr", s_rows, A), B) * sc
+        if rng:  # in place, rounded once (see _seg_delta)
+            dst[rng[0]:rng[1]].add_(d)
+        else:
+            deltas.append(d)
+            toks.append(tok)
+    if not toks:
+        return
+    tok = toks[0] if len(toks) == 1 else torch.cat(toks)
+    d = deltas[0] if len(deltas) == 1 else torch.cat(deltas)
+    if split.g_live is not None:  # the static form: every row, written where live
+        new = (dst.to(acc) + d).to(dst.dtype)
+        dst.copy_(torch.where(split.g_live.view(-1, 1, 1), new, dst))
+    else:
+        dst.index_copy_(0, tok, (dst[tok].to(acc) + d).to(dst.dtype))
+
+
+def mla_absorbed_q(q_latent, q_nope, lora_a, lora_b, page_table, ranks, scales, slots) -> torch.Tensor:
+    """:func:`lorakern.reference_mla.mla_absorbed_q`, vectorised. In place on ``q_latent``; returns it."""
+    _mla("q", q_latent, q_nope, lora_a, lora_b, page_table, ranks, scales, slots, q_nope.shape[2])
+    return q_latent
+
+
+def mla_absorbed_o(out, o_latent, lora_a, lora_b, page_table, ranks, scales, slots) -> torch.Tensor:
+    """:func:`lorakern.reference_mla.mla_absorbed_o`, vectorised. In place on ``out``; returns it."""
+    H, Dv = out.shape[1], out.shape[2]
+    _mla("o", out, o_latent, lora_a, lora_b, page_table, ranks, scales, slots, lora_b.shape[1] // H - Dv)
     return out

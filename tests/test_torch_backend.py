@@ -197,3 +197,47 @@ def test_moe_segments_as_slices(form, weights, generator, monkeypatch):
     w = torch.rand(T, 1, generator=g) + 0.5 if weights else None
     run(L, _x(g, T, 1, K, form, torch.float32), ids, slots, backend="torch", dtype=torch.float32,
         weights=None if w is None else w.to(DEVICE), g=g)
+
+
+# ------------------------------------------------------------------------------------------------ MLA
+def _mla_params():
+    from test_mla import CASES
+
+    out = []
+    for name in CASES:
+        for op in ("q", "o"):
+            for path in PATHS:
+                for dt in ((torch.float32, torch.bfloat16) if name in ("mixed_ranks_0_64", "strided_views")
+                           else (torch.float32,)):
+                    out.append(pytest.param(name, op, path, dt, id=f"{path or 'auto'}-{op}-{name}-{str(dt)[6:]}"))
+    return out
+
+
+@pytest.mark.parametrize("name,op,path,dtype", _mla_params())
+def test_mla_forms(name, op, path, dtype, generator, monkeypatch):
+    """The absorbed MLA ops on the torch backend in each form, on every case of test_mla (mixed ranks with rank 0
+    and -1 tokens, odd sizes, one head and twelve, ranks to 512, a page table wider than any rank, strided engine
+    views, every slots form), against the float64 reference."""
+    from test_mla import CASES, make_mla_case, run
+
+    monkeypatch.setenv("LORAKERN_TORCH_PATH", path)
+    monkeypatch.delenv("LORAKERN_BACKEND", raising=False)
+    run(make_mla_case(generator, dtype=dtype, **CASES[name]), op, "torch", generator)
+
+
+@pytest.mark.parametrize("op", ["q", "o"])
+def test_mla_sequences_as_slices(op, generator, monkeypatch):
+    """Sequences of consecutive tokens per adapter (one adapter's two sequences apart): the segment form adds the
+    consecutive ones to their slice of the output in place; the result is the reference's."""
+    from test_mla import make_mla_case, run
+
+    monkeypatch.setenv("LORAKERN_TORCH_PATH", "segment")
+    monkeypatch.delenv("LORAKERN_BACKEND", raising=False)
+    case = make_mla_case(generator, T=34, H=3, C=40, Dn=12, Dv=20, ranks=[6, 0, 11, 3], num_adapters=4)
+    slots = _sequences([7, 5, 6, 8, 5, 3], [2, 0, -1, 3, 2, 1]).to(DEVICE)
+    case.slots = slots
+    case.slots_arg = slots
+    split = TB._split(case.lora.page_table, case.lora.ranks, None, slots, 1, 1)
+    # slot 0 one run, slot 2 two (not a slice), slot 3 one; slot 1 has rank 0 (nothing to do)
+    assert [seg[5] for seg in split.segs] == [(7, 12), None, (18, 26)]
+    run(case, op, "torch", generator)

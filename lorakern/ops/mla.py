@@ -26,8 +26,9 @@ need unit stride along their width (a copy is made otherwise).
 
 Errors as for the dense ops: wrong dtype → ``TypeError``, wrong shape or value → ``ValueError``, a backend that
 cannot run → ``RuntimeError``; all raised before anything is written. Backends: ``torch``
-(:mod:`lorakern.reference_mla`), ``triton`` (:mod:`lorakern.triton.mla`) and ``cuda`` (the dense gather kernel in
-its MoE mode with the heads as experts: :func:`lorakern.cuda_backend.mla_absorbed_q`).
+(:func:`lorakern.torch_backend.mla_absorbed_q`, the vectorised form of :mod:`lorakern.reference_mla`),
+``triton`` (:mod:`lorakern.triton.mla`) and ``cuda`` (the dense gather kernel in its MoE mode with the heads as
+experts: :func:`lorakern.cuda_backend.mla_absorbed_q`).
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ from typing import Optional
 
 import torch
 
-from lorakern import reference_mla
+from lorakern import torch_backend
 from lorakern.backends import select_backend
 from lorakern.ops import _dispatch
 from lorakern.ops import _validate as V
@@ -141,7 +142,7 @@ def _mla_absorbed_q_op(
     if q_latent.shape[0] == 0:
         return
     if backend == "torch":
-        reference_mla.mla_absorbed_q(q_latent, q_nope, lora_a, lora_b, page_table, ranks, scales, slots)
+        torch_backend.mla_absorbed_q(q_latent, q_nope, lora_a, lora_b, page_table, ranks, scales, slots)
     elif backend == "triton":
         from lorakern.triton import mla as tk
 
@@ -180,7 +181,7 @@ def _mla_absorbed_o_op(
     if out.shape[0] == 0:
         return
     if backend == "torch":
-        reference_mla.mla_absorbed_o(out, o_latent, lora_a, lora_b, page_table, ranks, scales, slots)
+        torch_backend.mla_absorbed_o(out, o_latent, lora_a, lora_b, page_table, ranks, scales, slots)
     elif backend == "triton":
         from lorakern.triton import mla as tk
 
