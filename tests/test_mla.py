@@ -427,7 +427,7 @@ def test_deepseek_v3_shapes_gpu(backend, op, dtype, generator):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("op", OPS)
-@pytest.mark.parametrize("backend", COMPILED_BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_cuda_graph_replays_another_mix_gpu(backend, op, generator):
     """Captured once with a static plan and one adapter mix, replayed after plan.update with a mix of more
     adapters and other ranks: every replay matches the oracle (the grid is sized for the worst case)."""
