@@ -20,8 +20,8 @@ Here the tokens are split once, on one host read, into
 
 Both feed one write per slice, ``out[tok, slice] = (out[tok, slice] + delta)`` rounded to ``out``'s dtype once, the
 delta formed in the accumulation type (:func:`lorakern.reference.acc_dtype`), as the reference does; a segment whose
-tokens are consecutive (a sequence's prefill) is added to its slice of ``out`` in place instead, rounded the same
-way. Only tokens with a slot and a rank above 0 are written; the rest stay as they were, bit for bit.
+tokens make a few runs of consecutive tokens (a sequence's prefill is one; :data:`MIN_RUN`) reads ``x`` and adds to
+``out`` run by run, in place, rounded the same way. Only tokens with a slot and a rank above 0 are written; the rest stay as they were, bit for bit.
 
 ``add_lora_moe`` runs the same code over the ``T · topk`` (token, expert) pairs, grouped by (slot, expert), with the
 packed weights ``[rows, E, ·]`` read as ``[rows · E, ·]`` and each pair's routed weight on its delta.
@@ -62,6 +62,10 @@ _GATHER_BUDGET_OTHER = 1 << 24
 #: development CPU: ~18 us per adapter and slice against ~0.25 ns per gathered element; 2^16 to 2^18 were within
 #: the noise of each other on 9 shapes); the other is a guess (a launch, ~5 us, against HBM bandwidth), not measured
 SEGMENT_OVERHEAD = {"cpu": 1 << 16}
+#: a segment whose rows make runs of at least this many consecutive rows on average is read and written run by
+#: run (slices, no gather and no indexed write); one run is a sequence's prefill, several are the sequences of one
+#: adapter in a batch
+MIN_RUN = 8
 _SEGMENT_OVERHEAD_OTHER = 1 << 22
 
 
@@ -80,8 +84,9 @@ class _Split:
     g_bound: int = 0
     # the static form: g_tok covers every row; g_live marks those to write
     g_live: Optional[torch.Tensor] = None
-    # segments, one per (slot, expert) computed by matmul: (row ids long [n], slot, expert, rank, scale,
-    # (lo, hi) when the rows are lo..hi-1, else None)
+    # segments, one per (slot, expert) computed by matmul: (row ids long [n], slot, expert, rank, scale, runs):
+    # runs = [(lo, hi), ...] the row ranges lo..hi-1 the segment's rows make, in order, when they are one run or
+    # long enough (MIN_RUN rows each on average) to be read and written as slices; else None
     segs: List[tuple] = field(default_factory=list)
 
     @property
@@ -135,14 +140,13 @@ def _split(page_table, ranks, scales, slots, width: int, num_slices: int, max_co
     tok, st, rt, key = tok[order], st[order], rt[order], key[order]
     et = et[order] if et is not None else None
     uniq, counts = torch.unique_consecutive(key, return_counts=True)
-    ends = counts.cumsum(0)
     u_slot = uniq // E
-    facts = [u_slot, uniq % E, counts, ranks[u_slot].long().clamp(0, R), tok[ends - counts], tok[ends - 1]]
+    facts = [u_slot, uniq % E, counts, ranks[u_slot].long().clamp(0, R)]
     if scales is not None:
         facts.append(scales[u_slot])
     facts = torch.stack([f.double() for f in facts]).tolist()  # one host read (integers exact in float64)
-    u_l, e_l, c_l, r_l, first, last = ([int(v) for v in f] for f in facts[:6])
-    s_l = facts[6] if scales is not None else [1.0] * len(u_l)
+    u_l, e_l, c_l, r_l = ([int(v) for v in f] for f in facts[:4])
+    s_l = facts[4] if scales is not None else [1.0] * len(u_l)
     bound = max(r_l)
     overhead = SEGMENT_OVERHEAD.get(slots.device.type, _SEGMENT_OVERHEAD_OTHER)
     seg_of = [forced == "segment" or (not forced and _segment_pays(c, r, bound, width, num_slices, overhead))
@@ -151,10 +155,23 @@ def _split(page_table, ranks, scales, slots, width: int, num_slices: int, max_co
     if not any(seg_of):
         out.g_tok, out.g_slot, out.g_exp, out.g_rank, out.g_bound = tok, st, et, rt, bound
         return out
+    # runs of consecutive rows within each group (a sequence's prefill is one): a segment made of a few long runs
+    # reads its input and writes its output as slices, one per run (a second host read)
+    brk = torch.ones(tok.numel(), dtype=torch.bool, device=tok.device)
+    brk[1:] = (key[1:] != key[:-1]) | (tok[1:] != tok[:-1] + 1)
+    rs = brk.nonzero().squeeze(1)
+    run_pos, run_tok = torch.stack([rs, tok[rs]]).tolist()
+    run_pos.append(tok.numel())
+    j = 0
     start = 0
-    for u, e, c, r, sc_u, f, z, seg in zip(u_l, e_l, c_l, r_l, s_l, first, last, seg_of):
-        if seg:  # a segment whose rows are consecutive (a sequence's prefill) is written as a slice
-            out.segs.append((tok[start:start + c], u, e, r, sc_u, (f, z + 1) if z - f + 1 == c else None))
+    for u, e, c, r, sc_u, seg in zip(u_l, e_l, c_l, r_l, s_l, seg_of):
+        runs = []
+        while run_pos[j] < start + c:
+            runs.append((run_tok[j], run_tok[j] + run_pos[j + 1] - run_pos[j]))
+            j += 1
+        if seg:
+            out.segs.append((tok[start:start + c], u, e, r, sc_u,
+                             runs if len(runs) == 1 or c >= MIN_RUN * len(runs) else None))
         start += c
     if not all(seg_of):
         keep = torch.repeat_interleave(torch.tensor([not v for v in seg_of], device=tok.device), counts)
@@ -245,12 +262,28 @@ def _write_all(out, slice_offsets, toks, deltas, acc, live) -> None:
         _write(out, off, tok, d, acc, live)
 
 
-def _seg_delta(out, rng, off: int, delta, collected: list) -> None:
-    """A segment's delta of one slice: added in place when its rows are the slice ``rng`` of ``out`` (in out's
-    dtype, computed in the accumulation type: rounded once, as :func:`_write` does), else kept for
-    :func:`_write_all`."""
-    if rng:
-        out[rng[0]:rng[1], off:off + delta.shape[1]].add_(delta)
+def _seg_rows_of(t, tok, runs):
+    """A segment's rows of ``t`` (along its first dimension): a slice when they are one run, else gathered."""
+    if runs is not None and len(runs) == 1:
+        return t[runs[0][0]:runs[0][1]]
+    return t[tok]
+
+
+def _seg_add(dst, runs, delta, cols=None) -> None:
+    """``dst[run rows(, cols)] += delta`` run by run, in place: in dst's dtype, computed in the accumulation type
+    (rounded once, as :func:`_write` does)."""
+    i = 0
+    for lo, hi in runs:
+        d = delta[i:i + hi - lo]
+        (dst[lo:hi] if cols is None else dst[lo:hi, cols]).add_(d)
+        i += hi - lo
+
+
+def _seg_delta(out, runs, off: int, delta, collected: list) -> None:
+    """A segment's delta of one slice: added in place run by run (:func:`_seg_add`) when it has runs, else kept
+    for :func:`_write_all`."""
+    if runs is not None:
+        _seg_add(out, runs, delta, slice(off, off + delta.shape[1]))
     else:
         collected.append(delta)
 
@@ -287,18 +320,14 @@ def _add(out, x, x_index, lora_a, lora_b, page_table, ranks, scales, slots, slic
                 deltas[i].append(_expand_gathered(y, b, rows, live, sc, acc))
             toks.append(tok)
             continue
-        tok, u, e, r, sc, rng = split.segs[unit[1]]
+        tok, u, e, r, sc, runs = split.segs[unit[1]]
         rows = _seg_rows(page_table, u, e, r, E)
-        if x_index is not None:
-            xs = x[x_index[tok]]
-        else:
-            xs = x[rng[0]:rng[1]] if rng else x[tok]
-        xs = xs.to(acc)
-        w = None if weights is None else (weights[rng[0]:rng[1]] if rng else weights[tok]).to(acc).unsqueeze(1)
+        xs = (x[x_index[tok]] if x_index is not None else _seg_rows_of(x, tok, runs)).to(acc)
+        w = None if weights is None else _seg_rows_of(weights, tok, runs).to(acc).unsqueeze(1)
         for i, (a, b, off) in enumerate(zip(lora_a, lora_b, slice_offsets)):
             d = (xs @ a.index_select(0, rows).to(acc).T @ b.index_select(0, rows).to(acc)) * sc
-            _seg_delta(out, rng, off, d if w is None else d * w, deltas[i])
-        if not rng:
+            _seg_delta(out, runs, off, d if w is None else d * w, deltas[i])
+        if runs is None:
             toks.append(tok)
     _write_all(out, slice_offsets, toks, deltas, acc, split.g_live)
 
@@ -357,13 +386,13 @@ def lora_shrink(x, lora_a: Sequence[torch.Tensor], page_table, ranks, slots, out
             for i, a in enumerate(lora_a):
                 y_all[i, :, :split.g_bound].index_copy_(0, tok, _shrink_gathered(xa, a, rows, live, acc))
         else:
-            tok, u, _, r, _, rng = split.segs[unit[1]]
+            tok, u, _, r, _, runs = split.segs[unit[1]]
             rows = _seg_rows(page_table, u, 0, r, 1)
-            xs = (x[rng[0]:rng[1]] if rng else x[tok]).to(acc)
+            xs = _seg_rows_of(x, tok, runs).to(acc)
             for i, a in enumerate(lora_a):
                 yi = xs @ a.index_select(0, rows).to(acc).T
-                if rng:
-                    y_all[i, rng[0]:rng[1], :r] = yi
+                if runs is not None:
+                    _seg_add(y_all[i, :, :r], runs, yi)  # (y_all is zero there: the add is the value)
                 else:
                     y_all[i, :, :r].index_copy_(0, tok, yi)
     if y_all is not out:
@@ -394,12 +423,12 @@ def lora_expand(out, y, lora_b: Sequence[torch.Tensor], page_table, ranks, scale
                 deltas[i].append(_expand_gathered(yi, b, rows, live, sc, acc))
             toks.append(tok)
             continue
-        tok, u, _, r, sc, rng = split.segs[unit[1]]
+        tok, u, _, r, sc, runs = split.segs[unit[1]]
         rows = _seg_rows(page_table, u, 0, r, 1)
         for i, (b, off) in enumerate(zip(lora_b, slice_offsets)):
-            yi = (y[i, rng[0]:rng[1], :r] if rng else y[i, tok, :r]).to(acc)
-            _seg_delta(out, rng, off, (yi @ b.index_select(0, rows).to(acc)) * sc, deltas[i])
-        if not rng:
+            yi = _seg_rows_of(y[i, :, :r], tok, runs).to(acc)
+            _seg_delta(out, runs, off, (yi @ b.index_select(0, rows).to(acc)) * sc, deltas[i])
+        if runs is None:
             toks.append(tok)
     _write_all(out, slice_offsets, toks, deltas, acc, split.g_live)
     return out
@@ -444,17 +473,17 @@ def _mla(kind: str, dst, src, lora_a, lora_b, page_table, ranks, scales, slots, 
             deltas.append(d if sc is None else d * sc.view(-1, 1, 1))
             toks.append(tok)
             continue
-        tok, u, _, r, sc, rng = split.segs[unit[1]]  # one adapter's tokens: its rows once, as the reference
+        tok, u, _, r, sc, runs = split.segs[unit[1]]  # one adapter's tokens: its rows once, as the reference
         rows = _seg_rows(page_table, u, 0, r, 1)
-        s_rows = (src[rng[0]:rng[1]] if rng else src[tok]).to(acc)
+        s_rows = _seg_rows_of(src, tok, runs).to(acc)
         A = lora_a.index_select(0, rows).to(acc)
         B = b_part.index_select(0, rows).to(acc)
         if kind == "q":
             d = torch.einsum("thr,rc->thc", torch.einsum("thd,rhd->thr", s_rows, B), A) * sc
         else:
             d = torch.einsum("thr,rhv->thv", torch.einsum("thc,rc->thr", s_rows, A), B) * sc
-        if rng:  # in place, rounded once (see _seg_delta)
-            dst[rng[0]:rng[1]].add_(d)
+        if runs is not None:  # in place, rounded once
+            _seg_add(dst, runs, d)
         else:
             deltas.append(d)
             toks.append(tok)

@@ -76,7 +76,7 @@ def test_both_forms_in_one_call(slots_form, generator, monkeypatch):
     L = case.lora
     split = TB._split(L.page_table, L.ranks, L.scales, case.slots.to(DEVICE), 2 * 64 + 64, 2)
     assert split.g_tok is not None and len(split.segs) == 1 and split.segs[0][1] == 3
-    assert split.segs[0][5] is None  # its tokens are in two runs: not a slice
+    assert split.segs[0][5] == [(4, 29), (33, 48)]  # its tokens in two runs of 25 and 15: written run by run
     assert sorted(split.g_tok.tolist()) == [i for i, s in enumerate(slots.tolist()) if s not in (-1, 3)]
     _run_all(case, generator)
 
@@ -193,7 +193,7 @@ def test_moe_segments_as_slices(form, weights, generator, monkeypatch):
     ids = torch.cat([torch.full((n,), e) for n, e in zip([6, 5, 4, 7], [3, 1, 0, 3])]).view(-1, 1)
     T = slots.numel()
     split = TB._split(L.page_table, L.ranks, None, slots.long(), 1, 1, experts=ids.view(-1), E=E)
-    assert [seg[5] for seg in split.segs] == [(0, 6), (15, 22), (6, 11)]  # by (slot, expert): 0·4+3, 1·4+3, 2·4+1
+    assert [seg[5] for seg in split.segs] == [[(0, 6)], [(15, 22)], [(6, 11)]]  # by (slot, expert): 3, 7, 9
     w = torch.rand(T, 1, generator=g) + 0.5 if weights else None
     run(L, _x(g, T, 1, K, form, torch.float32), ids, slots, backend="torch", dtype=torch.float32,
         weights=None if w is None else w.to(DEVICE), g=g)
@@ -227,17 +227,21 @@ def test_mla_forms(name, op, path, dtype, generator, monkeypatch):
 
 @pytest.mark.parametrize("op", ["q", "o"])
 def test_mla_sequences_as_slices(op, generator, monkeypatch):
-    """Sequences of consecutive tokens per adapter (one adapter's two sequences apart): the segment form adds the
-    consecutive ones to their slice of the output in place; the result is the reference's."""
+    """Sequences of consecutive tokens per adapter (one adapter's two sequences apart): the segment form adds
+    runs of consecutive tokens to their slices of the output in place; the result is the reference's."""
     from test_mla import make_mla_case, run
 
     monkeypatch.setenv("LORAKERN_TORCH_PATH", "segment")
     monkeypatch.delenv("LORAKERN_BACKEND", raising=False)
-    case = make_mla_case(generator, T=34, H=3, C=40, Dn=12, Dv=20, ranks=[6, 0, 11, 3], num_adapters=4)
-    slots = _sequences([7, 5, 6, 8, 5, 3], [2, 0, -1, 3, 2, 1]).to(DEVICE)
-    case.slots = slots
-    case.slots_arg = slots
-    split = TB._split(case.lora.page_table, case.lora.ranks, None, slots, 1, 1)
-    # slot 0 one run, slot 2 two (not a slice), slot 3 one; slot 1 has rank 0 (nothing to do)
-    assert [seg[5] for seg in split.segs] == [(7, 12), None, (18, 26)]
-    run(case, op, "torch", generator)
+    for lengths, want in (([7, 5, 6, 8, 5, 3], [[(7, 12)], None, [(18, 26)]]),
+                          ([9, 5, 6, 8, 9, 3], [[(9, 14)], [(0, 9), (28, 37)], [(20, 28)]])):
+        # slot 0 one run; slot 2 two runs: short (7 + 5: gathered, written by index) or long enough (9 + 9:
+        # run by run); slot 3 one; slot 1 has rank 0 (nothing to do)
+        slots = _sequences(lengths, [2, 0, -1, 3, 2, 1]).to(DEVICE)
+        case = make_mla_case(generator, T=slots.numel(), H=3, C=40, Dn=12, Dv=20, ranks=[6, 0, 11, 3],
+                             num_adapters=4)
+        case.slots = slots
+        case.slots_arg = slots
+        split = TB._split(case.lora.page_table, case.lora.ranks, None, slots, 1, 1)
+        assert [seg[5] for seg in split.segs] == want
+        run(case, op, "torch", generator)
