@@ -7,7 +7,8 @@ on a CPU, where each op costs microseconds of dispatch, a decode step over 16 di
 ``add_lora`` (the demo's decode ran at +862 % over the base model); on a GPU every slot also cost host
 synchronisations (``unique().tolist()``, ``int(ranks[s])``), so it could not be captured in a CUDA graph.
 
-Here the tokens are split once, on one host read, into
+Here the tokens are split once, on one host read (two when there are segments: their runs of consecutive tokens),
+into
 
 * **gathered tokens** (adapters with few tokens in the batch): every token's rank rows are gathered through the
   page table, padded to the largest rank among them (``[m, R_b, K]`` and ``[m, R_b, N_i]``), and multiplied with
@@ -21,7 +22,8 @@ Here the tokens are split once, on one host read, into
 Both feed one write per slice, ``out[tok, slice] = (out[tok, slice] + delta)`` rounded to ``out``'s dtype once, the
 delta formed in the accumulation type (:func:`lorakern.reference.acc_dtype`), as the reference does; a segment whose
 tokens make a few runs of consecutive tokens (a sequence's prefill is one; :data:`MIN_RUN`) reads ``x`` and adds to
-``out`` run by run, in place, rounded the same way. Only tokens with a slot and a rank above 0 are written; the rest stay as they were, bit for bit.
+``out`` run by run, in place, rounded the same way. Only tokens with a slot and a rank above 0 are written; the rest
+stay as they were, bit for bit.
 
 ``add_lora_moe`` runs the same code over the ``T · topk`` (token, expert) pairs, grouped by (slot, expert), with the
 packed weights ``[rows, E, ·]`` read as ``[rows · E, ·]`` and each pair's routed weight on its delta.
@@ -49,7 +51,8 @@ import torch
 from lorakern.ops import _validate
 from lorakern.reference import acc_dtype
 
-__all__ = ["add_lora", "add_lora_moe", "lora_shrink", "lora_expand", "mla_absorbed_q", "mla_absorbed_o", "GATHER_BUDGET", "SEGMENT_OVERHEAD"]
+__all__ = ["add_lora", "add_lora_moe", "lora_shrink", "lora_expand", "mla_absorbed_q", "mla_absorbed_o",
+           "GATHER_BUDGET", "SEGMENT_OVERHEAD", "MIN_RUN"]
 
 #: largest gathered weight block (elements) of one chunk of tokens, ``m · R_b · max(K, N_i)``, per device type:
 #: on a CPU a block that stays in cache (measured on the 2-core development CPU, 256 one-token adapters of rank 16
@@ -128,7 +131,7 @@ def _split(page_table, ranks, scales, slots, width: int, num_slices: int, max_co
     if forced == "static" or _validate._capturing(slots.device):
         return _Split(g_tok=torch.arange(T, device=slots.device), g_slot=sc, g_exp=experts,
                       g_rank=torch.where(live, rk, 0), g_bound=R, g_live=live)
-    tok = live.nonzero().squeeze(1)  # (the one host synchronisation on a GPU, with the reads below)
+    tok = live.nonzero().squeeze(1)  # (a host synchronisation on a GPU, as are the reads below)
     if tok.numel() == 0:
         return _Split()
     st, rt = sc[tok], rk[tok]
