@@ -221,7 +221,7 @@ def _shrink_gathered(xa, a, rows, live, acc):
     m, Rb = live.shape
     A = a.index_select(0, rows).to(acc).view(m, Rb, a.shape[1])
     y = torch.bmm(xa.unsqueeze(1), A.transpose(1, 2)).squeeze(1)
-    return torch.where(live, y, torch.zeros((), dtype=acc, device=y.device))
+    return torch.where(live, y, 0.0)
 
 
 def _expand_gathered(y, b, rows, live, scale, acc):
@@ -242,27 +242,25 @@ def _row_scales(scales, slot_ids, weights, tok, acc):
     return w if sc is None else sc * w
 
 
-def _write(out, off: int, tok, delta, acc, live=None) -> None:
-    """``out[tok, off:off+N] = (out[tok, off:off+N] + delta)`` rounded once; with ``live`` (the static form:
-    ``tok`` is every row) only where ``live``."""
-    n = delta.shape[1]
-    view = out[:, off:off + n]
+def _write(dst, tok, delta, acc, live=None) -> None:
+    """``dst[tok] = (dst[tok] + delta)`` along ``dst``'s first dimension, rounded once; with ``live`` (the static
+    form: ``tok`` is every row) only where ``live``. ``dst`` is any view (a slice's columns of ``out``, MLA's
+    ``[T, H, D]``)."""
     if live is not None:
-        new = (view.to(acc) + delta).to(out.dtype)
-        view.copy_(torch.where(live.unsqueeze(1), new, view))
+        new = (dst.to(acc) + delta).to(dst.dtype)
+        dst.copy_(torch.where(live.view(-1, *[1] * (dst.dim() - 1)), new, dst))
         return
-    new = (view[tok].to(acc) + delta).to(out.dtype)
-    view.index_copy_(0, tok, new)
+    dst.index_copy_(0, tok, (dst[tok].to(acc) + delta).to(dst.dtype))
 
 
-def _write_all(out, slice_offsets, toks, deltas, acc, live) -> None:
-    """The collected deltas (gathered rows and segments that are not slices) into ``out``, one write per slice."""
+def _write_all(dsts, toks, deltas, acc, live) -> None:
+    """The collected deltas (gathered rows and segments that are not runs) into each destination ``dsts[i]``
+    (one per slice), one write each."""
     if not toks:
         return
     tok = toks[0] if len(toks) == 1 else torch.cat(toks)
-    for i, off in enumerate(slice_offsets):
-        d = deltas[i][0] if len(deltas[i]) == 1 else torch.cat(deltas[i])
-        _write(out, off, tok, d, acc, live)
+    for dst, ds in zip(dsts, deltas):
+        _write(dst, tok, ds[0] if len(ds) == 1 else torch.cat(ds), acc, live)
 
 
 def _seg_rows_of(t, tok, runs):
@@ -272,23 +270,27 @@ def _seg_rows_of(t, tok, runs):
     return t[tok]
 
 
-def _seg_add(dst, runs, delta, cols=None) -> None:
-    """``dst[run rows(, cols)] += delta`` run by run, in place: in dst's dtype, computed in the accumulation type
-    (rounded once, as :func:`_write` does)."""
+def _seg_add(dst, runs, delta) -> None:
+    """``dst[run rows] += delta`` run by run, in place: in dst's dtype, computed in the accumulation type (rounded
+    once, as :func:`_write` does)."""
     i = 0
     for lo, hi in runs:
-        d = delta[i:i + hi - lo]
-        (dst[lo:hi] if cols is None else dst[lo:hi, cols]).add_(d)
+        dst[lo:hi].add_(delta[i:i + hi - lo])
         i += hi - lo
 
 
-def _seg_delta(out, runs, off: int, delta, collected: list) -> None:
-    """A segment's delta of one slice: added in place run by run (:func:`_seg_add`) when it has runs, else kept
-    for :func:`_write_all`."""
+def _seg_delta(dst, runs, delta, collected: list) -> None:
+    """A segment's delta for destination ``dst``: added in place run by run (:func:`_seg_add`) when it has runs,
+    else kept for :func:`_write_all`."""
     if runs is not None:
-        _seg_add(out, runs, delta, slice(off, off + delta.shape[1]))
+        _seg_add(dst, runs, delta)
     else:
         collected.append(delta)
+
+
+def _slice_views(out, slice_offsets, lora_b):
+    """Each slice's columns of ``out``: the destinations of the dense ops' writes."""
+    return [out[:, off:off + b.shape[1]] for off, b in zip(slice_offsets, lora_b)]
 
 
 def _parts(split: _Split, width: int):
@@ -309,6 +311,7 @@ def _add(out, x, x_index, lora_a, lora_b, page_table, ranks, scales, slots, slic
     if split.empty:
         return
     num_rows = lora_a[0].shape[0] // E
+    views = _slice_views(out, slice_offsets, lora_b)
     deltas = [[] for _ in lora_b]
     toks = []
     for unit in _parts(split, max([K] + widths)):
@@ -327,12 +330,12 @@ def _add(out, x, x_index, lora_a, lora_b, page_table, ranks, scales, slots, slic
         rows = _seg_rows(page_table, u, e, r, E)
         xs = (x[x_index[tok]] if x_index is not None else _seg_rows_of(x, tok, runs)).to(acc)
         w = None if weights is None else _seg_rows_of(weights, tok, runs).to(acc).unsqueeze(1)
-        for i, (a, b, off) in enumerate(zip(lora_a, lora_b, slice_offsets)):
+        for i, (a, b) in enumerate(zip(lora_a, lora_b)):
             d = (xs @ a.index_select(0, rows).to(acc).T @ b.index_select(0, rows).to(acc)) * sc
-            _seg_delta(out, runs, off, d if w is None else d * w, deltas[i])
+            _seg_delta(views[i], runs, d if w is None else d * w, deltas[i])
         if runs is None:
             toks.append(tok)
-    _write_all(out, slice_offsets, toks, deltas, acc, split.g_live)
+    _write_all(views, toks, deltas, acc, split.g_live)
 
 
 def add_lora(out, x, lora_a: Sequence[torch.Tensor], lora_b: Sequence[torch.Tensor], page_table, ranks,
@@ -412,9 +415,9 @@ def lora_expand(out, y, lora_b: Sequence[torch.Tensor], page_table, ranks, scale
     if split.empty:
         return out
     num_rows = lora_b[0].shape[0]
+    views = _slice_views(out, slice_offsets, lora_b)
     deltas = [[] for _ in lora_b]
     toks = []
-    zero = torch.zeros((), dtype=acc, device=y.device)
     for unit in _parts(split, max(widths)):
         if unit[0] == "g":
             _, lo, hi = unit
@@ -422,18 +425,18 @@ def lora_expand(out, y, lora_b: Sequence[torch.Tensor], page_table, ranks, scale
             rows, live = _gather_rows(page_table, split, lo, hi, num_rows)
             sc = _row_scales(scales, split.g_slot[lo:hi], None, tok, acc)
             for i, b in enumerate(lora_b):
-                yi = torch.where(live, y[i, tok, :split.g_bound].to(acc), zero)
+                yi = torch.where(live, y[i, tok, :split.g_bound].to(acc), 0.0)
                 deltas[i].append(_expand_gathered(yi, b, rows, live, sc, acc))
             toks.append(tok)
             continue
         tok, u, _, r, sc, runs = split.segs[unit[1]]
         rows = _seg_rows(page_table, u, 0, r, 1)
-        for i, (b, off) in enumerate(zip(lora_b, slice_offsets)):
+        for i, b in enumerate(lora_b):
             yi = _seg_rows_of(y[i, :, :r], tok, runs).to(acc)
-            _seg_delta(out, runs, off, (yi @ b.index_select(0, rows).to(acc)) * sc, deltas[i])
+            _seg_delta(views[i], runs, (yi @ b.index_select(0, rows).to(acc)) * sc, deltas[i])
         if runs is None:
             toks.append(tok)
-    _write_all(out, slice_offsets, toks, deltas, acc, split.g_live)
+    _write_all(views, toks, deltas, acc, split.g_live)
     return out
 
 
@@ -451,12 +454,11 @@ def _mla(kind: str, dst, src, lora_a, lora_b, page_table, ranks, scales, slots, 
     if split.empty:
         return
     num_rows = lora_a.shape[0]
-    zero = torch.zeros((), dtype=acc, device=dst.device)
     # each head's B_K (q) or B_V (o) as a strided view [rows, H, D]: only that part of a rank row is gathered
     heads = lora_b.view(num_rows, H, per_head)
     b_part = heads[:, :, :Dn] if kind == "q" else heads[:, :, Dn:]
 
-    deltas, toks = [], []
+    deltas, toks = [[]], []
     for unit in _parts(split, per_head * H + C):
         if unit[0] == "g":  # per token: its own rank rows (elementwise products and sums: no permuted copies)
             _, lo, hi = unit
@@ -467,13 +469,13 @@ def _mla(kind: str, dst, src, lora_a, lora_b, page_table, ranks, scales, slots, 
             B = b_part.index_select(0, rows).to(acc).view(m, Rb, H, b_part.shape[2])
             s_rows = src[tok].to(acc)
             if kind == "q":  # y[n, r, h] = q_nope[n, h] · B_K[n, r, h]; delta = y^T @ A
-                y = torch.where(live.unsqueeze(2), (B * s_rows.unsqueeze(1)).sum(-1), zero)
+                y = torch.where(live.unsqueeze(2), (B * s_rows.unsqueeze(1)).sum(-1), 0.0)
                 d = torch.bmm(y.transpose(1, 2), A)
             else:  # y[n, h, r] = o_latent[n, h] · A[n, r]; delta[n, h] = sum_r y[n, h, r] B_V[n, r, h]
-                y = torch.where(live.unsqueeze(1), torch.bmm(s_rows, A.transpose(1, 2)), zero)
+                y = torch.where(live.unsqueeze(1), torch.bmm(s_rows, A.transpose(1, 2)), 0.0)
                 d = (B * y.transpose(1, 2).unsqueeze(3)).sum(1)
             sc = _row_scales(scales, split.g_slot[lo:hi], None, tok, acc)
-            deltas.append(d if sc is None else d * sc.view(-1, 1, 1))
+            deltas[0].append(d if sc is None else d * sc.view(-1, 1, 1))
             toks.append(tok)
             continue
         tok, u, _, r, sc, runs = split.segs[unit[1]]  # one adapter's tokens: its rows once, as the reference
@@ -485,20 +487,10 @@ def _mla(kind: str, dst, src, lora_a, lora_b, page_table, ranks, scales, slots, 
             d = torch.einsum("thr,rc->thc", torch.einsum("thd,rhd->thr", s_rows, B), A) * sc
         else:
             d = torch.einsum("thr,rhv->thv", torch.einsum("thc,rc->thr", s_rows, A), B) * sc
-        if runs is not None:  # in place, rounded once
-            _seg_add(dst, runs, d)
-        else:
-            deltas.append(d)
+        _seg_delta(dst, runs, d, deltas[0])
+        if runs is None:
             toks.append(tok)
-    if not toks:
-        return
-    tok = toks[0] if len(toks) == 1 else torch.cat(toks)
-    d = deltas[0] if len(deltas) == 1 else torch.cat(deltas)
-    if split.g_live is not None:  # the static form: every row, written where live
-        new = (dst.to(acc) + d).to(dst.dtype)
-        dst.copy_(torch.where(split.g_live.view(-1, 1, 1), new, dst))
-    else:
-        dst.index_copy_(0, tok, (dst[tok].to(acc) + d).to(dst.dtype))
+    _write_all([dst], toks, deltas, acc, split.g_live)
 
 
 def mla_absorbed_q(q_latent, q_nope, lora_a, lora_b, page_table, ranks, scales, slots) -> torch.Tensor:
