@@ -43,16 +43,18 @@ against the float64 oracle on every case of DESIGN.md §6).
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass, field
 from typing import List, Optional, Sequence
 
 import torch
+import torch.nn.functional as F
 
 from lorakern.ops import _validate
 from lorakern.reference import acc_dtype
 
 __all__ = ["add_lora", "add_lora_moe", "lora_shrink", "lora_expand", "mla_absorbed_q", "mla_absorbed_o",
-           "GATHER_BUDGET", "SEGMENT_OVERHEAD", "MIN_RUN"]
+           "GATHER_BUDGET", "SEGMENT_OVERHEAD", "SEGMENT_OVERHEAD_FLAT", "MIN_RUN", "FLAT_GATHER"]
 
 #: largest gathered weight block (elements) of one chunk of tokens, ``m · R_b · max(K, N_i)``, per device type:
 #: on a CPU a block that stays in cache (measured on the 2-core development CPU, 256 one-token adapters of rank 16
@@ -69,7 +71,18 @@ SEGMENT_OVERHEAD = {"cpu": 1 << 16}
 #: run (slices, no gather and no indexed write); one run is a sequence's prefill, several are the sequences of one
 #: adapter in a batch
 MIN_RUN = 8
+#: device types whose fp32 / fp64 gathered rows run unpadded (:func:`_flat_rows`): a sparse sampled product for
+#: the shrink and ``embedding_bag`` for the expand, which read each token's rank rows once and copy none. On the
+#: development CPU, 16-256 one-token adapters of ranks 4-64 at K = 256, qkv: 4-8x faster than the padded
+#: ``index_select`` + ``bmm`` (whose copies of fresh memory are bound by page faults there). Not measured on a GPU,
+#: so a GPU keeps the padded form
+FLAT_GATHER = {"cpu"}
 _SEGMENT_OVERHEAD_OTHER = 1 << 22
+#: :data:`SEGMENT_OVERHEAD` where the gathered rows run unpadded (:data:`FLAT_GATHER`): gathering costs less per
+#: element there (no copy), so a group needs more tokens before a segment pays. Measured on the development CPU
+#: (64 tokens in groups of 2-16, ranks 8 and 32, K = 256 and 1024, qkv or one slice, pool views): 2^18 picks the
+#: faster form in every case, 2^16 the slower one in 4 of 16
+SEGMENT_OVERHEAD_FLAT = {"cpu": 1 << 18}
 
 
 @dataclass
@@ -115,10 +128,11 @@ def _segment_pays(count: int, rank: int, bound: int, width: int, num_slices: int
 
 
 def _split(page_table, ranks, scales, slots, width: int, num_slices: int, max_count: int = -1,
-           experts: Optional[torch.Tensor] = None, E: int = 1) -> _Split:
+           experts: Optional[torch.Tensor] = None, E: int = 1, flat: bool = False) -> _Split:
     """Group the rows (module docstring): ``slots`` and ``experts`` (long, per row; None = expert 0) say whose
     weights a row uses. ``max_count`` = the longest segment when a dynamic plan knows it (-1 unknown): at 1 every
-    adapter has one token and the grouping reads back less."""
+    adapter has one token and the grouping reads back less. ``flat``: the gathered rows will run unpadded
+    (:data:`FLAT_GATHER`), which the cost model counts at each group's own rank and its own overhead."""
     forced = _forced_path()  # (a wrong value is refused whatever the batch)
     num_slots, R = page_table.shape
     T = slots.shape[0]
@@ -151,8 +165,9 @@ def _split(page_table, ranks, scales, slots, width: int, num_slices: int, max_co
     u_l, e_l, c_l, r_l = ([int(v) for v in f] for f in facts[:4])
     s_l = facts[4] if scales is not None else [1.0] * len(u_l)
     bound = max(r_l)
-    overhead = SEGMENT_OVERHEAD.get(slots.device.type, _SEGMENT_OVERHEAD_OTHER)
-    seg_of = [forced == "segment" or (not forced and _segment_pays(c, r, bound, width, num_slices, overhead))
+    overhead = (SEGMENT_OVERHEAD_FLAT if flat else SEGMENT_OVERHEAD).get(slots.device.type, _SEGMENT_OVERHEAD_OTHER)
+    seg_of = [forced == "segment" or (not forced and _segment_pays(c, r, r if flat else bound, width, num_slices,
+                                                                   overhead))
               for c, r in zip(c_l, r_l)]
     out = _Split()
     if not any(seg_of):
@@ -184,11 +199,19 @@ def _split(page_table, ranks, scales, slots, width: int, num_slices: int, max_co
     return out
 
 
-def _chunks(split: _Split, width: int):
-    """``(lo, hi)`` ranges of the gathered rows, each gathering at most :data:`GATHER_BUDGET` elements."""
+def _split_for(tabs, *args):
+    """:func:`_split` of ``args`` for the gathered form ``tabs`` (:func:`_flat_tables`) allows; returns the split and
+    ``tabs``, None where the split is the static form (padded, masked)."""
+    split = _split(*args, flat=tabs is not None)
+    return split, (tabs if split.g_live is None else None)
+
+
+def _chunks(split: _Split, width: int, flat: bool = False):
+    """``(lo, hi)`` ranges of the gathered rows, each gathering at most :data:`GATHER_BUDGET` elements (flat: each
+    making a delta of at most that many: nothing is gathered)."""
     m = split.g_tok.shape[0]
     budget = GATHER_BUDGET.get(split.g_tok.device.type, _GATHER_BUDGET_OTHER)
-    step = max(1, budget // max(1, split.g_bound * max(1, width)))
+    step = max(1, budget // max(1, (1 if flat else split.g_bound) * max(1, width)))
     return [(lo, min(m, lo + step)) for lo in range(0, m, step)]
 
 
@@ -211,6 +234,81 @@ def _gather_rows(page_table, split: _Split, lo: int, hi: int, num_rows: int, E: 
 def _seg_rows(page_table, u: int, e: int, r: int, E: int):
     rows = page_table[u, :r].long()
     return rows * E + e if E > 1 else rows
+
+
+def _flat_tables(x, acc, tensors):
+    """Each weight tensor as a table for the unpadded gathered form (:func:`_table`), or None where that form does
+    not run: a device type outside :data:`FLAT_GATHER`, ``x`` or a weight tensor not of the accumulation type
+    itself (fp32 or fp64: the sparse product and ``embedding_bag`` take their operands' dtype and would round a
+    half-precision intermediate), or a weight view that no table covers. (Nor does it run in the static form:
+    :func:`_split_for`.)"""
+    if x.device.type not in FLAT_GATHER or x.dtype != acc:
+        return None
+    tabs = [_table(t) if t.dtype == acc else None for t in tensors]
+    return None if any(t is None for t in tabs) else tabs
+
+
+def _table(t):
+    """``(table, mult)``: a contiguous ``[V, W]`` view of ``t``'s storage with ``t[r] == table[r * mult]``, or None.
+    An adapter pool's weights are column views of one row buffer (row stride = the buffer's width); the sparse
+    product would copy such a view whole per call (measured: 6x slower), so rows are addressed in a table over the
+    same memory whose rows between ``t``'s rows are never read. Needs unit column stride and a row stride that is
+    a multiple of the width."""
+    if t.is_contiguous():
+        return t, 1
+    W = t.shape[1]
+    if t.dim() != 2 or W == 0 or t.stride(1) != 1 or t.stride(0) % W:
+        return None
+    mult = t.stride(0) // W
+    V = (t.untyped_storage().nbytes() // t.element_size() - t.storage_offset()) // W
+    if V < (t.shape[0] - 1) * mult + 1:
+        return None
+    return t.as_strided((V, W), (W, 1), t.storage_offset()), mult
+
+
+def _flat_rows(page_table, split: _Split, lo: int, hi: int, E: int = 1):
+    """The gathered rows ``lo:hi`` unpadded: ``(crow long [m + 1], rows long [n], rep long [n], j long [n])`` with
+    ``n`` = the sum of their ranks; row ``t``'s rank rows are entries ``crow[t]:crow[t + 1]``, entry ``p`` is rank
+    row ``j[p]`` of row ``rep[p]``, weight row ``rows[p]`` of ``[rows · E, ·]``. Only entries below a row's rank
+    are read (dynamic form: every rank is >= 1 and the values were checked)."""
+    rk = split.g_rank[lo:hi]
+    dev = rk.device
+    crow = torch.zeros(hi - lo + 1, dtype=torch.long, device=dev)
+    torch.cumsum(rk, 0, out=crow[1:])
+    rep = torch.repeat_interleave(torch.arange(hi - lo, device=dev), rk)
+    j = torch.arange(rep.shape[0], device=dev) - crow[rep]
+    rows = page_table[split.g_slot[lo:hi][rep], j].long()
+    if split.g_exp is not None:
+        rows = rows * E + split.g_exp[lo:hi][rep]
+    return crow, rows, rep, j
+
+
+_CSR_QUIET = []
+
+
+def _shrink_flat(xa, tab, crow, rows):
+    """``y [n]``: ``y[p] = xa[row of p] · a[rows[p]]``, the sampled product ``xa @ a.T`` at the pairs (a CSR
+    pattern: row ``t`` holds ``rows[crow[t]:crow[t + 1]]``); reads each rank row once and copies none. ``tab`` =
+    ``a``'s :func:`_table`."""
+    a, mult = tab
+    rows = rows if mult == 1 else rows * mult
+    vals = torch.zeros(rows.shape[0], dtype=xa.dtype, device=xa.device)
+    if not _CSR_QUIET:  # torch warns once per process that sparse CSR is a beta feature: not the caller's concern
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            pattern = torch.sparse_csr_tensor(crow, rows, vals, (xa.shape[0], a.shape[0]), check_invariants=False)
+        _CSR_QUIET.append(True)
+    else:
+        pattern = torch.sparse_csr_tensor(crow, rows, vals, (xa.shape[0], a.shape[0]), check_invariants=False)
+    return torch.sparse.sampled_addmm(pattern, xa, a.T, beta=0.0).values()
+
+
+def _expand_flat(y, tab, crow, rows):
+    """``delta [m, N]``: row ``t`` = ``sum_p y[p] · b[rows[p]]`` over its entries (``embedding_bag``: each rank row
+    read once, none copied). ``tab`` = ``b``'s :func:`_table`."""
+    b, mult = tab
+    rows = rows if mult == 1 else rows * mult
+    return F.embedding_bag(rows, b, crow, mode="sum", per_sample_weights=y, include_last_offset=True)
 
 
 def _shrink_gathered(xa, a, rows, live, acc):
@@ -293,9 +391,9 @@ def _slice_views(out, slice_offsets, lora_b):
     return [out[:, off:off + b.shape[1]] for off, b in zip(slice_offsets, lora_b)]
 
 
-def _parts(split: _Split, width: int):
+def _parts(split: _Split, width: int, flat: bool = False):
     """The units of work: ``("g", lo, hi)`` chunks of gathered rows, ``("s", j)`` segments."""
-    units = [("g", lo, hi) for lo, hi in _chunks(split, width)] if split.g_tok is not None else []
+    units = [("g", lo, hi) for lo, hi in _chunks(split, width, flat)] if split.g_tok is not None else []
     return units + [("s", j) for j in range(len(split.segs))]
 
 
@@ -306,24 +404,33 @@ def _add(out, x, x_index, lora_a, lora_b, page_table, ranks, scales, slots, slic
     ``lora_b[i] [rows · E, N_i]`` through ``slots`` and ``experts`` [P]; ``weights`` [P] scales each row's delta."""
     acc = acc_dtype(out, x, *lora_a, *lora_b)
     K, widths = x.shape[1], [b.shape[1] for b in lora_b]
-    split = _split(page_table, ranks, scales, slots, len(lora_a) * K + sum(widths), len(lora_a), max_count,
-                   experts, E)
+    tabs = _flat_tables(x, acc, [*lora_a, *lora_b])
+    split, tabs = _split_for(tabs, page_table, ranks, scales, slots, len(lora_a) * K + sum(widths), len(lora_a),
+                             max_count, experts, E)
     if split.empty:
         return
     num_rows = lora_a[0].shape[0] // E
     views = _slice_views(out, slice_offsets, lora_b)
     deltas = [[] for _ in lora_b]
     toks = []
-    for unit in _parts(split, max([K] + widths)):
+    for unit in _parts(split, max([K] + widths), tabs is not None):
         if unit[0] == "g":
             _, lo, hi = unit
             tok = split.g_tok[lo:hi]
-            rows, live = _gather_rows(page_table, split, lo, hi, num_rows, E)
             xa = x[tok if x_index is None else x_index[tok]].to(acc)
             sc = _row_scales(scales, split.g_slot[lo:hi], weights, tok, acc)
-            for i, (a, b) in enumerate(zip(lora_a, lora_b)):
-                y = _shrink_gathered(xa, a, rows, live, acc)
-                deltas[i].append(_expand_gathered(y, b, rows, live, sc, acc))
+            if tabs is not None:
+                crow, rows, rep, _ = _flat_rows(page_table, split, lo, hi, E)
+                sc = None if sc is None else sc[rep]
+                S = len(lora_a)
+                for i in range(S):
+                    y = _shrink_flat(xa, tabs[i], crow, rows)
+                    deltas[i].append(_expand_flat(y if sc is None else y * sc, tabs[S + i], crow, rows))
+            else:
+                rows, live = _gather_rows(page_table, split, lo, hi, num_rows, E)
+                for i, (a, b) in enumerate(zip(lora_a, lora_b)):
+                    y = _shrink_gathered(xa, a, rows, live, acc)
+                    deltas[i].append(_expand_gathered(y, b, rows, live, sc, acc))
             toks.append(tok)
             continue
         tok, u, e, r, sc, runs = split.segs[unit[1]]
@@ -377,18 +484,24 @@ def lora_shrink(x, lora_a: Sequence[torch.Tensor], page_table, ranks, slots, out
     token's rank and for tokens without LoRA."""
     acc = acc_dtype(x, *lora_a)
     K = x.shape[1]
-    split = _split(page_table, ranks, None, slots, len(lora_a) * K, len(lora_a), max_count)
+    split, tabs = _split_for(_flat_tables(x, acc, lora_a), page_table, ranks, None, slots, len(lora_a) * K,
+                             len(lora_a), max_count)
     if out.dtype == acc:
         y_all = out.zero_()
     else:
         y_all = torch.zeros(out.shape, dtype=acc, device=out.device)
     num_rows = lora_a[0].shape[0] if lora_a else 0
-    for unit in ([] if split.empty else _parts(split, K)):
+    for unit in ([] if split.empty else _parts(split, K, tabs is not None)):
         if unit[0] == "g":
             _, lo, hi = unit
             tok = split.g_tok[lo:hi]
-            rows, live = _gather_rows(page_table, split, lo, hi, num_rows)
             xa = x[tok].to(acc)
+            if tabs is not None:
+                crow, rows, rep, j = _flat_rows(page_table, split, lo, hi)
+                for i, tab in enumerate(tabs):
+                    y_all[i].index_put_((tok[rep], j), _shrink_flat(xa, tab, crow, rows))
+                continue
+            rows, live = _gather_rows(page_table, split, lo, hi, num_rows)
             for i, a in enumerate(lora_a):
                 y_all[i, :, :split.g_bound].index_copy_(0, tok, _shrink_gathered(xa, a, rows, live, acc))
         else:
@@ -411,19 +524,28 @@ def lora_expand(out, y, lora_b: Sequence[torch.Tensor], page_table, ranks, scale
     """:func:`lorakern.reference.lora_expand`, vectorised: ``y`` is read only below each token's rank."""
     acc = acc_dtype(out, y, *lora_b)
     widths = [b.shape[1] for b in lora_b]
-    split = _split(page_table, ranks, scales, slots, sum(widths), len(lora_b), max_count)
+    split, tabs = _split_for(_flat_tables(y, acc, lora_b), page_table, ranks, scales, slots, sum(widths),
+                             len(lora_b), max_count)
     if split.empty:
         return out
     num_rows = lora_b[0].shape[0]
     views = _slice_views(out, slice_offsets, lora_b)
     deltas = [[] for _ in lora_b]
     toks = []
-    for unit in _parts(split, max(widths)):
+    for unit in _parts(split, max(widths), tabs is not None):
         if unit[0] == "g":
             _, lo, hi = unit
             tok = split.g_tok[lo:hi]
-            rows, live = _gather_rows(page_table, split, lo, hi, num_rows)
             sc = _row_scales(scales, split.g_slot[lo:hi], None, tok, acc)
+            if tabs is not None:
+                crow, rows, rep, j = _flat_rows(page_table, split, lo, hi)
+                sc = None if sc is None else sc[rep]
+                for i, tab in enumerate(tabs):
+                    yi = y[i][tok[rep], j]
+                    deltas[i].append(_expand_flat(yi if sc is None else yi * sc, tab, crow, rows))
+                toks.append(tok)
+                continue
+            rows, live = _gather_rows(page_table, split, lo, hi, num_rows)
             for i, b in enumerate(lora_b):
                 yi = torch.where(live, y[i, tok, :split.g_bound].to(acc), 0.0)
                 deltas[i].append(_expand_gathered(yi, b, rows, live, sc, acc))

@@ -49,12 +49,20 @@ def _run_all(case, generator, what=""):
     check_accumulated(case, out, out0, *oracle_add(case, out0, y_in), f"lora_expand {what}")
 
 
+def _no_flat(monkeypatch, flat: bool) -> None:
+    """``flat=False``: the padded gathered form (index_select + bmm) wherever the unpadded one would run."""
+    if not flat:
+        monkeypatch.setattr(TB, "FLAT_GATHER", set())
+
+
+@pytest.mark.parametrize("flat", [True, False], ids=["flat", "padded"])
 @pytest.mark.parametrize("path", PATHS, ids=lambda p: p or "auto")
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
-def test_batches_of_sequences(path, dtype, generator, monkeypatch):
+def test_batches_of_sequences(path, dtype, flat, generator, monkeypatch):
     """Prefill of sequences: each adapter's tokens consecutive (written as slices by the segment form), an adapter
     whose two sequences are apart (not a slice), sequences without LoRA, a rank-0 adapter, padding at the end."""
     monkeypatch.setenv("LORAKERN_TORCH_PATH", path)
+    _no_flat(monkeypatch, flat)
     slots = _sequences([9, 1, 7, 5, 12, 3, 6], [2, 0, -1, 5, 2, 4, 1], T_pad=4)
     case = make_case(generator, T=slots.numel(), K=40, n_sizes=[24, 16, 8], ranks=[16, 0, 5, 1, 9, 13],
                      num_adapters=6, dtype=dtype, slots=slots)
@@ -66,8 +74,9 @@ def test_both_forms_in_one_call(slots_form, generator, monkeypatch):
     """One adapter with many tokens (a segment) among one-token adapters (gathered): the auto split makes both in
     one call (checked on the split itself), and the result is the oracle's."""
     monkeypatch.delenv("LORAKERN_TORCH_PATH", raising=False)
-    monkeypatch.setitem(TB.SEGMENT_OVERHEAD, "cpu", 1 << 12)
-    monkeypatch.setitem(TB.SEGMENT_OVERHEAD, DEVICE.type, 1 << 12)
+    for table in (TB.SEGMENT_OVERHEAD, TB.SEGMENT_OVERHEAD_FLAT):
+        monkeypatch.setitem(table, "cpu", 1 << 12)
+        monkeypatch.setitem(table, DEVICE.type, 1 << 12)
     many = torch.full((40,), 3, dtype=torch.int32)
     few = torch.tensor([0, 1, 2, 4, 5, -1, 6, 7], dtype=torch.int32)
     slots = torch.cat([few[:4], many[:25], few[4:], many[25:]])
@@ -81,15 +90,66 @@ def test_both_forms_in_one_call(slots_form, generator, monkeypatch):
     _run_all(case, generator)
 
 
-def test_gather_in_chunks(generator, monkeypatch):
+@pytest.mark.parametrize("flat", [True, False], ids=["flat", "padded"])
+def test_gather_in_chunks(flat, generator, monkeypatch):
     """A gather budget of a few tokens' rows: many chunks, the same result."""
     monkeypatch.setenv("LORAKERN_TORCH_PATH", "gather")
-    monkeypatch.setitem(TB.GATHER_BUDGET, DEVICE.type, 3 * 16 * 48)  # ~3 tokens per chunk
+    _no_flat(monkeypatch, flat)
+    monkeypatch.setitem(TB.GATHER_BUDGET, DEVICE.type, 3 * (1 if flat else 16) * 48)  # ~3 tokens per chunk
     case = make_case(generator, T=37, K=48, n_sizes=[40, 8], ranks="1-16", num_adapters=9, mix="uniform",
                      none_frac=0.2)
     split = TB._split(case.lora.page_table, case.lora.ranks, None, case.slots, 48, 1)
-    assert len(TB._chunks(split, 48)) >= 8
+    assert len(TB._chunks(split, 48, flat)) >= 8
     _run_all(case, generator)
+
+
+@pytest.mark.parametrize("gap", [0, 7], ids=["row-stride-multiple", "row-stride-other"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=lambda d: str(d)[6:])
+def test_flat_gather_on_pool_views(gap, dtype, generator, monkeypatch):
+    """An adapter pool's weights are column views of one wide row buffer. With a row stride that is a multiple of
+    each width the unpadded form addresses them through a table over the buffer (:func:`_table`); the buffer's
+    other columns hold NaN, so a read of any row between the views' rows would show. With another stride it
+    falls back to the padded form. Either way: the oracle's result."""
+    monkeypatch.setenv("LORAKERN_TORCH_PATH", "gather")
+    K, widths = 32, [32, 16]
+    case = make_case(generator, T=29, K=K, n_sizes=widths, ranks="1-12", num_adapters=11, mix="uniform",
+                     none_frac=0.2, dtype=dtype)
+    L = case.lora
+    parts = [*L.lora_a, *L.lora_b]
+    width = 4 * 32 + gap  # a multiple of 32 and 16, or not
+    buf = torch.full((L.lora_a[0].shape[0], width), float("nan"), dtype=dtype, device=DEVICE)
+    views, col = [], 0 if gap == 0 else 5
+    for t in parts:
+        views.append(buf[:, col:col + t.shape[1]])
+        views[-1].copy_(t)
+        col += t.shape[1]
+    a, b = views[:2], views[2:]
+    tabs = TB._flat_tables(case.x, dtype, views)
+    assert (tabs is not None) == (gap == 0)
+    if tabs is not None:
+        assert all(t.is_contiguous() and mult == width // t.shape[1] for t, mult in tabs)
+    out, _, _ = random_out(case, generator)
+    out0 = out.clone()
+    lorakern.ops.add_lora(out, case.x, a, b, L.page_table, L.ranks, case.scales, case.slots_arg, backend="torch")
+    check_accumulated(case, out, out0, *oracle_add(case, out0), "add_lora on pool views")
+    y = torch.full((case.S, case.T, L.max_rank), float("nan"), device=DEVICE, dtype=torch.float32)
+    if dtype == torch.float32:  # (lora_shrink's y is float32: the fp64 case runs its shrink in the padded form)
+        lorakern.ops.lora_shrink(case.x, a, L.page_table, L.ranks, case.slots_arg, out=y, backend="torch")
+        check_shrink(case, y, *oracle_shrink(case))
+
+
+def test_table_of_views():
+    """:func:`_table` on the layouts it must recognise and the ones it must refuse."""
+    buf = torch.arange(6 * 24, dtype=torch.float32).view(6, 24)
+    for t in (buf[:, 8:16], buf[:, 16:24], buf[1:, 0:8]):
+        tab, mult = TB._table(t)
+        assert tab.is_contiguous() and mult == 3
+        assert torch.equal(tab[torch.arange(t.shape[0]) * mult], t)
+    c = buf.clone()
+    assert TB._table(c)[0] is c and TB._table(c)[1] == 1
+    assert TB._table(buf[:, 0:7]) is None  # row stride 24, width 7
+    assert TB._table(buf[:, ::2]) is None  # column stride 2
+    assert TB._table(buf.t()) is None
 
 
 class _Ops(TorchDispatchMode):
