@@ -44,6 +44,8 @@ from __future__ import annotations
 
 import os
 import warnings
+import weakref
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import List, Optional, Sequence
 
@@ -104,6 +106,8 @@ class _Split:
     # runs = [(lo, hi), ...] the row ranges lo..hi-1 the segment's rows make, in order, when they are one run or
     # long enough (MIN_RUN rows each on average) to be read and written as slices; else None
     segs: List[tuple] = field(default_factory=list)
+    # the unpadded row lists of gathered chunks, by (lo, hi) (_flat_rows_of)
+    flat_rows: dict = field(default_factory=dict)
 
     @property
     def empty(self) -> bool:
@@ -199,11 +203,46 @@ def _split(page_table, ranks, scales, slots, width: int, num_slices: int, max_co
     return out
 
 
-def _split_for(tabs, *args):
-    """:func:`_split` of ``args`` for the gathered form ``tabs`` (:func:`_flat_tables`) allows; returns the split and
-    ``tabs``, None where the split is the static form (padded, masked)."""
-    split = _split(*args, flat=tabs is not None)
+#: the last few calls' splits, so that a batch's layers group its tokens once (:func:`_split_for`)
+_SPLIT_CACHE: "OrderedDict[tuple, tuple]" = OrderedDict()
+_SPLIT_CACHE_SIZE = 16
+
+
+def _split_for(tabs, page_table, ranks, scales, slots, width: int, num_slices: int, max_count: int = -1,
+               experts=None, E: int = 1):
+    """:func:`_split` for the gathered form ``tabs`` (:func:`_flat_tables`) allows; returns the split and ``tabs``,
+    None where the split is the static form (padded, masked).
+
+    A batch's layers call the ops with the same slots (a plan's), ranks, scales and page table: the dense ops'
+    splits are kept per those very tensor objects (weak references) and their version counters, so the grouping
+    and its host reads run once per batch and target width, not once per layer (inference tensors, which have no
+    version counter, MoE pairs and the static form are never kept). Any in-place change of one of those tensors
+    (``plan.update``, loading an adapter into a slot) makes a new split. The split's unpadded row lists
+    (:func:`_flat_rows_of`) are kept with it."""
+    keyed = [slots, ranks, page_table] + ([] if scales is None else [scales])
+    vers = [_validate.version_of(t) for t in keyed]
+    cacheable = experts is None and None not in vers and not _validate._capturing(slots.device)
+    if cacheable:
+        key = (tuple(id(t) for t in keyed), width, num_slices, max_count, tabs is not None, _forced_path())
+        hit = _SPLIT_CACHE.get(key)
+        if hit is not None and hit[1] == vers and all(r() is t for r, t in zip(hit[0], keyed)):
+            _SPLIT_CACHE.move_to_end(key)
+            return hit[2], tabs
+    split = _split(page_table, ranks, scales, slots, width, num_slices, max_count, experts, E,
+                   flat=tabs is not None)
+    if cacheable and split.g_live is None:
+        _SPLIT_CACHE[key] = ([weakref.ref(t) for t in keyed], vers, split)
+        while len(_SPLIT_CACHE) > _SPLIT_CACHE_SIZE:
+            _SPLIT_CACHE.popitem(last=False)
     return split, (tabs if split.g_live is None else None)
+
+
+def _flat_rows_of(page_table, split: _Split, lo: int, hi: int, E: int = 1):
+    """:func:`_flat_rows`, kept in the split (a cached split serves a batch's layers)."""
+    got = split.flat_rows.get((lo, hi))
+    if got is None:
+        got = split.flat_rows[(lo, hi)] = _flat_rows(page_table, split, lo, hi, E)
+    return got
 
 
 def _chunks(split: _Split, width: int, flat: bool = False):
@@ -420,7 +459,7 @@ def _add(out, x, x_index, lora_a, lora_b, page_table, ranks, scales, slots, slic
             xa = x[tok if x_index is None else x_index[tok]].to(acc)
             sc = _row_scales(scales, split.g_slot[lo:hi], weights, tok, acc)
             if tabs is not None:
-                crow, rows, rep, _ = _flat_rows(page_table, split, lo, hi, E)
+                crow, rows, rep, _ = _flat_rows_of(page_table, split, lo, hi, E)
                 sc = None if sc is None else sc[rep]
                 S = len(lora_a)
                 for i in range(S):
@@ -497,7 +536,7 @@ def lora_shrink(x, lora_a: Sequence[torch.Tensor], page_table, ranks, slots, out
             tok = split.g_tok[lo:hi]
             xa = x[tok].to(acc)
             if tabs is not None:
-                crow, rows, rep, j = _flat_rows(page_table, split, lo, hi)
+                crow, rows, rep, j = _flat_rows_of(page_table, split, lo, hi)
                 for i, tab in enumerate(tabs):
                     y_all[i].index_put_((tok[rep], j), _shrink_flat(xa, tab, crow, rows))
                 continue
@@ -538,7 +577,7 @@ def lora_expand(out, y, lora_b: Sequence[torch.Tensor], page_table, ranks, scale
             tok = split.g_tok[lo:hi]
             sc = _row_scales(scales, split.g_slot[lo:hi], None, tok, acc)
             if tabs is not None:
-                crow, rows, rep, j = _flat_rows(page_table, split, lo, hi)
+                crow, rows, rep, j = _flat_rows_of(page_table, split, lo, hi)
                 sc = None if sc is None else sc[rep]
                 for i, tab in enumerate(tabs):
                     yi = y[i][tok[rep], j]

@@ -305,3 +305,45 @@ def test_mla_sequences_as_slices(op, generator, monkeypatch):
         split = TB._split(case.lora.page_table, case.lora.ranks, None, slots, 1, 1)
         assert [seg[5] for seg in split.segs] == want
         run(case, op, "torch", generator)
+
+
+# ------------------------------------------------------------------------------------------------ the split cache
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=lambda d: str(d)[6:])
+def test_a_batch_groups_its_tokens_once(dtype, generator, monkeypatch):
+    """A batch's layers call with the same slots, ranks, scales and page table: the second call reuses the split
+    (no grouping, so no host read), and every in-place change of one of those tensors makes a new one; each
+    result is the oracle's."""
+    monkeypatch.delenv("LORAKERN_TORCH_PATH", raising=False)
+    monkeypatch.setattr(TB, "_SPLIT_CACHE", type(TB._SPLIT_CACHE)())
+    made = []
+    split = TB._split
+    monkeypatch.setattr(TB, "_split", lambda *a, **k: made.append(1) or split(*a, **k))
+    case = make_case(generator, T=40, K=32, n_sizes=[16, 8], ranks="3-12", num_adapters=9, mix="zipf:1.5",
+                     none_frac=0.2, dtype=dtype, slots_form="plan")
+    L = case.lora
+
+    def call_and_check(what):
+        out, _, _ = random_out(case, generator)
+        out0 = out.clone()
+        made.clear()
+        lorakern.ops.add_lora(out, case.x, L.lora_a, L.lora_b, L.page_table, L.ranks, case.scales, case.slots_arg,
+                              backend="torch")
+        check_accumulated(case, out, out0, *oracle_add(case, out0), what)
+        return len(made)
+
+    assert call_and_check("first call") > 0
+    assert call_and_check("second call (cached split)") == 0
+    # each change in place: slots (through the plan's own buffer), a slot's rank, its scale, its page-table row
+    plan = case.slots_arg
+    new_slots = case.slots.flip(0).contiguous()
+    plan.slots.copy_(new_slots)
+    case.slots.copy_(new_slots)
+    used = set(new_slots[new_slots >= 0].tolist())
+    s0 = next(s for s in sorted(used) if int(L.ranks[s]) >= 3)
+    L.ranks[s0] -= 1
+    case.scales[s0] *= 3.0
+    L.page_table[s0, :2] = L.page_table[s0, :2].flip(0)
+    assert call_and_check("after in-place changes") > 0
+    for change in (lambda: L.ranks.add_(0), lambda: case.scales.mul_(1.5), lambda: L.page_table.add_(0)):
+        change()  # (a version bump alone: a new split, the same result)
+        assert call_and_check("after a version bump") > 0
