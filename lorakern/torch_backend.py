@@ -14,10 +14,16 @@ into
   page table, padded to the largest rank among them (``[m, R_b, K]`` and ``[m, R_b, N_i]``), and multiplied with
   ``bmm``, in chunks of at most :data:`GATHER_BUDGET` gathered elements. Past a token's rank the page table is
   not followed (those entries may hold anything): the padding repeats the token's first rank row, and the
-  intermediate there is an exact zero (``where``), so it adds nothing as long as that row is finite;
+  intermediate there is an exact zero (``where``), so it adds nothing as long as that row is finite. On a CPU,
+  in fp32 / fp64 (:data:`FLAT_GATHER`), they run **unpadded** instead and copy no weights: the shrink is a sparse
+  sampled product (``x @ A.T`` at the (token, rank row) pairs only) and the expand an ``embedding_bag`` whose bags
+  are the tokens' rank rows weighted by the intermediate (:func:`_flat_rows`);
 * **segments** (adapters with enough tokens that one matmul over their tokens beats gathering their rows per
   token, :func:`_segment_pays`): one ``x_seg @ A.T`` and one ``@ B`` per slice at the slot's real rank (a Python
   loop over those adapters only: at most ``T / count`` of them).
+
+A batch's layers pass the same slots, ranks, scales and page table, so the split is kept for those tensor objects
+while none of them changes (:func:`_split_for`): the grouping and its host reads run once per batch and target.
 
 Both feed one write per slice, ``out[tok, slice] = (out[tok, slice] + delta)`` rounded to ``out``'s dtype once, the
 delta formed in the accumulation type (:func:`lorakern.reference.acc_dtype`), as the reference does; a segment whose
