@@ -232,7 +232,10 @@ def _split_for(tabs, page_table, ranks, scales, slots, width: int, num_slices: i
         key = (tuple(id(t) for t in keyed), width, num_slices, max_count, tabs is not None, _forced_path())
         hit = _SPLIT_CACHE.get(key)
         if hit is not None and hit[1] == vers and all(r() is t for r, t in zip(hit[0], keyed)):
-            _SPLIT_CACHE.move_to_end(key)
+            try:
+                _SPLIT_CACHE.move_to_end(key)
+            except KeyError:  # (evicted by another thread meanwhile: the split itself is still valid)
+                pass
             return hit[2], tabs
     split = _split(page_table, ranks, scales, slots, width, num_slices, max_count, experts, E,
                    flat=tabs is not None)
@@ -331,6 +334,18 @@ def _flat_rows(page_table, split: _Split, lo: int, hi: int, E: int = 1):
 _CSR_QUIET = []
 
 
+def _csr_pattern(crow, cols, vals, size):
+    """A sparse CSR tensor (invariants unchecked: ``crow`` and ``cols`` come from checked values). Torch warns once
+    per process that sparse CSR is a beta feature, which is not the caller's concern: the first one is made with
+    warnings off."""
+    if _CSR_QUIET:
+        return torch.sparse_csr_tensor(crow, cols, vals, size, check_invariants=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        _CSR_QUIET.append(True)
+        return _csr_pattern(crow, cols, vals, size)
+
+
 def _shrink_flat(xa, tab, crow, rows):
     """``y [n]``: ``y[p] = xa[row of p] · a[rows[p]]``, the sampled product ``xa @ a.T`` at the pairs (a CSR
     pattern: row ``t`` holds ``rows[crow[t]:crow[t + 1]]``); reads each rank row once and copies none. ``tab`` =
@@ -338,13 +353,7 @@ def _shrink_flat(xa, tab, crow, rows):
     a, mult = tab
     rows = rows if mult == 1 else rows * mult
     vals = torch.zeros(rows.shape[0], dtype=xa.dtype, device=xa.device)
-    if not _CSR_QUIET:  # torch warns once per process that sparse CSR is a beta feature: not the caller's concern
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            pattern = torch.sparse_csr_tensor(crow, rows, vals, (xa.shape[0], a.shape[0]), check_invariants=False)
-        _CSR_QUIET.append(True)
-    else:
-        pattern = torch.sparse_csr_tensor(crow, rows, vals, (xa.shape[0], a.shape[0]), check_invariants=False)
+    pattern = _csr_pattern(crow, rows, vals, (xa.shape[0], a.shape[0]))
     return torch.sparse.sampled_addmm(pattern, xa, a.T, beta=0.0).values()
 
 
@@ -543,8 +552,9 @@ def lora_shrink(x, lora_a: Sequence[torch.Tensor], page_table, ranks, slots, out
             xa = x[tok].to(acc)
             if tabs is not None:
                 crow, rows, rep, j = _flat_rows_of(page_table, split, lo, hi)
+                at = (tok[rep], j)
                 for i, tab in enumerate(tabs):
-                    y_all[i].index_put_((tok[rep], j), _shrink_flat(xa, tab, crow, rows))
+                    y_all[i].index_put_(at, _shrink_flat(xa, tab, crow, rows))
                 continue
             rows, live = _gather_rows(page_table, split, lo, hi, num_rows)
             for i, a in enumerate(lora_a):
@@ -585,8 +595,9 @@ def lora_expand(out, y, lora_b: Sequence[torch.Tensor], page_table, ranks, scale
             if tabs is not None:
                 crow, rows, rep, j = _flat_rows_of(page_table, split, lo, hi)
                 sc = None if sc is None else sc[rep]
+                at = (tok[rep], j)
                 for i, tab in enumerate(tabs):
-                    yi = y[i][tok[rep], j]
+                    yi = y[i][at]
                     deltas[i].append(_expand_flat(yi if sc is None else yi * sc, tab, crow, rows))
                 toks.append(tok)
                 continue
