@@ -81,8 +81,9 @@ SEGMENT_OVERHEAD = {"cpu": 1 << 16}
 MIN_RUN = 8
 #: device types whose fp32 / fp64 gathered rows run unpadded (:func:`_flat_rows`): a sparse sampled product for
 #: the shrink and ``embedding_bag`` for the expand, which read each token's rank rows once and copy none. On the
-#: development CPU, 16-256 one-token adapters of ranks 4-64 at K = 256, qkv: 4-8x faster than the padded
-#: ``index_select`` + ``bmm`` (whose copies of fresh memory are bound by page faults there). Not measured on a GPU,
+#: development CPU, 16-256 one-token adapters of ranks 4-64 at K = 256, qkv, contiguous weights: 4-8x faster than
+#: the padded ``index_select`` + ``bmm`` in one block (whose copies into fresh memory are bound by page faults
+#: there); in the demo's decode, with the split kept per batch too, 1.2-1.55x end to end. Not measured on a GPU,
 #: so a GPU keeps the padded form
 FLAT_GATHER = {"cpu"}
 _SEGMENT_OVERHEAD_OTHER = 1 << 22
