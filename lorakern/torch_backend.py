@@ -50,7 +50,6 @@ from __future__ import annotations
 
 import os
 import warnings
-import weakref
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import List, Optional, Sequence
@@ -226,22 +225,21 @@ def _split_for(tabs, page_table, ranks, scales, slots, width: int, num_slices: i
     version counter, MoE pairs and the static form are never kept). Any in-place change of one of those tensors
     (``plan.update``, loading an adapter into a slot) makes a new split. The split's unpadded row lists
     (:func:`_flat_rows_of`) are kept with it."""
-    keyed = [slots, ranks, page_table] + ([] if scales is None else [scales])
-    vers = [_validate.version_of(t) for t in keyed]
-    cacheable = experts is None and None not in vers and not _validate._capturing(slots.device)
-    if cacheable:
+    keyed = (slots, ranks, page_table) + (() if scales is None else (scales,))
+    pinned = None if experts is not None or _validate._capturing(slots.device) else _validate.pin(keyed)
+    if pinned is not None:
         key = (tuple(id(t) for t in keyed), width, num_slices, max_count, tabs is not None, _forced_path())
         hit = _SPLIT_CACHE.get(key)
-        if hit is not None and hit[1] == vers and all(r() is t for r, t in zip(hit[0], keyed)):
+        if hit is not None and _validate.unchanged(hit[0], keyed):
             try:
                 _SPLIT_CACHE.move_to_end(key)
             except KeyError:  # (evicted by another thread meanwhile: the split itself is still valid)
                 pass
-            return hit[2], tabs
+            return hit[1], tabs
     split = _split(page_table, ranks, scales, slots, width, num_slices, max_count, experts, E,
                    flat=tabs is not None)
-    if cacheable and split.g_live is None:
-        _SPLIT_CACHE[key] = ([weakref.ref(t) for t in keyed], vers, split)
+    if pinned is not None and split.g_live is None:
+        _SPLIT_CACHE[key] = (pinned, split)
         while len(_SPLIT_CACHE) > _SPLIT_CACHE_SIZE:
             _SPLIT_CACHE.popitem(last=False)
     return split, (tabs if split.g_live is None else None)
@@ -302,17 +300,14 @@ def _table(t):
     An adapter pool's weights are column views of one row buffer (row stride = the buffer's width); the sparse
     product would copy such a view whole per call (measured: 6x slower), so rows are addressed in a table over the
     same memory whose rows between ``t``'s rows are never read. Needs unit column stride and a row stride that is
-    a multiple of the width."""
+    a multiple of the width. The table ends with ``t``'s last row, so it lies within ``t``'s own extent."""
     if t.is_contiguous():
         return t, 1
     W = t.shape[1]
     if t.dim() != 2 or W == 0 or t.stride(1) != 1 or t.stride(0) % W:
         return None
     mult = t.stride(0) // W
-    V = (t.untyped_storage().nbytes() // t.element_size() - t.storage_offset()) // W
-    if V < (t.shape[0] - 1) * mult + 1:
-        return None
-    return t.as_strided((V, W), (W, 1), t.storage_offset()), mult
+    return t.as_strided((max(0, (t.shape[0] - 1) * mult + 1), W), (W, 1), t.storage_offset()), mult
 
 
 def _flat_rows(page_table, split: _Split, lo: int, hi: int, E: int = 1):
@@ -477,10 +472,9 @@ def _add(out, x, x_index, lora_a, lora_b, page_table, ranks, scales, slots, slic
             if tabs is not None:
                 crow, rows, rep, _ = _flat_rows_of(page_table, split, lo, hi, E)
                 sc = None if sc is None else sc[rep]
-                S = len(lora_a)
-                for i in range(S):
-                    y = _shrink_flat(xa, tabs[i], crow, rows)
-                    deltas[i].append(_expand_flat(y if sc is None else y * sc, tabs[S + i], crow, rows))
+                for i, (ta, tb) in enumerate(zip(tabs[:len(lora_a)], tabs[len(lora_a):])):
+                    y = _shrink_flat(xa, ta, crow, rows)
+                    deltas[i].append(_expand_flat(y if sc is None else y * sc, tb, crow, rows))
             else:
                 rows, live = _gather_rows(page_table, split, lo, hi, num_rows, E)
                 for i, (a, b) in enumerate(zip(lora_a, lora_b)):

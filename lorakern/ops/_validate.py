@@ -180,11 +180,18 @@ def version_of(t: torch.Tensor) -> Optional[int]:
         return None
 
 
-def _same(entry, page_table, ranks, num_rows) -> bool:
-    """A cached check still holds: the very same tensor objects (weak references), unmodified since."""
-    pt_ref, pt_ver, rk_ref, rk_ver, rows = entry
-    return (pt_ref() is page_table and rk_ref() is ranks and pt_ver == version_of(page_table)
-            and rk_ver == version_of(ranks) and rows == num_rows)
+def pin(tensors) -> Optional[tuple]:
+    """A cache entry's hold on ``tensors``: (weak references, version counters), or None when one of them is an
+    inference tensor (no version counter: never cache by it). :func:`unchanged` tells whether it still holds."""
+    vers = tuple(version_of(t) for t in tensors)
+    return None if None in vers else (tuple(weakref.ref(t) for t in tensors), vers)
+
+
+def unchanged(pinned: tuple, tensors) -> bool:
+    """``tensors`` are the very objects :func:`pin` saw (weak references), none modified in place since."""
+    refs, vers = pinned
+    return (len(refs) == len(tensors) and all(r() is t for r, t in zip(refs, tensors))
+            and vers == tuple(version_of(t) for t in tensors))
 
 
 _SLOT_RANGE_CACHE: dict = {}
@@ -193,17 +200,17 @@ _SLOT_RANGE_CACHE: dict = {}
 def _slot_range(slots: torch.Tensor) -> int:
     """The largest slot (one host read), after checking none is below -1. Cached while the very same tensor is
     unmodified (e.g. a static plan's buffer between two ``update`` calls), so a batch's layers read it once."""
-    ver = version_of(slots)
     hit = _SLOT_RANGE_CACHE.get(id(slots))
-    if ver is not None and hit is not None and hit[0]() is slots and hit[1] == ver:
-        return hit[2]
+    if hit is not None and unchanged(hit[0], (slots,)):
+        return hit[1]
     lo, hi = (int(v) for v in torch.aminmax(slots))
     if lo < -1:
         raise ValueError(f"slots: values must be >= -1 (-1 = no LoRA), found {lo}")
-    if ver is not None:
+    pinned = pin((slots,))
+    if pinned is not None:
         if len(_SLOT_RANGE_CACHE) > 64:
             _SLOT_RANGE_CACHE.clear()
-        _SLOT_RANGE_CACHE[id(slots)] = (weakref.ref(slots), ver, hi)
+        _SLOT_RANGE_CACHE[id(slots)] = (pinned, hi)
     return hi
 
 
@@ -271,7 +278,7 @@ def check_values(page_table, ranks, num_rows: int, slots: torch.Tensor, max_slot
         if max_slot >= num_slots:
             raise ValueError(f"slots: slot {max_slot} out of range for page_table with {num_slots} slots")
     entry = _PAGE_CHECK_CACHE.get(id(page_table))
-    if entry is not None and _same(entry, page_table, ranks, num_rows):
+    if entry is not None and entry[1] == num_rows and unchanged(entry[0], (page_table, ranks)):
         return
     if num_slots:
         lo, hi = torch.aminmax(ranks)
@@ -289,9 +296,9 @@ def check_values(page_table, ranks, num_rows: int, slots: torch.Tensor, max_slot
                 f"page_table: slot {s} rank row {j} points at row {int(page_table[s, j])}, "
                 f"out of range for lora_a/lora_b with {num_rows} rows"
             )
-    pt_ver, rk_ver = version_of(page_table), version_of(ranks)
-    if pt_ver is None or rk_ver is None:  # inference tensors: no version counter, so no caching
+    pinned = pin((page_table, ranks))
+    if pinned is None:  # inference tensors: no version counter, so no caching
         return
     if len(_PAGE_CHECK_CACHE) > 64:
         _PAGE_CHECK_CACHE.clear()
-    _PAGE_CHECK_CACHE[id(page_table)] = (weakref.ref(page_table), pt_ver, weakref.ref(ranks), rk_ver, num_rows)
+    _PAGE_CHECK_CACHE[id(page_table)] = (pinned, num_rows)
